@@ -1,0 +1,47 @@
+"""Atomic, no-clobber file writes: a file is either absent, the old one, or the complete new one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class RefuseOverwrite(FileExistsError):
+    """The target exists and the caller did not ask to overwrite it."""
+
+
+def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise RefuseOverwrite(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
+
+    Writers that take a filename (safetensors, torch, soundfile) write to the yielded path, so a crash
+    never leaves a half-written file under the final name.
+    """
+    target = check_writable(path, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        check_writable(target, overwrite)
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, overwrite: bool = False) -> Path:
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text)
+    return Path(path)
