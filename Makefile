@@ -1,0 +1,45 @@
+# lsv-quant. `make demo` and `make test` work on a fresh machine: they install into .venv first (the only
+# step that needs the network), then run offline. Whatever starts Ray or a server runs through
+# ../shared/loopback-only when it exists, so all traffic stays on 127.0.0.1.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LOOPBACK ?= $(shell [ -x ../shared/loopback-only ] && echo ../shared/loopback-only)
+# CPU wheel on machines without an NVIDIA driver; GPU machines keep pip's default (CUDA) build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+CORPUS ?= data/corpus
+BASELINE ?= runs/baseline/model.safetensors
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(LOOPBACK) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(LOOPBACK) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	@[ -f $(CORPUS)/corpus.json ] || $(BIN)/lsv corpus synth --out $(CORPUS)
+	@[ -f $(BASELINE) ] || $(BIN)/lsv train --corpus $(CORPUS) --out $(BASELINE) --cache runs/cache
+	$(BIN)/lsv evaluate --model $(BASELINE) --data $(CORPUS)/eval --trials $(CORPUS)/eval/trials \
+		--cache runs/cache --json runs/baseline/eval.json --force
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(LOOPBACK) $(BIN)/python bench/kmeans.py
+
+clean:
+	rm -rf runs data .pytest_cache

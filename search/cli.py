@@ -1,0 +1,142 @@
+"""``lsv``: the command line, a thin shell over the Python API.
+
+Every subcommand maps onto one library call; errors caused by input (configs, data, existing outputs)
+print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from lsv_core.atomic import RefuseOverwrite, write_text_atomic
+from lsv_core.errors import LsvError
+
+console = Console(stderr=True)
+
+
+def _corpus_synth(args: argparse.Namespace) -> int:
+    from lsv_core.data.synth import SynthConfig, synthesize_corpus
+
+    cfg = SynthConfig(speakers=args.speakers, utts=args.utts, seed=args.seed, eval_speakers=args.eval_speakers)
+    summary = synthesize_corpus(args.out, cfg, workers=args.workers, overwrite=args.force)
+    console.print(f"[green]corpus written[/] to {args.out}: {summary}")
+    return 0
+
+
+def _corpus_paths(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
+    if args.corpus is not None:
+        root = Path(args.corpus)
+        return root / "train", root / "eval", root / "eval" / "trials"
+    if args.train is None:
+        raise LsvError("give --corpus DIR (with train/ and eval/) or --train DIR [--eval DIR --trials FILE]")
+    return Path(args.train), (Path(args.eval) if args.eval else None), (Path(args.trials) if args.trials else None)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lsv_core.train import TrainConfig, train_baseline
+
+    cfg = TrainConfig()
+    if args.config:
+        cfg = TrainConfig(**json.loads(Path(args.config).read_text()))
+    for name in ("steps", "seed", "device", "optimizer", "lr", "batch_size", "model", "time_budget_s"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.m_channels is not None:
+        cfg.model_kwargs = {**cfg.model_kwargs, "m_channels": args.m_channels}
+    train_dir, eval_dir, trials = _corpus_paths(args)
+    summary = train_baseline(cfg, train_dir, out=args.out, eval_dir=eval_dir, trials=trials,
+                             cache_dir=args.cache, overwrite=args.force)
+    ev = summary.eval
+    msg = f"[green]baseline[/] {summary.checkpoint}: {summary.params} params, {summary.train_wall_s:.0f} s training"
+    if ev:
+        msg += (f"; EER {ev['eer']:.2f} % [{ev['eer_ci_low']:.2f}, {ev['eer_ci_high']:.2f}], "
+                f"minDCF(0.01) {ev['min_dcf_001']:.3f} on {ev['n_trials']} trials")
+    console.print(msg)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from lsv_core.evaluate import evaluate_dir
+    from lsv_core.models import load_model_file
+
+    model = load_model_file(args.model, name=args.arch)
+    result = evaluate_dir(model, args.data, args.trials, cache_dir=args.cache, cohort_dir=args.cohort,
+                          n_boot=args.n_boot)
+    payload = {"model": str(args.model), "data": str(args.data), "trials": str(args.trials), **result.to_dict()}
+    print(json.dumps(payload, indent=2))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(payload, indent=2), overwrite=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    corpus = sub.add_parser("corpus", help="embedded synthetic corpus").add_subparsers(dest="action", required=True)
+    from lsv_core.data.synth import DEFAULT_EVAL_SPEAKERS, DEFAULT_SEED, DEFAULT_SPEAKERS, DEFAULT_UTTS
+
+    s = corpus.add_parser("synth", help="generate the deterministic espeak-ng multi-speaker corpus")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--speakers", type=int, default=DEFAULT_SPEAKERS, help="total speakers (train + eval)")
+    s.add_argument("--utts", type=int, default=DEFAULT_UTTS, help="utterances per speaker")
+    s.add_argument("--eval-speakers", type=int, default=DEFAULT_EVAL_SPEAKERS)
+    s.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--force", action="store_true", help="replace an existing corpus")
+    s.set_defaults(func=_corpus_synth)
+
+    t = sub.add_parser("train", help="train a baseline speaker-embedding network (AAM-softmax)")
+    t.add_argument("--corpus", help="corpus root holding train/, eval/ and eval/trials")
+    t.add_argument("--train", help="Kaldi data dir or VoxCeleb folder to train on")
+    t.add_argument("--eval", help="data to evaluate on")
+    t.add_argument("--trials", help="trial list over --eval")
+    t.add_argument("--out", required=True, type=Path, help="checkpoint path (.safetensors); summary goes to .json")
+    t.add_argument("--config", help="JSON file of TrainConfig fields")
+    t.add_argument("--model")
+    t.add_argument("--m-channels", type=int)
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--optimizer", choices=["sgd", "adam"])
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--time-budget-s", type=float)
+    t.add_argument("--device", help="auto | cpu | cuda[:N]")
+    t.add_argument("--cache", type=Path, help="feature cache folder")
+    t.add_argument("--force", action="store_true", help="replace an existing checkpoint")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="score a model on a trial list (EER %, minDCF, bootstrap CI)")
+    e.add_argument("--model", required=True, type=Path, help="our checkpoint (.safetensors), a packed model, "
+                   "or a WeSpeaker avg_model.pt (then give --arch)")
+    e.add_argument("--arch", help="architecture name for a WeSpeaker .pt checkpoint, e.g. ResNet34")
+    e.add_argument("--data", required=True, type=Path)
+    e.add_argument("--trials", required=True, type=Path)
+    e.add_argument("--cohort", type=Path, help="data for AS-norm's cohort (enables AS-norm)")
+    e.add_argument("--cache", type=Path, help="feature cache folder")
+    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the EER CI")
+    e.add_argument("--json", type=Path, help="also write the result here")
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(func=_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (LsvError, RefuseOverwrite) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
