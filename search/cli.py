@@ -64,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from lsv_core.evaluate import evaluate_dir
-    from lsv_core.models import load_model_file
+    from lsv_core.model_files import load_model_file
 
     model = load_model_file(args.model, name=args.arch)
     result = evaluate_dir(model, args.data, args.trials, cache_dir=args.cache, cohort_dir=args.cohort,

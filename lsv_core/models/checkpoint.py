@@ -34,11 +34,13 @@ EXTRA_TENSORS_KEY = "extra_tensors"
 _MAX_LISTED = 20
 
 
-def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
+def load_state_strict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike[str]
+) -> None:
     """``model.load_state_dict(state, strict=True)`` with one CheckpointError listing every mismatch.
 
     The message names ``source`` and lists missing keys, unexpected keys and shape mismatches
-    (``key: checkpoint shape vs model shape``); torch's own error stops at the first shape mismatch.
+    (``key: checkpoint shape vs model shape``) in our error type instead of torch's RuntimeError.
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -50,7 +52,11 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
     ]
     if missing or unexpected or mismatched:
         parts = [f"{source} does not match the {_arch_name(model)} architecture:"]
-        listed = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        listed = (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
         for label, items in listed:
             if items:
                 shown = ", ".join(items[:_MAX_LISTED])
@@ -90,7 +96,9 @@ def save_checkpoint(
     """
     arch = getattr(model, "arch", None)
     if not isinstance(arch, dict) or "name" not in arch or "kwargs" not in arch:
-        raise ConfigError("model.arch is missing; build the model with lsv_core.models.build_model so it can be rebuilt")
+        raise ConfigError(
+            "model.arch is missing; build the model with lsv_core.models.build_model so it can be rebuilt"
+        )
     metadata = dict(metadata or {})
     if EXTRA_TENSORS_KEY in metadata:
         raise ConfigError(f"metadata key {EXTRA_TENSORS_KEY!r} is reserved; pass tensors via extra_tensors=")
@@ -102,7 +110,9 @@ def save_checkpoint(
     tensors = {k: _storable(v) for k, v in model.state_dict().items()}
     clash = [k for k in tensors if k.startswith(HEAD_PREFIX)]
     if clash:
-        raise ConfigError(f"model state dict already uses the {HEAD_PREFIX!r} prefix reserved for the head: {clash}")
+        raise ConfigError(
+            f"model state dict already uses the {HEAD_PREFIX!r} prefix reserved for the head: {clash}"
+        )
     for key, value in (extra_tensors or {}).items():
         tensors[HEAD_PREFIX + key] = _storable(value)
 

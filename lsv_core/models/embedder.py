@@ -34,7 +34,9 @@ class SpeakerEmbedder(nn.Module):
     embed_dim: int
     two_emb_layer: bool
 
-    def _add_segment_layers(self, pooling_func: str, pool_in_dim: int, embed_dim: int, two_emb_layer: bool) -> None:
+    def _add_segment_layers(
+        self, pooling_func: str, pool_in_dim: int, embed_dim: int, two_emb_layer: bool
+    ) -> None:
         # Called last in __init__ so the state-dict key order matches WeSpeaker's (pool, seg_1, seg_bn_1, seg_2).
         self.embed_dim = embed_dim
         self.two_emb_layer = two_emb_layer

@@ -73,7 +73,9 @@ def _validated_kwargs(name: str, spec: ModelSpec, kwargs: dict[str, Any]) -> dic
     merged["feat_dim"] = _positive_int("feat_dim", merged["feat_dim"], name, spec.min_feat_dim)
     merged["embed_dim"] = _positive_int("embed_dim", merged["embed_dim"], name)
     if merged["pooling_func"] not in POOLING_FUNCS:
-        raise ConfigError(f"{name}: pooling_func={merged['pooling_func']!r}; allowed: {sorted(POOLING_FUNCS)}")
+        raise ConfigError(
+            f"{name}: pooling_func={merged['pooling_func']!r}; allowed: {sorted(POOLING_FUNCS)}"
+        )
     if not isinstance(merged["two_emb_layer"], bool):
         raise ConfigError(f"{name}: two_emb_layer={merged['two_emb_layer']!r} should be True or False")
     if "m_channels" in merged:
@@ -85,7 +87,9 @@ def _validated_kwargs(name: str, spec: ModelSpec, kwargs: dict[str, Any]) -> dic
             or len(blocks) != 4
             or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks)
         ):
-            raise ConfigError(f"{name}: num_blocks={blocks!r} should be a list of 4 ints >= 1 (blocks per stage)")
+            raise ConfigError(
+                f"{name}: num_blocks={blocks!r} should be a list of 4 ints >= 1 (blocks per stage)"
+            )
         merged["num_blocks"] = list(blocks)  # a list, so arch round-trips through JSON unchanged
     return merged
 
