@@ -145,9 +145,9 @@ class TrainConfig:
     """Baseline training. Defaults are the CPU baseline for the embedded corpus."""
 
     model: str = "ThinResNet"
-    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"m_channels": 16, "num_blocks": [1, 1, 1, 1],
+    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"m_channels": 8, "num_blocks": [1, 1, 1, 1], "first_stride": 2,
                                                                    "embed_dim": 128})
-    steps: int = 1500
+    steps: int = 900
     batch_size: int = 64
     crop_frames: int = 200
     optimizer: str = "sgd"

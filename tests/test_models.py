@@ -228,6 +228,7 @@ def test_arch_round_trip() -> None:
             "embed_dim": 32,
             "pooling_func": "TSTP",
             "two_emb_layer": False,
+            "first_stride": 1,
         },
     }
     rebuilt = build_model(arch["name"], **arch["kwargs"])
@@ -382,3 +383,17 @@ def test_aam_softmax_margin_reduces_target_logit() -> None:
     loss = torch.nn.functional.cross_entropy(margined, labels)
     loss.backward()
     assert torch.isfinite(head.weight.grad).all()
+
+
+def test_thin_resnet_first_stride_halves_resolution() -> None:
+    full = build_model("ThinResNet", m_channels=4)
+    fast = build_model("ThinResNet", m_channels=4, first_stride=2)
+    # The strided first block gains a projection shortcut, exactly as WeSpeaker's later stages have.
+    extra = set(fast.state_dict()) - set(full.state_dict())
+    assert set(full.state_dict()) <= set(fast.state_dict())
+    assert extra and all(k.startswith("layer1.0.shortcut.") for k in extra)
+    # Frequency is halved once more before pooling: seg_1 sees half the statistics.
+    assert fast.seg_1.weight.shape[1] * 2 == full.seg_1.weight.shape[1]
+    assert fast(torch.randn(2, 200, 80)).shape == (2, 128)
+    with pytest.raises(ConfigError, match="first_stride=3"):
+        build_model("ThinResNet", first_stride=3)

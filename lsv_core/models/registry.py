@@ -34,6 +34,7 @@ THIN_RESNET_DEFAULTS: dict[str, Any] = {
     "embed_dim": 128,
     "pooling_func": "TSTP",
     "two_emb_layer": False,
+    "first_stride": 1,
 }
 
 
@@ -80,6 +81,8 @@ def _validated_kwargs(name: str, spec: ModelSpec, kwargs: dict[str, Any]) -> dic
         raise ConfigError(f"{name}: two_emb_layer={merged['two_emb_layer']!r} should be True or False")
     if "m_channels" in merged:
         merged["m_channels"] = _positive_int("m_channels", merged["m_channels"], name)
+    if "first_stride" in merged and merged["first_stride"] not in (1, 2):
+        raise ConfigError(f"{name}: first_stride={merged['first_stride']!r}; allowed: 1 (WeSpeaker), 2 (CPU)")
     if "num_blocks" in merged:
         blocks = merged["num_blocks"]
         if (

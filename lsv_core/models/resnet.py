@@ -95,17 +95,20 @@ class ResNet(SpeakerEmbedder):
         embed_dim: int = 128,
         pooling_func: str = "TSTP",
         two_emb_layer: bool = False,
+        first_stride: int = 1,
     ) -> None:
         super().__init__()
         if len(num_blocks) != 4:
             raise ValueError(f"num_blocks={list(num_blocks)} should have 4 entries (one per stage)")
         self.feat_dim = feat_dim
-        self.stats_dim = int(feat_dim / 8) * m_channels * 8
+        # WeSpeaker's layer1 keeps full resolution (stride 1); the CPU ThinResNet may halve it there,
+        # which quarters the cost of every layer and leaves the state-dict key names unchanged.
+        self.stats_dim = int(feat_dim / (8 * first_stride)) * m_channels * 8
         self.conv1 = nn.Conv2d(1, m_channels, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(m_channels)
         in_planes = m_channels
         stages = []
-        for stage, (width_mult, stride) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2), strict=True)):
+        for stage, (width_mult, stride) in enumerate(zip((1, 2, 4, 8), (first_stride, 2, 2, 2), strict=True)):
             blocks = []
             for i in range(num_blocks[stage]):
                 blocks.append(block(in_planes, m_channels * width_mult, stride if i == 0 else 1))
@@ -154,6 +157,7 @@ def thin_resnet(
     embed_dim: int = 128,
     pooling_func: str = "TSTP",
     two_emb_layer: bool = False,
+    first_stride: int = 1,
 ) -> ResNet:
     """CPU-sized WeSpeaker ResNet with BasicBlocks: same module names, so quantization treats it like ResNet34."""
     return ResNet(
@@ -164,4 +168,5 @@ def thin_resnet(
         embed_dim=embed_dim,
         pooling_func=pooling_func,
         two_emb_layer=two_emb_layer,
+        first_stride=first_stride,
     )
