@@ -76,6 +76,50 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from lsv_core.export.packed import save_packed
+    from lsv_core.quant import BitRecipe
+    from lsv_core.quant.codebook import KMQATConfig
+    from lsv_core.quant.msft import MsftSchedule
+    from lsv_core.quant.sensitivity import allocate_bits
+    from lsv_core.workbench import DataPaths, Workbench
+
+    if args.out is not None and args.out.exists() and not args.force:
+        raise RefuseOverwrite(f"{args.out} exists; pass --force to replace it")
+    train_dir, eval_dir, trials = _corpus_paths(args)
+    if eval_dir is None or trials is None:
+        raise LsvError("quantize needs evaluation data: --corpus DIR, or --eval DIR and --trials FILE")
+    schedule = MsftSchedule(order=args.msft, total_steps=args.steps, lr=args.lr, seed=args.seed,
+                            kmqat=KMQATConfig(centroid_update=args.centroids))
+    bench = Workbench.load(args.model, DataPaths(train_dir, eval_dir, trials), cache_dir=args.cache,
+                           max_trials=args.max_trials, seed=args.seed, device=args.device)
+    omega = None
+    if args.recipe is not None:
+        recipe = BitRecipe.load(args.recipe)
+    elif args.bits is not None:
+        recipe = BitRecipe.uniform(bench.model, args.bits, mode=args.binary_mode if args.bits == 1 else None)
+    else:
+        omega = bench.sensitivities(cache_path=args.cache / "hessian_traces.json" if args.cache else None)
+        recipe = allocate_bits(bench.model, omega, int(args.budget_mb * 1e6), binary_mode=args.binary_mode)
+    sens = {n: max(v.values()) for n, v in omega.items()} if omega else None
+    if args.msft == "sensitivity" and sens is None:
+        sens = {n: max(v.values()) for n, v in bench.sensitivities().items()}
+    outcome = bench.run(recipe, schedule, sensitivity=sens, progress=True)
+    payload = {"model": str(args.model), **outcome.summary()}
+    console.print(
+        f"[green]quantized[/] avg {outcome.avg_bits:.2f} bits: EER {outcome.eer:.2f} % "
+        f"[{outcome.eer_ci_low:.2f}, {outcome.eer_ci_high:.2f}], minDCF(0.01) {outcome.min_dcf_001:.3f}, "
+        f"{outcome.size_bytes} bytes ({outcome.compression_ratio:.2f}x smaller than fp32 {outcome.fp32_bytes})"
+    )
+    if args.out is not None:
+        save_packed(outcome.model, args.out, overwrite=args.force, metadata={"eer": outcome.eer})
+        payload["packed"] = str(args.out)
+    print(json.dumps({k: v for k, v in payload.items() if k != "stages"}, indent=2))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(payload, indent=2), overwrite=args.force)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("evaluate", help="score a model on a trial list (EER %, minDCF, bootstrap CI)")
+    e = sub.add_parser("evaluate", help="score a model on a trial list (EER %%, minDCF, bootstrap CI)")
     e.add_argument("--model", required=True, type=Path, help="our checkpoint (.safetensors), a packed model, "
                    "or a WeSpeaker avg_model.pt (then give --arch)")
     e.add_argument("--arch", help="architecture name for a WeSpeaker .pt checkpoint, e.g. ResNet34")
@@ -125,6 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, help="also write the result here")
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_evaluate)
+
+    q = sub.add_parser("quantize", help="quantize a baseline with a bit recipe (k-means codebooks + MSFT)")
+    q.add_argument("--model", required=True, type=Path, help="baseline checkpoint written by `lsv train`")
+    how = q.add_mutually_exclusive_group(required=True)
+    how.add_argument("--bits", type=int, choices=[1, 2, 3, 4, 8], help="uniform precision")
+    how.add_argument("--recipe", type=Path, help="recipe file (.json or .toml): layer -> bits")
+    how.add_argument("--budget-mb", type=float, help="mixed precision from the Hessian allocator (MB = 1e6 B)")
+    q.add_argument("--binary-mode", choices=["static", "adaptive"], default="adaptive")
+    q.add_argument("--msft", choices=["bits", "sensitivity", "depth", "one_shot"], default="bits",
+                   help="stage order of multi-stage fine-tuning (one_shot: all layers at once)")
+    q.add_argument("--steps", type=int, default=300, help="total fine-tuning steps (0: k-means only)")
+    q.add_argument("--lr", type=float, default=0.01)
+    q.add_argument("--centroids", choices=["kmeans", "gradient", "both"], default="kmeans",
+                   help="how centroids adapt during fine-tuning")
+    q.add_argument("--corpus", help="corpus root holding train/, eval/ and eval/trials")
+    q.add_argument("--train")
+    q.add_argument("--eval")
+    q.add_argument("--trials")
+    q.add_argument("--max-trials", type=int, help="evaluate on a seeded subset of the trials")
+    q.add_argument("--cache", type=Path, help="feature (and Hessian-trace) cache folder")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--out", type=Path, help="write the packed model here (.safetensors)")
+    q.add_argument("--json", type=Path, help="write EER, minDCF, bytes, compression and stages here")
+    q.add_argument("--force", action="store_true")
+    q.set_defaults(func=_quantize)
     return p
 
 

@@ -63,3 +63,35 @@ def test_corpus_train_evaluate_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     capsys.readouterr()
     assert main(["evaluate", "--model", str(ckpt), "--data", str(corpus / "eval"), "--trials", str(bad)]) == 2
     assert "bad_trials:2: utterance 'nobody'" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_quantize_cli_uniform_and_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lsv_core.export.packed import load_packed
+    from lsv_core.quant import packed_size_bytes
+
+    corpus, cache = tmp_path / "corpus", tmp_path / "cache"
+    assert main(["corpus", "synth", "--out", str(corpus), "--speakers", "24", "--utts", "6",
+                 "--eval-speakers", "6", "--seed", "5"]) == 0
+    ckpt = tmp_path / "base.safetensors"
+    assert main(["train", "--corpus", str(corpus), "--out", str(ckpt), "--steps", "60", "--batch-size", "32",
+                 "--cache", str(cache), "--device", "cpu"]) == 0
+    packed, report = tmp_path / "q4.safetensors", tmp_path / "q4.json"
+    assert main(["quantize", "--model", str(ckpt), "--corpus", str(corpus), "--bits", "4", "--steps", "20",
+                 "--cache", str(cache), "--out", str(packed), "--json", str(report), "--device", "cpu"]) == 0
+    result = json.loads(report.read_text())
+    model = load_packed(packed)
+    assert result["size_bytes"] == packed_size_bytes(model)
+    assert packed.stat().st_size > result["size_bytes"]  # plus the header
+    assert 6.0 < result["compression_ratio"] < 8.0  # 4-bit weights, float BN/biases
+    assert 0.0 <= result["eer"] <= 100.0 and len(result["stages"]) == 1
+    # Refuses to overwrite the packed model.
+    assert main(["quantize", "--model", str(ckpt), "--corpus", str(corpus), "--bits", "4",
+                 "--out", str(packed)]) == 2
+    # Mixed precision from the allocator meets the byte budget exactly as the size code counts it.
+    budget_mb = result["size_bytes"] * 0.6 / 1e6
+    report2 = tmp_path / "mixed.json"
+    assert main(["quantize", "--model", str(ckpt), "--corpus", str(corpus), "--budget-mb", f"{budget_mb:.6f}",
+                 "--steps", "10", "--cache", str(cache), "--json", str(report2), "--device", "cpu"]) == 0
+    mixed = json.loads(report2.read_text())
+    assert mixed["size_bytes"] <= budget_mb * 1e6
+    assert len({v if isinstance(v, int) else 1 for v in mixed["recipe"].values()}) > 1

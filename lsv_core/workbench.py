@@ -1,0 +1,221 @@
+"""A baseline model and its data loaded once, ready to quantize and score many bit recipes.
+
+This is what ``lsv quantize``, the benchmarks and every search worker share: features are extracted
+(or read from the cache) once, the float baseline stays untouched, and each :meth:`Workbench.run`
+works on a fresh copy. EER is in percent; sizes are exact packed bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lsv_core.data.features import FeatureStore, extract_features
+from lsv_core.data.manifest import read_data
+from lsv_core.data.trials import Trials, read_trials
+from lsv_core.device import pick_device
+from lsv_core.errors import CheckpointError, ConfigError
+from lsv_core.evaluate import EvalResult, evaluate
+from lsv_core.models import AAMSoftmax, load_checkpoint
+from lsv_core.quant.msft import FineTuneData, MsftSchedule, StageMetrics, msft
+from lsv_core.quant.recipe import BitRecipe, SpecLike
+from lsv_core.quant.size import packed_size_bytes
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Training data (for fine-tuning), evaluation data and its trial list."""
+
+    train: Path
+    eval: Path
+    trials: Path
+
+    @classmethod
+    def corpus(cls, root: str | Path) -> DataPaths:
+        """The layout ``lsv corpus synth`` writes: ``train/``, ``eval/``, ``eval/trials``."""
+        root = Path(root)
+        return cls(root / "train", root / "eval", root / "eval" / "trials")
+
+
+def subset_trials(trials: Trials, max_trials: int | None, seed: int = 0) -> Trials:
+    """A seeded random subset of at most ``max_trials`` trials with the original target ratio."""
+    if max_trials is None or max_trials >= len(trials):
+        return trials
+    rng = np.random.default_rng(seed)
+    tgt, non = np.flatnonzero(trials.labels == 1), np.flatnonzero(trials.labels == 0)
+    n_tgt = max(1, round(max_trials * len(tgt) / len(trials)))
+    keep = np.sort(np.r_[rng.choice(tgt, n_tgt, replace=False), rng.choice(non, max_trials - n_tgt, replace=False)])
+    return Trials([trials.enroll[i] for i in keep], [trials.test[i] for i in keep], trials.labels[keep],
+                  trials.source)
+
+
+@dataclass
+class RecipeOutcome:
+    """Result of quantizing the baseline with one recipe (EER in percent, sizes in bytes)."""
+
+    recipe: BitRecipe
+    eer: float
+    eer_ci_low: float
+    eer_ci_high: float
+    min_dcf_001: float
+    min_dcf_005: float
+    size_bytes: int
+    fp32_bytes: int
+    stages: list[StageMetrics]
+    stopped_early: bool
+    wall_s: float
+    model: nn.Module = field(repr=False)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.fp32_bytes / self.size_bytes
+
+    @property
+    def avg_bits(self) -> float:
+        return recipe_avg_bits(self.model, self.recipe)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.to_dict(), "eer": self.eer, "eer_ci_low": self.eer_ci_low,
+            "eer_ci_high": self.eer_ci_high, "min_dcf_001": self.min_dcf_001, "min_dcf_005": self.min_dcf_005,
+            "size_bytes": self.size_bytes, "fp32_bytes": self.fp32_bytes,
+            "compression_ratio": self.compression_ratio, "avg_bits": self.avg_bits,
+            "stopped_early": self.stopped_early, "wall_s": self.wall_s,
+            "stages": [asdict(s) for s in self.stages],
+        }
+
+
+def recipe_avg_bits(model: nn.Module, recipe: Mapping[str, Any]) -> float:
+    """Weight-count-weighted mean bits over the quantizable layers (float layers count 32)."""
+    from lsv_core.quant.quantize import latent_weight
+    from lsv_core.quant.recipe import quantizable_layers
+
+    modules = dict(model.named_modules())
+    total = bits = 0
+    for name in quantizable_layers(model):
+        n = latent_weight(modules[name]).numel()
+        total += n
+        bits += n * (recipe[name].bits if name in recipe else 32)
+    return bits / max(1, total)
+
+
+class Workbench:
+    """The float baseline, its AAM head, training features and evaluation trials, loaded once."""
+
+    def __init__(self, model: nn.Module, head: nn.Module, train: FeatureStore, speakers: dict[str, int],
+                 eval_store: FeatureStore, trials: Trials) -> None:
+        self.model = model.eval()
+        self.head = head
+        self.train = train
+        self.speakers = speakers
+        self.eval_store = eval_store
+        self.trials = trials
+        self.fp32_bytes = packed_size_bytes(model, BitRecipe({}))
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, paths: DataPaths, *, cache_dir: str | Path | None = None,
+             max_trials: int | None = None, seed: int = 0, device: str = "auto",
+             progress: bool = True) -> Workbench:
+        """Load a baseline written by ``lsv train`` (it keeps its AAM head) and the data it needs.
+
+        The head's classes must be the training speakers in sorted order, as ``lsv train`` made them.
+        """
+        dev = pick_device(device)
+        model, meta = load_checkpoint(checkpoint, with_extra=True)
+        head_state = meta.get("extra_tensors") or {}
+        if "weight" not in head_state:
+            raise CheckpointError(f"{checkpoint} holds no AAM head (projection.*); fine-tuning needs one: "
+                                  "train the baseline with `lsv train`")
+        train_data = read_data(paths.train)
+        speakers_sorted = train_data.speakers
+        n_classes, embed_dim = head_state["weight"].shape
+        if n_classes != len(speakers_sorted):
+            raise ConfigError(f"{checkpoint}: the head has {n_classes} classes but {paths.train} has "
+                              f"{len(speakers_sorted)} speakers; fine-tune on the data the baseline was trained on")
+        head = AAMSoftmax(embed_dim, n_classes)
+        head.load_state_dict(head_state)
+        eval_data = read_data(paths.eval)
+        trials = subset_trials(read_trials(paths.trials, eval_data), max_trials, seed)
+        spk_index = {s: i for i, s in enumerate(speakers_sorted)}
+        speakers = {u.utt: spk_index[u.speaker] for u in train_data}
+        train = extract_features(train_data, cache_dir=cache_dir, progress=progress)
+        eval_store = extract_features(eval_data, utts=trials.utterances, cache_dir=cache_dir, progress=progress)
+        return cls(model.to(dev), head.to(dev), train, speakers, eval_store, trials)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def evaluate_float(self, n_boot: int = 1000, seed: int = 0) -> EvalResult:
+        return evaluate(self.model, self.eval_store, self.trials, n_boot=n_boot, seed=seed)
+
+    def fresh(self) -> tuple[nn.Module, FineTuneData]:
+        """Independent copies of the baseline and head, and the shared (read-only) data."""
+        model, head = copy.deepcopy(self.model), copy.deepcopy(self.head)
+        return model, FineTuneData(self.train, self.speakers, head, self.eval_store, self.trials)
+
+    def size_of(self, recipe: BitRecipe | Mapping[str, SpecLike]) -> int:
+        """Exact packed bytes of the baseline under ``recipe``, without quantizing anything."""
+        return packed_size_bytes(self.model, recipe)
+
+    def run(self, recipe: BitRecipe | Mapping[str, SpecLike], schedule: MsftSchedule = MsftSchedule(), *,
+            callback: Callable[[int, StageMetrics], bool | None] | None = None,
+            sensitivity: Mapping[str, float] | None = None, n_boot: int = 1000,
+            progress: bool = False) -> RecipeOutcome:
+        """Quantize a fresh copy of the baseline with ``recipe`` by MSFT and score it on the trials."""
+        t0 = time.monotonic()
+        recipe = recipe if isinstance(recipe, BitRecipe) else BitRecipe(recipe)
+        model, data = self.fresh()
+        result = msft(model, recipe, data, schedule, callback=callback, sensitivity=sensitivity,
+                      progress=progress)
+        final = evaluate(model, self.eval_store, self.trials, n_boot=n_boot, seed=schedule.seed)
+        return RecipeOutcome(
+            recipe=recipe, eer=final.eer, eer_ci_low=final.eer_ci_low, eer_ci_high=final.eer_ci_high,
+            min_dcf_001=final.min_dcf_001, min_dcf_005=final.min_dcf_005,
+            size_bytes=packed_size_bytes(model), fp32_bytes=self.fp32_bytes, stages=result.stages,
+            stopped_early=result.stopped_early, wall_s=time.monotonic() - t0, model=model,
+        )
+
+    def loss_batches(self, n_batches: int, batch_size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from lsv_core.train import CropSampler
+
+        sampler = CropSampler(self.train, self.speakers, batch_size=batch_size, seed=seed)
+        return [next(sampler) for _ in range(n_batches)]
+
+    def sensitivities(self, *, bit_choices: tuple[int, ...] = (1, 2, 3, 4, 8), n_probes: int = 16,
+                      n_batches: int = 2, cache_path: str | Path | None = None,
+                      seed: int = 0) -> dict[str, dict[int, float]]:
+        """Per-layer Ω(b) = Tr(H) · ||W − Q_b(W)||² (METHOD.md), with traces cached per model."""
+        from lsv_core.quant.sensitivity import (
+            cached_hessian_traces,
+            hessian_traces,
+            quantization_errors,
+            sensitivity,
+            state_dict_digest,
+        )
+
+        head = copy.deepcopy(self.head)
+        head.update(0.2)
+        loss = nn.CrossEntropyLoss()
+        dev = self.device
+
+        def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            return loss(head(model(x.to(dev)), y.to(dev)), y.to(dev))
+
+        batches = self.loss_batches(n_batches, seed=seed)
+        if cache_path is not None:
+            traces = cached_hessian_traces(self.model, loss_fn, batches, cache_path, n_probes=n_probes, seed=seed,
+                                           data_key=state_dict_digest(head) + f"/{n_batches}")
+        else:
+            traces = hessian_traces(self.model, loss_fn, batches, n_probes=n_probes, seed=seed)
+        errors = quantization_errors(self.model, bit_choices, seed=seed)
+        return sensitivity(traces, errors)
