@@ -1,0 +1,81 @@
+"""1-bit weight quantizers: the static and the adaptive binary schemes.
+
+The paper proposes two binary schemes and reports the adaptive one as stronger (METHOD.md, "known"); its
+formulas are not public, so these are our choices (METHOD.md, "our choice"):
+
+* :class:`StaticBinaryQuantizer` (XNOR-Net, Rastegari et al. 2016): levels ``{-a, +a}``, threshold 0,
+  ``a = mean(|W|)``, the closed-form L2-optimal scale for sign(W), recomputed from the latent weights in
+  every forward. Nothing is learned except the latent weights. The gradient follows XNOR-Net:
+  ``dL/dW_i = a * dL/dWq_i`` (straight-through through sign) plus the term through ``a``
+  (``sign(W_i) / n * sum_j dL/dWq_j * sign(W_j)``). The packed file stores ``a`` only (one float32).
+  Symmetric levels and a zero threshold suit zero-mean weights and cost nothing to store, but cannot
+  follow a skewed or shifted weight distribution.
+* :class:`AdaptiveBinaryQuantizer`: two levels ``l0 < l1`` that need not be symmetric, initialised by
+  2-means of the weights (the optimal 1-bit codebook), threshold at their midpoint. Both levels are
+  ``nn.Parameter``s that always receive the shared-centroid gradient (sum of ``dL/dWq`` over the weights
+  mapped to each level), and the latent weights get a straight-through gradient; with
+  ``centroid_update`` ``"kmeans"``/``"both"`` the levels are also re-estimated by 2-means on the
+  ``recluster`` schedule. It is the multi-bit codebook quantizer at ``2^1`` levels with the levels
+  always learnable. Stored as two float32 levels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lsv_core.quant.codebook import CodebookQuantizer, KMQATConfig, WeightQuantizer
+
+__all__ = ["AdaptiveBinaryQuantizer", "StaticBinaryQuantizer", "static_binary_scale"]
+
+
+def static_binary_scale(latent: Tensor) -> Tensor:
+    """``mean(|W|)`` as a 0-d tensor in ``latent``'s dtype, differentiable.
+
+    Accumulated in float64 so that the mean of ``n`` copies of a float32 value is exactly that value
+    (every partial sum is exactly representable): a model reloaded from the packed file, whose latent
+    weights are ``+-a``, recomputes exactly the stored ``a``.
+    """
+    return latent.abs().to(torch.float64).mean().to(latent.dtype)
+
+
+class StaticBinaryQuantizer(WeightQuantizer):
+    """Levels ``{-a, +a}``, ``a = mean|W|``, threshold 0 (weights >= 0 map to ``+a``); see module docstring."""
+
+    bits = 1
+    mode = "static"
+
+    def forward(self, latent: Tensor) -> Tensor:
+        scale = static_binary_scale(latent)
+        sign = torch.where(latent >= 0, 1.0, -1.0).to(latent.dtype)
+        if torch.is_grad_enabled() and latent.requires_grad:
+            # Straight-through estimator through sign: value unchanged (latent - latent == 0).
+            sign = sign + (latent - latent.detach())
+        return scale * sign
+
+    def levels(self, latent: Tensor) -> Tensor:
+        scale = static_binary_scale(latent.detach())
+        return torch.stack([-scale, scale])
+
+    def assign(self, latent: Tensor) -> Tensor:
+        return (latent.detach() >= 0).to(torch.uint8)
+
+    def recluster(self, latent: Tensor, seed: int = 0) -> bool:
+        return False  # the scale is recomputed from the latent weights in every forward
+
+    def packed_codebook(self, latent: Tensor) -> dict[str, Tensor]:
+        return {"alpha": static_binary_scale(latent.detach()).reshape(1).to(torch.float32)}
+
+
+class AdaptiveBinaryQuantizer(CodebookQuantizer):
+    """Two learnable levels from 2-means, threshold at their midpoint; see module docstring."""
+
+    mode = "adaptive"
+
+    def __init__(self, centroids: Tensor, bits: int, config: KMQATConfig) -> None:
+        if bits != 1:
+            raise ValueError(f"AdaptiveBinaryQuantizer is 1-bit, got bits={bits}")
+        super().__init__(centroids, 1, config)
+
+    def _learns_centroids(self) -> bool:
+        return True  # the adaptive scheme always trains its two levels

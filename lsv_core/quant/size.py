@@ -1,0 +1,123 @@
+"""Size of the deployable model, computed from the very tensors the packed file stores.
+
+One source of truth (STYLE.md): :func:`packed_tensors` builds the exact ``{name: tensor}`` dict that
+``lsv_core.export.save_packed`` writes, and :func:`packed_size_bytes` is the sum of those tensors'
+``nbytes``. The file is that plus the safetensors header (8-byte length + JSON).
+
+What is stored (and counted), per state-dict entry of the embedding network:
+
+* quantized layer ``L``: ``L.weight.packed``, the codebook indices bit-packed (uint8,
+  ``ceil(n * b / 8)`` bytes, see ``bitpack.py``); ``L.weight.codebook``, the ``2^b`` levels as float32
+  (adaptive binary: its two levels); or ``L.weight.alpha``, one float32 (static binary);
+* every other tensor inference needs, as float32: biases, BatchNorm weight/bias/running mean/var, the
+  weights of layers left in float;
+* not stored: BatchNorm ``num_batches_tracked`` (inference uses the running statistics; it only matters
+  when training with ``momentum=None``) and training-only heads (``projection.*``, METHOD.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lsv_core.errors import ConfigError
+from lsv_core.quant.bitpack import pack_bits, packed_nbytes
+from lsv_core.quant.quantize import plain_state_items, quantizer_of, recipe_of
+from lsv_core.quant.recipe import TRAINING_ONLY_MODULES, BitRecipe, LayerSpec, SpecLike
+
+__all__ = ["codebook_layout", "packed_layout", "packed_size_bytes", "packed_tensors"]
+
+PACKED_SUFFIX = "packed"
+# Buffers inference does not read (see module docstring).
+_SKIPPED_LEAVES = ("num_batches_tracked",)
+
+
+def codebook_layout(spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+    """Codebook tensors stored for a layer with ``spec``: name suffix -> shape (all float32)."""
+    if spec.bits == 1 and spec.mode == "static":
+        return {"alpha": (1,)}
+    return {"codebook": (spec.n_levels,)}
+
+
+def packed_tensors(
+    model: nn.Module, recipe: BitRecipe | Mapping[str, SpecLike] | None = None
+) -> dict[str, Tensor]:
+    """The tensors of the packed file, by name (CPU, contiguous), in state-dict order.
+
+    With ``recipe=None`` they describe ``model`` as quantized now (real data: what ``save_packed``
+    writes). With a recipe they describe ``model`` as if quantized by that recipe (layers not in it in
+    float32), as shape-only ``meta`` tensors: what the file would hold, without running k-means.
+    """
+    if recipe is None:
+        return _build(model, recipe_of(model), materialize=True)
+    recipe = recipe if isinstance(recipe, BitRecipe) else BitRecipe(recipe)
+    return _build(model, recipe, materialize=False)
+
+
+def packed_size_bytes(model: nn.Module, recipe: BitRecipe | Mapping[str, SpecLike] | None = None) -> int:
+    """Bytes of the deployable model: the summed ``nbytes`` of :func:`packed_tensors`.
+
+    ``recipe=None`` sizes the model as quantized now; a recipe sizes it as if quantized that way (a float
+    model with ``recipe={}`` gives its float32 size). Shapes only, so this is cheap enough for a search.
+    """
+    recipe = recipe_of(model) if recipe is None else recipe
+    recipe = recipe if isinstance(recipe, BitRecipe) else BitRecipe(recipe)
+    return int(sum(t.nbytes for t in _build(model, recipe, materialize=False).values()))
+
+
+def packed_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """For each quantized layer: ``{"shape": [...], "bits": b, "mode": m}`` (what unpacking needs)."""
+    modules = dict(model.named_modules())
+    out: dict[str, dict[str, Any]] = {}
+    for key, value, is_latent in plain_state_items(model):
+        if is_latent:
+            name = key.rpartition(".")[0]
+            q = quantizer_of(modules[name])
+            assert q is not None
+            out[name] = {"shape": list(value.shape), "bits": q.bits, "mode": q.mode}
+    return out
+
+
+def _is_training_only(key: str) -> bool:
+    return any(part in TRAINING_ONLY_MODULES for part in key.split(".")[:-1])
+
+
+def _build(model: nn.Module, recipe: BitRecipe, materialize: bool) -> dict[str, Tensor]:
+    recipe.validate(model)
+    modules = dict(model.named_modules())
+    out: dict[str, Tensor] = {}
+    for key, value, _ in plain_state_items(model):
+        owner, _, leaf = key.rpartition(".")
+        if leaf in _SKIPPED_LEAVES or _is_training_only(key):
+            continue
+        spec = recipe.get(owner) if leaf == "weight" else None
+        if spec is None:
+            dtype = torch.float32 if value.is_floating_point() else value.dtype
+            if materialize:
+                out[key] = value.detach().to("cpu", dtype).contiguous()
+            else:
+                out[key] = torch.empty(value.shape, dtype=dtype, device="meta")
+            continue
+        layout = codebook_layout(spec)
+        n = value.numel()
+        if not materialize:
+            out[f"{key}.{PACKED_SUFFIX}"] = torch.empty(
+                packed_nbytes(n, spec.bits), dtype=torch.uint8, device="meta"
+            )
+            for suffix, shape in layout.items():
+                out[f"{key}.{suffix}"] = torch.empty(shape, dtype=torch.float32, device="meta")
+            continue
+        q = quantizer_of(modules[owner])
+        if q is None or q.spec != spec:
+            raise ConfigError(f"layer {owner!r} is not quantized as {spec}; quantize the model first")
+        with torch.no_grad():
+            out[f"{key}.{PACKED_SUFFIX}"] = pack_bits(q.assign(value), spec.bits).cpu()
+            codebook = q.packed_codebook(value)
+        if {s: tuple(t.shape) for s, t in codebook.items()} != layout:
+            raise AssertionError(f"quantizer of {owner!r} stores {codebook.keys()} not matching {layout}")
+        for suffix, tensor in codebook.items():
+            out[f"{key}.{suffix}"] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return out
