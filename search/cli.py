@@ -120,6 +120,42 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from search.config import load_study_config
+    from search.study import run_study
+
+    config = load_study_config(args.study, n_trials=args.n_trials)
+    result = run_study(config, address=args.address, fresh=args.fresh)
+    st = result.status
+    console.print(f"[green]study {config.study.name}[/] {'resumed' if result.resumed else 'created'} in "
+                  f"{result.wall_s:.0f} s -> {result.study_dir}")
+    console.print(st.line())
+    from search.tracking import StudyTracker
+
+    url = StudyTracker(config.mlflow_uri, config.study.name).runs_url()
+    console.print(f"browse: mlflow ui --backend-store-uri {config.mlflow_uri} --host 127.0.0.1, then {url}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from search.config import load_study_config
+    from search.study import open_study, study_status
+
+    config = load_study_config(args.study)
+    if not (config.study_dir / "study.json").exists():
+        raise LsvError(f"study {config.study.name!r} has not been run yet (no {config.study_dir / 'study.json'})")
+    st = study_status(open_study(config, create=False), config.size_budget_bytes)
+    if args.json:
+        print(json.dumps(asdict(st), indent=2))
+    else:
+        print(st.line())
+        for p in st.pareto:
+            print(f"  trial {p['number']:4d}: EER {p['eer']:.2f} %  {p['size_bytes']} bytes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -195,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", type=Path, help="write EER, minDCF, bytes, compression and stages here")
     q.add_argument("--force", action="store_true")
     q.set_defaults(func=_quantize)
+
+    r = sub.add_parser("run", help="run or resume a bit-width search study (Optuna + Ray + MLflow)")
+    r.add_argument("study", type=Path, help="study config (.toml), e.g. studies/quickstart.toml")
+    r.add_argument("--address", help="Ray cluster address HOST:PORT (default: a local Ray)")
+    r.add_argument("--n-trials", type=int, help="override study.n_trials")
+    r.add_argument("--fresh", action="store_true",
+                   help="start over: the existing study folder is moved aside (never deleted)")
+    r.set_defaults(func=_run)
+
+    st = sub.add_parser("status", help="progress and Pareto front of a study, without running anything")
+    st.add_argument("study", type=Path, help="study config (.toml)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
     return p
 
 

@@ -1,0 +1,256 @@
+"""Study configuration: a TOML file in ``studies/``, validated completely before anything starts.
+
+Every invalid field produces one :class:`~lsv_core.errors.ConfigError` that names the field (dotted
+path), the value received and what is allowed; ``lsv run`` turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lsv_core.errors import ConfigError
+
+ALLOWED_BITS = (1, 2, 3, 4, 8)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySection(_Section):
+    name: str
+    out_dir: Path = Path("runs")
+    seed: int = 0
+    n_trials: int | None = Field(default=16, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    concurrency: int = Field(default=2, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-', starting with a letter/digit")
+        return v
+
+    @model_validator(mode="after")
+    def _stop_rule(self) -> StudySection:
+        if self.n_trials is None and self.timeout_s is None:
+            raise ValueError("give n_trials and/or timeout_s, or the study never ends")
+        return self
+
+
+class ModelSection(_Section):
+    """The float baseline: a checkpoint from ``lsv train``, trained first when missing and ``train_if_missing``."""
+
+    checkpoint: Path = Path("runs/baseline/model.safetensors")
+    train_if_missing: bool = True
+    train_steps: int | None = Field(default=None, ge=1)
+
+
+class DataSection(_Section):
+    """Either ``corpus`` (the layout of ``lsv corpus synth``) or ``train`` + ``eval`` + ``trials``."""
+
+    corpus: Path | None = Path("data/corpus")
+    synthesize_if_missing: bool = True
+    train: Path | None = None
+    eval: Path | None = None
+    trials: Path | None = None
+    cache_dir: Path = Path("runs/cache")
+    max_trials: int | None = Field(default=None, ge=10)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        explicit = (self.train, self.eval, self.trials)
+        if any(x is not None for x in explicit):
+            if not all(x is not None for x in explicit):
+                raise ValueError("give all of train, eval and trials, or only corpus")
+        elif self.corpus is None:
+            raise ValueError("give corpus, or train + eval + trials")
+        return self
+
+
+class SpaceSection(_Section):
+    granularity: Literal["layer", "block", "stage"] = "layer"
+    bits: list[int] = Field(default_factory=lambda: list(ALLOWED_BITS))
+    binary_modes: list[Literal["static", "adaptive"]] = Field(default_factory=lambda: ["adaptive"])
+    tie_shortcuts: bool = True
+    fixed: dict[str, int | None] = Field(default_factory=dict)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if b not in ALLOWED_BITS]
+        if bad or not v:
+            raise ValueError(f"allowed bit widths are {list(ALLOWED_BITS)} (at least one)")
+        if len(set(v)) != len(v):
+            raise ValueError("bit widths are listed twice")
+        return sorted(v)
+
+    @field_validator("binary_modes")
+    @classmethod
+    def _modes(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("list 'static' and/or 'adaptive' once each")
+        return v
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed(cls, v: dict[str, int | None]) -> dict[str, int | None]:
+        bad = {k: b for k, b in v.items() if b is not None and b not in ALLOWED_BITS}
+        if bad:
+            raise ValueError(f"fixed bits {bad} not allowed; use one of {list(ALLOWED_BITS)} or omit for float")
+        return v
+
+
+class ObjectivesSection(_Section):
+    size_budget_mb: float | None = Field(default=None, gt=0)
+    min_dcf: bool = False
+
+
+class MsftSection(_Section):
+    order: Literal["bits", "depth", "one_shot"] = "bits"
+    total_steps: int = Field(default=60, ge=0)
+    lr: float = Field(default=0.01, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    centroid_update: Literal["kmeans", "gradient", "both"] = "kmeans"
+    recluster_every: int = Field(default=20, ge=0)
+
+
+class SeedsSection(_Section):
+    uniform: bool = True
+    allocator_fractions: list[float] = Field(default_factory=lambda: [0.06, 0.09, 0.12])
+
+    @field_validator("allocator_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v):
+            raise ValueError("fractions of the fp32 size must lie in (0, 1)")
+        return v
+
+
+class EarlyStopSection(_Section):
+    enabled: bool = True
+    margin: float = Field(default=1.0, ge=0, description="EER points (percent) a peer must be better by")
+    min_peers: int = Field(default=3, ge=1)
+
+
+class ResourcesSection(_Section):
+    cpu: float = Field(default=1, gt=0)
+    gpu: float = Field(default=0, ge=0)
+    max_failures: int = Field(default=1, ge=0)
+    device: str = "auto"
+
+
+class StorageSection(_Section):
+    optuna: str | None = None
+    mlflow: str | None = None
+    ray_address: str | None = None
+
+    @field_validator("optuna")
+    @classmethod
+    def _optuna(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(sqlite|postgresql|postgresql\+\w+|mysql(\+\w+)?)://", v):
+            raise ValueError("an RDB URL: sqlite:///path.db or postgresql://user:pass@host/db")
+        return v
+
+    @field_validator("mlflow")
+    @classmethod
+    def _mlflow(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(sqlite|postgresql|mysql|https?|databricks)(\+\w+)?:", v):
+            raise ValueError("sqlite:///path.db, a database URL, or an http(s):// tracking server")
+        return v
+
+
+class StudyConfig(_Section):
+    study: StudySection
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    space: SpaceSection = SpaceSection()
+    objectives: ObjectivesSection = ObjectivesSection()
+    msft: MsftSection = MsftSection()
+    seeds: SeedsSection = SeedsSection()
+    early_stop: EarlyStopSection = EarlyStopSection()
+    resources: ResourcesSection = ResourcesSection()
+    storage: StorageSection = StorageSection()
+
+    # -- derived paths ------------------------------------------------------------------------------
+    @property
+    def study_dir(self) -> Path:
+        return (self.study.out_dir / self.study.name).resolve()
+
+    @property
+    def optuna_url(self) -> str:
+        return self.storage.optuna or f"sqlite:///{self.study_dir / 'optuna.db'}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.storage.mlflow or f"sqlite:///{self.study_dir / 'mlflow.db'}"
+
+    @property
+    def size_budget_bytes(self) -> int | None:
+        mb = self.objectives.size_budget_mb
+        return None if mb is None else int(mb * 1e6)
+
+    def data_paths(self) -> tuple[Path, Path, Path]:
+        d = self.data
+        if d.train is not None and d.eval is not None and d.trials is not None:
+            return d.train, d.eval, d.trials
+        assert d.corpus is not None
+        return d.corpus / "train", d.corpus / "eval", d.corpus / "eval" / "trials"
+
+    def digest(self) -> str:
+        """Hash of everything that changes trial results (not n_trials/timeout/concurrency/storage)."""
+        d = self.model_dump(mode="json")
+        for k in ("n_trials", "timeout_s", "concurrency"):
+            d["study"].pop(k, None)
+        d.pop("storage", None)
+        d["resources"].pop("max_failures", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, **study_fields: Any) -> StudyConfig:
+        data = self.model_dump()
+        data["study"].update({k: v for k, v in study_fields.items() if v is not None})
+        return StudyConfig.model_validate(data)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid study config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def load_study_config(path: str | Path, **overrides: Any) -> StudyConfig:
+    """Read and validate a study TOML; relative paths in it are resolved against the current directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study config {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_study_config(raw, source=str(path), **overrides)
+
+
+def parse_study_config(raw: dict[str, Any], *, source: str = "<config>", **overrides: Any) -> StudyConfig:
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    raw.setdefault("study", {}).update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None

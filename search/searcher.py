@@ -1,0 +1,188 @@
+"""A Ray Tune ``Searcher`` over an Optuna study in RDB storage, driven by ``ask``/``tell``.
+
+Why not Ray's ``OptunaSearch``: it tells Optuna the *last* reported values of a trial, also for trials
+stopped early, and cannot memoize or repair. Here only a trial's final values reach Optuna; a trial
+stopped by the early stopper is told as PRUNED and a failed one as FAIL (with its reason), so the
+sampler only ever learns from finished MSFT runs.
+
+* Memoization: a suggestion whose canonical recipe (digest) already has a finished result is told that
+  result at once (``memoized_from``) and a new suggestion is asked for; it is never trained twice.
+* Size budget: a suggestion over budget is repaired toward it (:meth:`SearchSpace.repair`, biggest byte
+  saving first) before it is trained; assignments over budget are never trained. The repaired recipe
+  is what is told, trained and logged (user attr ``repaired``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from lsv_core.quant import BitRecipe
+from search.space import SearchSpace
+from search.tracking import TrialRecord
+
+RecordSink = Callable[[TrialRecord], None]
+_MAX_ASKS = 200
+
+
+@dataclass
+class LiveTrial:
+    trial: optuna.trial.Trial
+    recipe: BitRecipe
+    digest: str
+    repaired: bool
+
+
+def finished_results(study: optuna.Study) -> dict[str, tuple[int, list[float]]]:
+    """digest -> (trial number, values) of every COMPLETE trial that was really trained."""
+    out: dict[str, tuple[int, list[float]]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        d = t.user_attrs.get("digest")
+        if d and "memoized_from" not in t.user_attrs and t.values is not None:
+            out.setdefault(d, (t.number, list(t.values)))
+    return out
+
+
+class AskTellSearcher(Searcher):
+    def __init__(self, study: optuna.Study, space: SearchSpace, *, size_of: Callable[[BitRecipe], int],
+                 budget_bytes: int | None, make_config: Callable[[BitRecipe, int], dict[str, Any]],
+                 sink: RecordSink, objectives: tuple[str, ...] = ("eer", "size_bytes"),
+                 max_trials: int | None = None) -> None:
+        super().__init__(metric=None, mode=None)
+        self.study = study
+        self.space = space
+        self.size_of = size_of
+        self.budget = budget_bytes
+        self.make_config = make_config
+        self.sink = sink
+        self.objectives = objectives
+        self.live: dict[str, LiveTrial] = {}
+        self.memo = finished_results(study)
+        # Optuna trials this run may still create (trained, memoized or over budget alike); None = no limit.
+        self.trials_left = max_trials
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    # -- suggestions ---------------------------------------------------------------------------------
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        dists = self.space.distributions()
+        for _ in range(_MAX_ASKS):
+            if self.trials_left is not None:
+                if self.trials_left <= 0:
+                    return Searcher.FINISHED
+                self.trials_left -= 1
+            ot = self.study.ask(dists)
+            params = {k: ot.params[k] for k in dists}
+            repaired = False
+            if self.budget is not None:
+                fixed = self.space.repair(params, self.budget, self.size_of)
+                if fixed is None:
+                    self._tell_failed(ot, params, "even the smallest choices exceed the size budget")
+                    continue
+                repaired = fixed != params
+                params = fixed
+            recipe = self.space.recipe_from_params(params)
+            digest = recipe.digest()
+            ot.set_user_attr("digest", digest)
+            ot.set_user_attr("recipe", recipe.to_dict())
+            if repaired:
+                ot.set_user_attr("repaired", True)
+            if digest in self.memo:
+                self._tell_memoized(ot, recipe, digest)
+                continue
+            if any(lt.digest == digest for lt in self.live.values()):
+                # The same recipe is being trained right now: wait for its result instead of duplicating.
+                ot.set_user_attr("reason", "duplicate of a running trial")
+                self.study.tell(ot, state=TrialState.PRUNED)
+                if self.trials_left is not None:
+                    self.trials_left += 1  # not a trial of its own: ask again for free
+                continue
+            self.live[trial_id] = LiveTrial(ot, recipe, digest, repaired)
+            return self.make_config(recipe, ot.number)
+        return None
+
+    def _tell_memoized(self, ot: optuna.trial.Trial, recipe: BitRecipe, digest: str) -> None:
+        source, values = self.memo[digest]
+        src = self.study.get_trials(deepcopy=False)[source]
+        ot.set_user_attr("memoized_from", source)
+        for k, v in src.user_attrs.items():
+            if k not in ("digest", "recipe", "repaired"):
+                ot.set_user_attr(k, v)
+        self.study.tell(ot, values)
+        self.sink(self._record(ot.number, "complete", recipe, src.user_attrs, memoized_from=source))
+
+    def _tell_failed(self, ot: optuna.trial.Trial, params: dict[str, str], reason: str) -> None:
+        ot.set_user_attr("reason", reason)
+        self.study.tell(ot, state=TrialState.FAIL)
+        self.sink(TrialRecord(number=ot.number, state="failed", recipe={}, reason=reason))
+
+    # -- results ---------------------------------------------------------------------------------------
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Intermediate (per-stage) results are never told to Optuna: only final values are.
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        live = self.live.pop(trial_id, None)
+        if live is None:
+            return
+        ot, result = live.trial, result or {}
+        ray_id = {"ray_trial_id": trial_id}
+        if error or result.get("error"):
+            reason = result.get("error") or "the Ray worker failed (see the trial's error file under ray/)"
+            ot.set_user_attr("reason", reason)
+            self.study.tell(ot, state=TrialState.FAIL)
+            self.sink(self._record(ot.number, "failed", live.recipe, {**ray_id, "reason": reason}))
+            return
+        if not result.get("final"):
+            reason = f"stopped after MSFT stage {result.get('stage')} (dominated at that stage)"
+            ot.set_user_attr("reason", reason)
+            ot.set_user_attr("stage_eers", [result.get("eer")])
+            self.study.tell(ot, state=TrialState.PRUNED)
+            self.sink(self._record(ot.number, "pruned", live.recipe, {**ray_id, "reason": reason,
+                                                                      "stage_eers": [result.get("eer")]}))
+            return
+        attrs = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes",
+                                        "compression_ratio", "avg_bits", "stage_eers", "trial_wall_s",
+                                        "packed_path", "setup_s") if k in result}
+        attrs.update(ray_id)
+        for k, v in attrs.items():
+            ot.set_user_attr(k, v)
+        values = [float(result[k] if k != "min_dcf" else result["min_dcf_001"]) for k in self.objectives]
+        if not all(math.isfinite(v) for v in values):
+            ot.set_user_attr("reason", f"non-finite objective values {values}")
+            self.study.tell(ot, state=TrialState.FAIL)
+            self.sink(self._record(ot.number, "failed", live.recipe, {**attrs, "reason": "non-finite result"}))
+            return
+        self.study.tell(ot, values)
+        self.memo[live.digest] = (ot.number, values)
+        self.sink(self._record(ot.number, "complete", live.recipe, attrs))
+
+    def _record(self, number: int, state: str, recipe: BitRecipe, attrs: dict[str, Any],
+                memoized_from: int | None = None) -> TrialRecord:
+        return record_from(number, state, recipe, attrs, memoized_from)
+
+
+def record_from(number: int, state: str, recipe: BitRecipe | dict[str, Any], attrs: dict[str, Any],
+                memoized_from: int | None = None) -> TrialRecord:
+    """The MLflow record of a trial, from the values the searcher keeps in Optuna user attrs."""
+    recipe_dict = recipe.to_dict() if isinstance(recipe, BitRecipe) else dict(recipe)
+    artifacts = {}
+    if state == "complete" and memoized_from is None and attrs.get("packed_path"):
+        artifacts["model.packed.safetensors"] = attrs["packed_path"]
+    return TrialRecord(
+        number=number, state=state, recipe=recipe_dict, reason=attrs.get("reason"),
+        ray_trial_id=attrs.get("ray_trial_id"),
+        config_hash=BitRecipe.from_mapping(recipe_dict).digest() if recipe_dict else None,
+        avg_bits=attrs.get("avg_bits"), eer=attrs.get("eer"), eer_ci_low=attrs.get("eer_ci_low"),
+        eer_ci_high=attrs.get("eer_ci_high"), min_dcf=attrs.get("min_dcf_001"),
+        size_bytes=attrs.get("size_bytes"), compression_ratio=attrs.get("compression_ratio"),
+        stage_eers=[e for e in (attrs.get("stage_eers") or []) if e is not None],
+        wall_s=attrs.get("trial_wall_s"), memoized_from=memoized_from, artifacts=artifacts,
+    )

@@ -1,0 +1,330 @@
+"""Running a study: validate, prepare the baseline, then Ray Tune trials steered by an Optuna study.
+
+Everything lives under ``runs/<study>/``: ``optuna.db`` (the source of truth for trials), ``mlflow.db``
+and ``mlartifacts/`` (a parent run for the study, a child run per trial), ``ray/`` (Ray Tune's trial
+folders with the packed models) and ``study.json`` (the config the study was created with).
+
+Resuming: running a study that exists continues it. Trials left RUNNING by a driver that died are
+marked failed ("interrupted") and their assignments re-queued; finished trials missing from MLflow
+(the driver died between Optuna's tell and the MLflow write) are logged then, so nothing is lost
+and nothing is logged twice. ``fresh=True`` moves the old folder aside (never deletes it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+
+from lsv_core.atomic import write_text_atomic
+from lsv_core.errors import ConfigError
+from lsv_core.quant import BitRecipe
+from search.config import StudyConfig
+from search.space import SearchSpace
+from search.tracking import StudyTracker, TrialRecord
+
+console = Console(stderr=True)
+OBJECTIVES = ("eer", "size_bytes")
+
+
+# -- study-level numbers, shared by `lsv run`'s progress line and `lsv status` ---------------------------
+@dataclass
+class StudyStatus:
+    name: str
+    n_complete: int = 0
+    n_pruned: int = 0
+    n_failed: int = 0
+    n_running: int = 0
+    n_memoized: int = 0
+    pareto_size: int = 0
+    best_eer_under_budget: float | None = None
+    smallest_bytes: int | None = None
+    budget_bytes: int | None = None
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+
+    def line(self) -> str:
+        best = "-" if self.best_eer_under_budget is None else f"{self.best_eer_under_budget:.2f} %"
+        return (f"{self.name}: done {self.n_complete} (memoized {self.n_memoized}), running {self.n_running}, "
+                f"failed {self.n_failed}, pruned {self.n_pruned} | Pareto front {self.pareto_size} | "
+                f"best EER under budget {best}")
+
+
+def study_status(study: optuna.Study, budget_bytes: int | None = None) -> StudyStatus:
+    trials = study.get_trials(deepcopy=False)
+    st = StudyStatus(study.study_name, budget_bytes=budget_bytes)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
+    st.n_complete = len(complete)
+    st.n_memoized = sum(1 for t in complete if "memoized_from" in t.user_attrs)
+    st.n_pruned = sum(1 for t in trials if t.state == TrialState.PRUNED
+                      and t.user_attrs.get("reason") != "duplicate of a running trial")
+    st.n_failed = sum(1 for t in trials if t.state == TrialState.FAIL)
+    st.n_running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    if complete:
+        front = {t.number: t for t in study.best_trials}
+        st.pareto_size = len({tuple(t.values) for t in front.values()})
+        st.pareto = [{"number": t.number, "eer": t.values[0], "size_bytes": int(t.values[1])}
+                     for t in sorted(front.values(), key=lambda t: t.values[1])]
+        ok = [t for t in complete if budget_bytes is None or t.values[1] <= budget_bytes]
+        if ok:
+            st.best_eer_under_budget = min(t.values[0] for t in ok)
+        st.smallest_bytes = int(min(t.values[1] for t in complete))
+    return st
+
+
+def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
+    storage = optuna.storages.RDBStorage(config.optuna_url, heartbeat_interval=None)
+    if not create:
+        try:
+            return optuna.load_study(study_name=config.study.name, storage=storage)
+        except KeyError:
+            raise ConfigError(f"no study {config.study.name!r} in {config.optuna_url}") from None
+    return optuna.create_study(study_name=config.study.name, storage=storage, directions=["minimize", "minimize"],
+                               sampler=make_sampler(config), load_if_exists=True)
+
+
+def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    seed, name = config.study.seed, config.study.sampler
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=8)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+# -- preparation (driver side, before any worker starts) --------------------------------------------------
+def prepare_inputs(config: StudyConfig, *, progress: bool = True) -> None:
+    """Make sure the corpus and the baseline exist (synthesize/train them when the config allows)."""
+    from lsv_core.data.manifest import read_data
+    from lsv_core.data.trials import read_trials
+
+    train, eval_dir, trials = config.data_paths()
+    corpus = config.data.corpus
+    if config.data.train is None and corpus is not None and not (corpus / "corpus.json").exists():
+        if not config.data.synthesize_if_missing:
+            raise ConfigError(f"data.corpus={str(corpus)!r} has no corpus.json and synthesize_if_missing is false")
+        from lsv_core.data.synth import SynthConfig, synthesize_corpus
+
+        console.print(f"synthesizing the embedded corpus into {corpus} ...")
+        synthesize_corpus(corpus, SynthConfig(seed=config.study.seed), progress=progress)
+    eval_data = read_data(eval_dir)
+    read_trials(trials, eval_data)  # validated before any worker starts
+    read_data(train).check_audio()
+    eval_data.check_audio()
+    ckpt = config.model.checkpoint
+    if not ckpt.exists():
+        if not config.model.train_if_missing:
+            raise ConfigError(f"model.checkpoint={str(ckpt)!r} does not exist and train_if_missing is false")
+        from lsv_core.train import TrainConfig, train_baseline
+
+        tc = TrainConfig(seed=config.study.seed, device=config.resources.device)
+        if config.model.train_steps:
+            tc.steps = config.model.train_steps
+        console.print(f"training the default baseline into {ckpt} ...")
+        train_baseline(tc, train, out=ckpt, eval_dir=eval_dir, trials=trials, cache_dir=config.data.cache_dir,
+                       progress=progress)
+
+
+def workbench_spec(config: StudyConfig) -> dict[str, Any]:
+    train, eval_dir, trials = config.data_paths()
+    return {"checkpoint": str(config.model.checkpoint.resolve()), "train": str(train.resolve()),
+            "eval": str(eval_dir.resolve()), "trials": str(trials.resolve()),
+            "cache_dir": str(config.data.cache_dir.resolve()), "max_trials": config.data.max_trials,
+            "seed": config.study.seed, "device": config.resources.device}
+
+
+def seed_recipes(config: StudyConfig, space: SearchSpace, model: Any, omega: dict | None) -> list[tuple[str, BitRecipe]]:
+    """Uniform recipes at each choice and the sensitivity allocator's recipes at several budgets."""
+    from lsv_core.quant import packed_size_bytes
+
+    seeds: list[tuple[str, BitRecipe]] = []
+    if config.seeds.uniform:
+        seeds += [(f"uniform-{tok}", space.uniform(tok)) for tok in space.choices]
+    if omega is not None and config.seeds.allocator_fractions:
+        from lsv_core.quant.sensitivity import allocate_bits
+
+        fp32 = packed_size_bytes(model, BitRecipe({}))
+        bits = tuple(sorted({int(t[0]) if t.startswith("1") else int(t) for t in space.choices}))
+        for frac in config.seeds.allocator_fractions:
+            budget = int(frac * fp32)
+            try:
+                rec = allocate_bits(model, omega, budget, bit_choices=bits,
+                                    binary_mode="adaptive" if "1a" in space.choices else "static")
+            except ConfigError:
+                continue
+            # Project onto the search space's units (the allocator works per layer).
+            params = {f"b:{u}": _closest_token(rec, layers, space) for u, layers in space.units.items()}
+            seeds.append((f"allocator-{frac:g}", space.recipe_from_params(params)))
+    return seeds
+
+
+def _closest_token(recipe: BitRecipe, layers: list[str], space: SearchSpace) -> str:
+    from search.space import token_of
+
+    tokens = [token_of(recipe[n]) if n in recipe else space.choices[-1] for n in layers]
+    # A unit takes the widest of its layers' allocations, so the seed is never less precise than planned.
+    return max(tokens, key=space.choices.index)
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    status: StudyStatus
+    study_dir: Path
+    wall_s: float
+    resumed: bool
+
+
+def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = False, progress: bool = True,
+              fault_plan: dict[int, dict[str, Any]] | None = None,
+              on_status: Callable[[StudyStatus], None] | None = None) -> RunResult:
+    """Run (or resume) the study described by ``config``; returns its status when no trials remain.
+
+    ``fault_plan`` maps Optuna trial numbers to injected faults; it exists for the fault tests only.
+    """
+    t0 = time.monotonic()
+    study_dir = config.study_dir
+    if fresh and study_dir.exists():
+        backup = study_dir.with_name(f"{study_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(study_dir, backup)
+        console.print(f"--fresh: moved the previous study to {backup}")
+    resumed = (study_dir / "study.json").exists()
+    if resumed:
+        old = json.loads((study_dir / "study.json").read_text())
+        if old.get("digest") != config.digest():
+            raise ConfigError(f"{study_dir} holds study {config.study.name!r} made with a different config "
+                              f"(digest {old.get('digest')} != {config.digest()}); rerun with --fresh to start over "
+                              "(the old study is moved aside, not deleted)")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    prepare_inputs(config, progress=progress)
+    if not resumed:
+        write_text_atomic(study_dir / "study.json", json.dumps(
+            {"digest": config.digest(), "config": config.model_dump(mode="json")}, indent=2))
+
+    from lsv_core.models import load_checkpoint
+    from lsv_core.quant import packed_size_bytes
+
+    model, meta = load_checkpoint(config.model.checkpoint)
+    space = SearchSpace.build(model, config.space)
+    study = open_study(config, create=True)
+    tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=study_dir / "mlartifacts")
+    fp32 = packed_size_bytes(model, BitRecipe({}))
+    baseline = {"baseline_size_bytes": float(fp32)}
+    if meta.get("eval", {}).get("eer") is not None:
+        baseline["baseline_eer"] = float(meta["eval"]["eer"])
+    tracker.start_study(config.model_dump(mode="json"), config.digest(), baseline)
+    _recover(study, tracker)
+    if "seeded" not in study.user_attrs:
+        omega = _allocator_sensitivity(config) if config.seeds.allocator_fractions else None
+        for label, recipe in seed_recipes(config, space, model, omega):
+            study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
+        study.set_user_attr("seeded", True)
+        study.set_user_attr("fp32_bytes", fp32)
+
+    done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    remaining = None if config.study.n_trials is None else max(0, config.study.n_trials - done)
+    if remaining != 0:
+        _run_ray(config, study, space, tracker, model, remaining, address, progress, fault_plan, on_status)
+    status = study_status(study, config.size_budget_bytes)
+    tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
+                          "n_pruned": status.n_pruned, "pareto_size": status.pareto_size})
+    write_text_atomic(study_dir / "status.json", json.dumps(asdict(status), indent=2), overwrite=True)
+    return RunResult(status, study_dir, time.monotonic() - t0, resumed)
+
+
+def _allocator_sensitivity(config: StudyConfig) -> dict | None:
+    from lsv_core.workbench import DataPaths, Workbench
+
+    train, eval_dir, trials = config.data_paths()
+    bench = Workbench.load(config.model.checkpoint, DataPaths(train, eval_dir, trials),
+                           cache_dir=config.data.cache_dir, max_trials=config.data.max_trials,
+                           seed=config.study.seed, device="cpu", progress=False)
+    return bench.sensitivities(cache_path=config.study_dir / "hessian_traces.json", seed=config.study.seed)
+
+
+def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
+    """Close trials a dead driver left RUNNING (re-queue them) and log finished ones MLflow lacks."""
+    from search.searcher import record_from
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted (driver stopped)")
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    logged = tracker.logged_trials()
+    state_names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+    for t in study.get_trials(deepcopy=False):
+        if t.number in logged or t.state not in state_names:
+            continue
+        recipe = t.user_attrs.get("recipe", {})
+        tracker.log_trial(record_from(t.number, state_names[t.state], recipe, dict(t.user_attrs),
+                                      t.user_attrs.get("memoized_from")))
+
+
+def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, tracker: StudyTracker, model: Any,
+             remaining: int | None, address: str | None, progress: bool,
+             fault_plan: dict[int, dict[str, Any]] | None,
+             on_status: Callable[[StudyStatus], None] | None) -> None:
+    import ray
+    from ray import tune
+
+    from lsv_core.quant import packed_size_bytes
+    from search.scheduler import StageParetoStopper
+    from search.searcher import AskTellSearcher
+    from search.trial import run_trial
+
+    address = address or config.storage.ray_address
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(int(config.resources.cpu * config.study.concurrency), os.cpu_count() or 1),
+                     num_gpus=None, include_dashboard=False, log_to_driver=False)
+    spec = workbench_spec(config)
+    schedule = {**config.msft.model_dump(), "seed": config.study.seed}
+    threads = max(1, int(config.resources.cpu))
+
+    def make_config(recipe: BitRecipe, number: int) -> dict[str, Any]:
+        cfg = {"recipe": recipe.to_dict(), "optuna_trial": number, "workbench": spec, "schedule": schedule,
+               "threads": threads}
+        if fault_plan and number in fault_plan:
+            cfg["fault"] = fault_plan[number]
+        return cfg
+
+    def sink(record: TrialRecord) -> None:
+        tracker.log_trial(record)
+        st = study_status(study, config.size_budget_bytes)
+        if progress:
+            console.print(st.line())
+        if on_status is not None:
+            on_status(st)
+
+    searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
+                               budget_bytes=config.size_budget_bytes, make_config=make_config, sink=sink,
+                               max_trials=remaining)
+    scheduler = (StageParetoStopper(config.early_stop.margin, config.early_stop.min_peers)
+                 if config.early_stop.enabled else None)
+    trainable = tune.with_resources(run_trial, {"cpu": config.resources.cpu, "gpu": config.resources.gpu})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining or -1,
+                                    max_concurrent_trials=config.study.concurrency, reuse_actors=True,
+                                    time_budget_s=config.study.timeout_s),
+        run_config=tune.RunConfig(name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str(config.study_dir / "ray"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=config.resources.max_failures)),
+    )
+    try:
+        tuner.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
