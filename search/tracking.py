@@ -1,0 +1,521 @@
+"""MLflow side of a study: one experiment per study, one parent run, one nested child run per Optuna trial.
+
+Only the driver process logs (SQLite stays single-writer; for a cluster point ``tracking_uri`` at an
+``mlflow server``). Every call goes through an explicit :class:`mlflow.MlflowClient`: no global tracking
+URI and no active run, because one process may track several studies and tests create many stores.
+
+Layout of a study in MLflow::
+
+    experiment "lsv/<study>"             tag mlflow.experimentKind=custom_model_development
+      run "<study>"   lsv.role=study     params: flattened config; metrics: baseline_*, summary; config.json
+        run "trial-0" lsv.role=trial     params bits.<layer> ("4", "1s", "1a"), avg_bits;
+        run "trial-1" ...                metrics eer (percent), min_dcf, size_bytes, size_mb, stage_eer[step]...;
+                                         tags lsv.optuna_trial, lsv.state, lsv.reason, ...; recipe.json
+
+Logging is idempotent per Optuna trial number, so a resumed study adds no duplicate runs. Each trial
+costs about three store calls (create run with its tags, one ``log_batch``, terminate) plus local file
+copies for the artifacts: SQLite MLflow calls take tens of milliseconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from lsv_core.errors import ConfigError
+from lsv_core.quant.recipe import BitRecipe, LayerSpec, SpecLike
+
+__all__ = ["TRIAL_STATES", "StudyTracker", "TrialRecord", "bits_param", "default_tracking_uri"]
+
+log = logging.getLogger(__name__)
+
+TRIAL_STATES: tuple[str, ...] = ("complete", "pruned", "failed")
+EXPERIMENT_PREFIX = "lsv/"
+# The MLflow 3 UI opens new experiments in its GenAI view; this tag asks for the model-training one.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+ROLE_TAG = "lsv.role"
+TRIAL_TAG = "lsv.optuna_trial"
+
+# MLflow's limits (mlflow.utils.validation); a store rejects the whole batch when one entry breaks them.
+_MAX_KEY = 250
+_MAX_PARAM_VALUE = 6000
+_MAX_TAG_VALUE = 8000
+_MAX_PARAMS_PER_CALL = 100
+_MAX_TAGS_PER_CALL = 100
+_MAX_ENTITIES_PER_CALL = 1000
+_SEARCH_PAGE = 1000
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+@dataclass
+class TrialRecord:
+    """What the driver knows about one finished Optuna trial. EERs are in percent."""
+
+    number: int
+    state: str
+    recipe: Mapping[str, SpecLike]
+    reason: str | None = None
+    ray_trial_id: str | None = None
+    config_hash: str | None = None
+    avg_bits: float | None = None
+    eer: float | None = None
+    eer_ci_low: float | None = None
+    eer_ci_high: float | None = None
+    min_dcf: float | None = None
+    size_bytes: int | None = None
+    compression_ratio: float | None = None
+    stage_eers: list[float] = field(default_factory=list)
+    wall_s: float | None = None
+    memoized_from: int | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.state not in TRIAL_STATES:
+            raise ValueError(
+                f"TrialRecord.state={self.state!r} is not allowed; expected one of {TRIAL_STATES}"
+            )
+        if isinstance(self.number, bool) or not isinstance(self.number, int) or self.number < 0:
+            raise ValueError(
+                f"TrialRecord.number={self.number!r} should be an Optuna trial number (int >= 0)"
+            )
+
+
+def bits_param(spec: SpecLike) -> str:
+    """The MLflow param value for one layer: ``"4"``, or ``"1s"`` / ``"1a"`` for static / adaptive 1 bit.
+
+    A bare ``1`` means adaptive (the recipe default); ``None`` / ``"float"`` gives ``"32"``.
+    """
+    parsed = LayerSpec.parse(spec)
+    if parsed is None:
+        return "32"
+    if parsed.bits == 1:
+        return "1" + (parsed.mode or "a")[0]
+    return str(parsed.bits)
+
+
+def default_tracking_uri(study_dir: str | Path) -> str:
+    """``sqlite:///<study_dir>/mlflow.db`` with an absolute path, so it works from any working directory."""
+    return f"sqlite:///{Path(study_dir).expanduser().resolve() / 'mlflow.db'}"
+
+
+class StudyTracker:
+    """Logs one study to MLflow through an explicit client; see the module docstring for the layout.
+
+    ``artifact_root`` is the folder where the experiment's artifacts go; by default the ``mlartifacts``
+    folder beside a SQLite database, and the server's default for other stores. It applies only when
+    this tracker creates the experiment: an existing experiment keeps its artifact location.
+    """
+
+    def __init__(self, tracking_uri: str, study_name: str, *, artifact_root: Path | None = None) -> None:
+        if not isinstance(study_name, str) or not study_name.strip():
+            raise ConfigError(f"study_name={study_name!r} should be a non-empty string")
+        self.tracking_uri = tracking_uri
+        self.study_name = study_name
+        self.experiment_name = EXPERIMENT_PREFIX + study_name
+        if artifact_root is None:
+            db = _sqlite_path(tracking_uri)
+            artifact_root = db.parent / "mlartifacts" if db is not None else None
+        self.artifact_root = Path(artifact_root).expanduser().resolve() if artifact_root is not None else None
+        self.client = _open_client(tracking_uri)
+        self.experiment_id = self._get_or_create_experiment()
+        self._parent_run_id: str | None = None
+        self._logged: set[int] | None = None
+        # Child runs left RUNNING by a driver that died mid-log: replaced when that trial is logged again.
+        self._interrupted: dict[int, list[str]] = {}
+
+    @classmethod
+    def for_study_dir(cls, study_dir: str | Path, study_name: str) -> StudyTracker:
+        """A tracker on ``<study_dir>/mlflow.db`` with artifacts in ``<study_dir>/mlartifacts``."""
+        study_dir = Path(study_dir).expanduser().resolve()
+        study_dir.mkdir(parents=True, exist_ok=True)
+        return cls(default_tracking_uri(study_dir), study_name, artifact_root=study_dir / "mlartifacts")
+
+    # -- the study (parent run) --------------------------------------------------------------------
+    def start_study(self, config: Mapping[str, Any], config_hash: str, baseline: Mapping[str, float]) -> str:
+        """Create the study's parent run, or reopen it when the study resumes; returns its run id.
+
+        Logs the flattened config as params (values cut to MLflow's limits; the full text is in the
+        ``config.json`` artifact), ``baseline`` as ``baseline_<key>`` metrics, and tags ``lsv.study``,
+        ``lsv.config_hash``. Resuming with a different ``config_hash`` raises :class:`ConfigError`.
+        """
+        existing = self._find_parent()
+        if existing is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.study_name,
+                tags={ROLE_TAG: "study", "lsv.study": self.study_name, "lsv.config_hash": config_hash},
+            )
+            logged_params: Mapping[str, str] = {}
+            logged_metrics: Mapping[str, float] = {}
+        else:
+            run = existing
+            old_hash = run.data.tags.get("lsv.config_hash")
+            if old_hash is not None and old_hash != config_hash:
+                raise ConfigError(
+                    f"study {self.study_name!r} in {self.tracking_uri} was started with config_hash={old_hash!r}; "
+                    f"cannot resume it with config_hash={config_hash!r} (start a new study name instead)"
+                )
+            logged_params, logged_metrics = run.data.params, run.data.metrics
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+        run_id = run.info.run_id
+        self._parent_run_id = run_id
+
+        # On resume only what is missing is logged (a driver may have died between create and log).
+        now = _now_ms()
+        params = [
+            Param(key, value) for key, value in _config_params(config).items() if key not in logged_params
+        ]
+        metrics = [
+            Metric(_metric_key(key, prefix="baseline_"), float(value), now, 0)
+            for key, value in baseline.items()
+            if _metric_key(key, prefix="baseline_") not in logged_metrics
+        ]
+        self._log_batch(run_id, metrics=metrics, params=params)
+        if existing is None or not logged_params:
+            self.client.log_text(
+                run_id, json.dumps(config, indent=2, sort_keys=True, default=str), "config.json"
+            )
+        return run_id
+
+    @property
+    def parent_run_id(self) -> str:
+        """The study's parent run id (found in the store when this tracker did not call start_study)."""
+        if self._parent_run_id is None:
+            parent = self._find_parent()
+            if parent is None:
+                raise RuntimeError(
+                    f"study {self.study_name!r} has no parent run in {self.tracking_uri}; call start_study() first"
+                )
+            self._parent_run_id = parent.info.run_id
+        return self._parent_run_id
+
+    def finish_study(self, summary: Mapping[str, float]) -> None:
+        """Log ``summary`` metrics on the parent run and mark it FINISHED (start_study reopens it)."""
+        now = _now_ms()
+        metrics = [Metric(_metric_key(key), float(value), now, 0) for key, value in summary.items()]
+        self._log_batch(self.parent_run_id, metrics=metrics)
+        self.client.set_terminated(self.parent_run_id, status="FINISHED", end_time=now)
+
+    def log_study_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Attach a file or folder (e.g. a Pareto plot, the study report) to the parent run."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"study artifact {str(path)!r} does not exist")
+        if path.is_dir():
+            self.client.log_artifacts(self.parent_run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.parent_run_id, str(path), artifact_path)
+
+    # -- trials (child runs) -----------------------------------------------------------------------
+    def log_trial(self, record: TrialRecord) -> str | None:
+        """Log one Optuna trial as a nested child run and return its run id.
+
+        Returns None and logs nothing when this trial number is already in the store (a resumed study).
+        ``record.artifacts`` maps the artifact's path inside the run (e.g. ``"model.lsvq"``) to a local
+        file or folder; everything is checked before the run is created, so a bad record leaves no run.
+        """
+        logged = self._logged_set()
+        if record.number in logged:
+            return None
+        recipe = BitRecipe(record.recipe)  # validates the specs; its JSON is what BitRecipe.load reads
+        artifacts = _check_artifacts(record.artifacts)
+        parent = self.parent_run_id
+        for stale in self._interrupted.pop(record.number, []):
+            self.client.delete_run(stale)
+
+        end = _now_ms()
+        start = end - int(record.wall_s * 1000) if _finite(record.wall_s) and record.wall_s >= 0 else end
+        tags = {
+            MLFLOW_PARENT_RUN_ID: parent,
+            ROLE_TAG: "trial",
+            "lsv.study": self.study_name,
+            TRIAL_TAG: str(record.number),
+            "lsv.state": record.state,
+        }
+        optional = {
+            "lsv.reason": record.reason,
+            "lsv.ray_trial_id": record.ray_trial_id,
+            "lsv.config_hash": record.config_hash,
+            "lsv.memoized_from": record.memoized_from,
+        }
+        tags.update(
+            {key: _cut(str(value), _MAX_TAG_VALUE) for key, value in optional.items() if value is not None}
+        )
+        run_id = self.client.create_run(
+            self.experiment_id, start_time=start, tags=tags, run_name=f"trial-{record.number}"
+        ).info.run_id
+
+        params = [Param(_param_key(f"bits.{layer}"), bits_param(spec)) for layer, spec in recipe.items()]
+        if record.avg_bits is not None:
+            params.append(Param("avg_bits", f"{record.avg_bits:g}"))
+        self._log_batch(run_id, metrics=_trial_metrics(record, end), params=params)
+        self.client.log_text(
+            run_id, json.dumps(json.loads(recipe.to_json()), indent=2, sort_keys=True), "recipe.json"
+        )
+        for name, path in artifacts.items():
+            self._log_artifact_as(run_id, path, name)
+        status = RunStatus.to_string(RunStatus.FAILED if record.state == "failed" else RunStatus.FINISHED)
+        self.client.set_terminated(run_id, status=status, end_time=end)
+        logged.add(record.number)
+        return run_id
+
+    def logged_trials(self) -> set[int]:
+        """Optuna trial numbers already logged (a copy; cached after one search of the store)."""
+        return set(self._logged_set())
+
+    def child_runs(self) -> list[Run]:
+        """All trial runs of this study, ordered by Optuna trial number."""
+        runs = self._search(f"tags.\"{ROLE_TAG}\" = 'trial'")
+        return sorted(runs, key=lambda run: int(run.data.tags.get(TRIAL_TAG, "-1")))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Set (or overwrite) tags on a run, e.g. ``{"lsv.pareto": "true"}`` on the Pareto front."""
+        entries = [RunTag(_param_key(key), _cut(str(value), _MAX_TAG_VALUE)) for key, value in tags.items()]
+        self._log_batch(run_id, tags=entries)
+
+    def runs_url(self, host: str = "127.0.0.1", port: int = 5000) -> str:
+        """Link to the experiment's runs table in ``mlflow ui`` / ``mlflow server`` (not its GenAI overview)."""
+        return f"http://{host}:{port}/#/experiments/{self.experiment_id}/runs"
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _get_or_create_experiment(self) -> str:
+        try:
+            experiment = self.client.get_experiment_by_name(self.experiment_name)
+        except Exception as err:  # the first store access: any failure means a bad URI
+            raise ConfigError(
+                f"tracking_uri={self.tracking_uri!r}: cannot open the MLflow tracking store "
+                f"({type(err).__name__}: {_first_line(err)})"
+            ) from err
+        if experiment is None:
+            location = self.artifact_root.as_uri() if self.artifact_root is not None else None
+            try:
+                return self.client.create_experiment(
+                    self.experiment_name, artifact_location=location, tags=dict([EXPERIMENT_KIND_TAG])
+                )
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client.get_experiment_by_name(self.experiment_name)  # another driver won
+                assert experiment is not None
+        if experiment.lifecycle_stage != "active":
+            raise ConfigError(
+                f"MLflow experiment {self.experiment_name!r} in {self.tracking_uri} is deleted; restore it "
+                f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or purge it (mlflow gc)"
+            )
+        return experiment.experiment_id
+
+    def _find_parent(self) -> Run | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.\"{ROLE_TAG}\" = 'study'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def _logged_set(self) -> set[int]:
+        if self._logged is None:
+            logged: set[int] = set()
+            for run in self._search(f"tags.\"{ROLE_TAG}\" = 'trial'"):
+                number = int(run.data.tags[TRIAL_TAG])
+                if run.info.status == "RUNNING":
+                    self._interrupted.setdefault(number, []).append(run.info.run_id)
+                else:
+                    logged.add(number)
+            self._logged = logged
+        return self._logged
+
+    def _search(self, filter_string: str) -> list[Run]:
+        runs: list[Run] = []
+        token: str | None = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=_SEARCH_PAGE,
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[Param] = (),
+        tags: Sequence[RunTag] = (),
+    ) -> None:
+        for m, p, t in _batches(metrics, params, tags):
+            self.client.log_batch(run_id, metrics=m, params=p, tags=t)
+
+    def _log_artifact_as(self, run_id: str, path: Path, name: str) -> None:
+        target = PurePosixPath(name)
+        folder = str(target.parent) if str(target.parent) != "." else None
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), name)
+        elif path.name == target.name:
+            self.client.log_artifact(run_id, str(path), folder)
+        else:  # MLflow keeps the local file name: copy it under the requested one
+            with tempfile.TemporaryDirectory(prefix="lsv-artifact-") as tmp:
+                renamed = Path(tmp) / target.name
+                shutil.copyfile(path, renamed)
+                self.client.log_artifact(run_id, str(renamed), folder)
+
+
+# -- module helpers --------------------------------------------------------------------------------
+def _open_client(tracking_uri: str) -> mlflow.MlflowClient:
+    if not isinstance(tracking_uri, str) or not tracking_uri:
+        raise ConfigError(
+            f"tracking_uri={tracking_uri!r} should be a URI such as sqlite:////abs/path/mlflow.db"
+        )
+    if tracking_uri.startswith(("http://", "https://")):
+        _check_server(tracking_uri)
+    try:
+        return mlflow.MlflowClient(tracking_uri=tracking_uri)
+    except Exception as err:  # MLflow raises various types for unsupported schemes
+        raise ConfigError(
+            f"tracking_uri={tracking_uri!r} is not a usable MLflow tracking URI ({_first_line(err)}); "
+            "use sqlite:////abs/path/mlflow.db or http://host:port"
+        ) from err
+
+
+def _check_server(tracking_uri: str) -> None:
+    # MLflow's HTTP client retries with backoff for minutes; fail fast when nothing listens at all.
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            pass
+    except urllib.error.HTTPError:
+        pass  # something answers (auth, proxy, old server): let MLflow talk to it
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"tracking_uri={tracking_uri!r}: no MLflow server answers at {url} ({reason})"
+        ) from err
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    if not isinstance(tracking_uri, str) or not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser().resolve()
+
+
+def _trial_metrics(record: TrialRecord, timestamp: int) -> list[Metric]:
+    values: dict[str, float | None] = {
+        "eer": record.eer,
+        "eer_ci_low": record.eer_ci_low,
+        "eer_ci_high": record.eer_ci_high,
+        "min_dcf": record.min_dcf,
+        "size_bytes": record.size_bytes,
+        "size_mb": record.size_bytes / 1e6 if record.size_bytes is not None else None,
+        "compression_ratio": record.compression_ratio,
+        # Also a metric: the UI sorts and plots metrics numerically, params only as text.
+        "avg_bits": record.avg_bits,
+        "wall_s": record.wall_s,
+    }
+    metrics = [Metric(key, float(value), timestamp, 0) for key, value in values.items() if value is not None]
+    metrics += [
+        Metric("stage_eer", float(eer), timestamp, step) for step, eer in enumerate(record.stage_eers)
+    ]
+    return metrics
+
+
+def _batches(
+    metrics: Sequence[Metric], params: Sequence[Param], tags: Sequence[RunTag]
+) -> Iterator[tuple[list[Metric], list[Param], list[RunTag]]]:
+    """Split into log_batch calls within MLflow's limits (100 params, 100 tags, 1000 entities per call)."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    while metrics or params or tags:
+        p, params = params[:_MAX_PARAMS_PER_CALL], params[_MAX_PARAMS_PER_CALL:]
+        t, tags = tags[:_MAX_TAGS_PER_CALL], tags[_MAX_TAGS_PER_CALL:]
+        room = _MAX_ENTITIES_PER_CALL - len(p) - len(t)
+        m, metrics = metrics[:room], metrics[room:]
+        yield m, p, t
+
+
+def _config_params(config: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        _param_key(key): _cut(_param_text(value), _MAX_PARAM_VALUE) for key, value in _flatten(config).items()
+    }
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _param_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+
+
+def _param_key(key: str) -> str:
+    # MLflow keys allow letters, digits and "_-. :/"; anything else would reject the whole batch.
+    return _cut(_BAD_KEY_CHARS.sub("_", str(key)), _MAX_KEY)
+
+
+def _metric_key(key: str, prefix: str = "") -> str:
+    key = str(key)
+    return _param_key(key if key.startswith(prefix) else prefix + key)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_artifacts(artifacts: Mapping[str, str | Path]) -> dict[str, Path]:
+    checked: dict[str, Path] = {}
+    for name, path in artifacts.items():
+        parts = PurePosixPath(name).parts
+        if not name or PurePosixPath(name).is_absolute() or ".." in parts:
+            raise ValueError(
+                f"artifact name={name!r} should be a relative path inside the run, e.g. 'model.lsvq'"
+            )
+        local = Path(path)
+        if not local.exists():
+            raise FileNotFoundError(f"artifact {name!r}: local file {str(local)!r} does not exist")
+        checked[name] = local
+    return checked
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
