@@ -67,6 +67,20 @@ class AskTellSearcher(Searcher):
         # Optuna trials this run may still create (trained, memoized or over budget alike); None = no limit.
         self.trials_left = max_trials
 
+    # Ray Tune pickles its search algorithm for experiment restore. The Optuna study (in RDB storage) is
+    # this searcher's whole state, and resuming goes through it, so nothing else needs to be saved.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_metric": None, "_mode": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        return None
+
+    def restore(self, checkpoint_path: str) -> None:
+        return None
+
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
 

@@ -35,7 +35,7 @@ from lsv_core.errors import CheckpointError, ConfigError
 from lsv_core.quant.binary import AdaptiveBinaryQuantizer, StaticBinaryQuantizer
 from lsv_core.quant.bitpack import pack_bits, unpack_bits
 from lsv_core.quant.codebook import CodebookQuantizer, KMQATConfig, WeightQuantizer
-from lsv_core.quant.quantize import is_quantized, recipe_of
+from lsv_core.quant.quantize import recipe_of
 from lsv_core.quant.recipe import TRAINING_ONLY_MODULES, BitRecipe, LayerSpec
 from lsv_core.quant.size import PACKED_SUFFIX, packed_layout, packed_tensors
 
@@ -138,25 +138,30 @@ def load_packed(
     state: dict[str, torch.Tensor] = {}
     codebooks: dict[str, tuple[LayerSpec, torch.Tensor]] = {}
     for name, info in header["layers"].items():
-        spec = LayerSpec(info["bits"], info["mode"])
-        shape = tuple(info["shape"])
         key = f"{name}.weight"
         try:
+            spec = LayerSpec(info["bits"], info["mode"])
+            shape = tuple(info["shape"])
             packed = tensors.pop(f"{key}.{PACKED_SUFFIX}")
             if spec.mode == "static":
                 alpha = tensors.pop(f"{key}.alpha").reshape(())
                 levels = torch.stack([-alpha, alpha])
             else:
                 levels = tensors.pop(f"{key}.codebook")
+            index = unpack_bits(packed, spec.bits, math.prod(shape)).long().reshape(shape)
         except KeyError as err:
-            raise CheckpointError(f"{path}: tensor {err} of quantized layer {name!r} is missing") from None
-        index = unpack_bits(packed, spec.bits, math.prod(shape)).long().reshape(shape)
+            raise CheckpointError(f"{path}: entry {err} of quantized layer {name!r} is missing") from None
+        except (ValueError, RuntimeError) as err:  # ConfigError is a ValueError
+            raise CheckpointError(f"{path}: quantized layer {name!r} is malformed ({err})") from None
         # The latent weight starts at the dequantized value; the nearest level of levels[i] is i again
         # (ties go to the lower index), so the re-created quantizer reproduces the stored weights exactly.
         state[key] = levels[index]
         codebooks[name] = (spec, levels)
     state.update(tensors)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{path}: tensors do not fit arch {arch['name']} ({err})") from None
     allowed_missing = [
         k
         for k in missing
@@ -179,8 +184,6 @@ def load_packed(
             quantizer = cls(levels.to(dtype=module.weight.dtype), spec.bits, config)
         quantizer.to(module.weight.device)
         parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
-    if header["layers"] and not is_quantized(model):  # pragma: no cover - guards the loop above
-        raise CheckpointError(f"{path}: no quantizer could be attached")
     if recipe_of(model) != header["recipe"]:
         raise CheckpointError(f"{path}: rebuilt recipe {recipe_of(model)} differs from the header's")
     return model.eval()

@@ -133,7 +133,7 @@ class WeightQuantizer(nn.Module):
         raise NotImplementedError
 
     def packed_codebook(self, latent: Tensor) -> dict[str, Tensor]:
-        """The codebook tensors the packed file stores for this layer, by name suffix (float32, CPU-agnostic)."""
+        """The codebook tensors the packed file stores for this layer, by name suffix (float32, on the weight's device)."""
         return {"codebook": self.levels(latent).to(torch.float32)}
 
     def extra_repr(self) -> str:
