@@ -74,7 +74,7 @@ def test_msft_callback_order_and_progressive_quantization(tiny: tuple[torch.nn.M
     assert [s for s, _, _ in seen] == list(range(len(plan)))
     assert [layers for _, layers, _ in seen] == plan
     cumulative: set[str] = set()
-    for (_, layers, quantized), group in zip(seen, plan, strict=True):
+    for (_, _layers, quantized), group in zip(seen, plan, strict=True):
         cumulative |= set(group)
         assert quantized == cumulative  # only this stage's layers were added
     assert recipe_of(model) == recipe
