@@ -123,14 +123,26 @@ class Workbench:
     @classmethod
     def load(cls, checkpoint: str | Path, paths: DataPaths, *, cache_dir: str | Path | None = None,
              max_trials: int | None = None, seed: int = 0, device: str = "auto",
-             progress: bool = True) -> Workbench:
-        """Load a baseline written by ``lsv train`` (it keeps its AAM head) and the data it needs.
+             progress: bool = True, arch: str | None = None,
+             arch_kwargs: dict[str, Any] | None = None) -> Workbench:
+        """Load a baseline and the data it needs: a checkpoint written by ``lsv train`` (it keeps its AAM
+        head), or a WeSpeaker ``avg_model.pt`` (give ``arch``; its ``projection.*`` head is used).
 
-        The head's classes must be the training speakers in sorted order, as ``lsv train`` made them.
+        The head's classes must be the training speakers in sorted order (as ``lsv train`` and WeSpeaker's
+        spk2id make them).
         """
         dev = pick_device(device)
-        model, meta = load_checkpoint(checkpoint, with_extra=True)
-        head_state = meta.get("extra_tensors") or {}
+        if Path(checkpoint).suffix in (".pt", ".pth"):
+            from lsv_core.models import build_model, load_state_strict, read_wespeaker_state_dict
+
+            if arch is None:
+                raise ConfigError(f"{checkpoint} is a WeSpeaker state dict: give its architecture (model.arch)")
+            backbone, head_state = read_wespeaker_state_dict(checkpoint)
+            model = build_model(arch, **(arch_kwargs or {}))
+            load_state_strict(model, backbone, str(checkpoint))
+        else:
+            model, meta = load_checkpoint(checkpoint, with_extra=True)
+            head_state = meta.get("extra_tensors") or {}
         if "weight" not in head_state:
             raise CheckpointError(f"{checkpoint} holds no AAM head (projection.*); fine-tuning needs one: "
                                   "train the baseline with `lsv train`")

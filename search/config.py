@@ -52,6 +52,8 @@ class ModelSection(_Section):
     """The float baseline: a checkpoint from ``lsv train``, trained first when missing and ``train_if_missing``."""
 
     checkpoint: Path = Path("runs/baseline/model.safetensors")
+    arch: str | None = None  # for a WeSpeaker avg_model.pt, e.g. "ResNet34"
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     train_if_missing: bool = True
     train_steps: int | None = Field(default=None, ge=1)
 

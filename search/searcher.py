@@ -164,7 +164,7 @@ class AskTellSearcher(Searcher):
             return
         attrs = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes",
                                         "compression_ratio", "avg_bits", "stage_eers", "trial_wall_s",
-                                        "packed_path", "setup_s") if k in result}
+                                        "packed_path", "setup_s", "node_id") if k in result}
         attrs.update(ray_id)
         for k, v in attrs.items():
             ot.set_user_attr(k, v)

@@ -134,12 +134,26 @@ def prepare_inputs(config: StudyConfig, *, progress: bool = True) -> None:
                        progress=progress)
 
 
+def load_baseline(config: StudyConfig) -> tuple[Any, dict[str, Any]]:
+    """The float baseline (our checkpoint or a WeSpeaker .pt) and its metadata, on the CPU."""
+    from lsv_core.models import load_checkpoint, load_pretrained
+
+    ckpt = config.model.checkpoint
+    if ckpt.suffix in (".pt", ".pth"):
+        if config.model.arch is None:
+            raise ConfigError(f"model.checkpoint={str(ckpt)!r} is a WeSpeaker state dict; set model.arch "
+                              "(e.g. \"ResNet34\")")
+        return load_pretrained(ckpt, config.model.arch, **config.model.arch_kwargs), {}
+    return load_checkpoint(ckpt)
+
+
 def workbench_spec(config: StudyConfig) -> dict[str, Any]:
     train, eval_dir, trials = config.data_paths()
     return {"checkpoint": str(config.model.checkpoint.resolve()), "train": str(train.resolve()),
             "eval": str(eval_dir.resolve()), "trials": str(trials.resolve()),
             "cache_dir": str(config.data.cache_dir.resolve()), "max_trials": config.data.max_trials,
-            "seed": config.study.seed, "device": config.resources.device}
+            "seed": config.study.seed, "device": config.resources.device, "arch": config.model.arch,
+            "arch_kwargs": config.model.arch_kwargs}
 
 
 def seed_recipes(config: StudyConfig, space: SearchSpace, model: Any, omega: dict | None) -> list[tuple[str, BitRecipe]]:
@@ -210,10 +224,9 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
         write_text_atomic(study_dir / "study.json", json.dumps(
             {"digest": config.digest(), "config": config.model_dump(mode="json")}, indent=2))
 
-    from lsv_core.models import load_checkpoint
     from lsv_core.quant import packed_size_bytes
 
-    model, meta = load_checkpoint(config.model.checkpoint)
+    model, meta = load_baseline(config)
     space = SearchSpace.build(model, config.space)
     study = open_study(config, create=True)
     tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=study_dir / "mlartifacts")
@@ -247,7 +260,8 @@ def _allocator_sensitivity(config: StudyConfig) -> dict | None:
     train, eval_dir, trials = config.data_paths()
     bench = Workbench.load(config.model.checkpoint, DataPaths(train, eval_dir, trials),
                            cache_dir=config.data.cache_dir, max_trials=config.data.max_trials,
-                           seed=config.study.seed, device="cpu", progress=False)
+                           seed=config.study.seed, device=config.resources.device, progress=False,
+                           arch=config.model.arch, arch_kwargs=config.model.arch_kwargs)
     return bench.sensitivities(cache_path=config.study_dir / "hessian_traces.json", seed=config.study.seed)
 
 

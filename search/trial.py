@@ -35,7 +35,7 @@ def workbench_for(spec: dict[str, Any]) -> Workbench:
         _WORKBENCHES[key] = Workbench.load(
             spec["checkpoint"], DataPaths(Path(spec["train"]), Path(spec["eval"]), Path(spec["trials"])),
             cache_dir=spec["cache_dir"], max_trials=spec["max_trials"], seed=spec["seed"],
-            device=spec["device"], progress=False,
+            device=spec["device"], progress=False, arch=spec.get("arch"), arch_kwargs=spec.get("arch_kwargs"),
         )
     return _WORKBENCHES[key]
 
@@ -83,6 +83,7 @@ def run_trial(config: dict[str, Any]) -> None:
             "stage": len(outcome.stages) - 1, "stage_eers": [s.eer for s in outcome.stages],
             "final": True, "packed_path": str(packed), "setup_s": setup_s,
             "trial_wall_s": time.monotonic() - t0, "optuna_trial": config["optuna_trial"],
+            "node_id": _node_id(),
         })
     except Exception as exc:  # recorded as a failed trial with its reason; the study goes on
         tune.report({"final": True, "error": f"{type(exc).__name__}: {exc}"[:500],
@@ -104,3 +105,12 @@ def _inject_fault(fault: dict[str, Any] | None, stage: int) -> None:
         raise FloatingPointError("loss is nan (injected)")
     if fault["kind"] == "kill":
         os._exit(1)  # the worker process dies mid-trial, as an OOM kill would
+
+
+def _node_id() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not inside Ray (direct calls in tests)
+        return "local"

@@ -37,3 +37,36 @@ def kaldi_dir(tmp_path: Path) -> Path:
     (d / "wav.scp").write_text("\n".join(lines) + "\n")
     (d / "utt2spk").write_text("\n".join(u2s) + "\n")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_study_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real (small) espeak-ng corpus and a briefly trained thin baseline, shared by the search tests."""
+    from lsv_core.data.synth import SynthConfig, synthesize_corpus
+    from lsv_core.train import TrainConfig, train_baseline
+
+    root = tmp_path_factory.mktemp("study_inputs")
+    corpus = root / "corpus"
+    synthesize_corpus(corpus, SynthConfig(speakers=16, utts=6, eval_speakers=6, seed=1), workers=2, progress=False)
+    cfg = TrainConfig(steps=40, batch_size=16, device="cpu",
+                      model_kwargs={"m_channels": 4, "first_stride": 2, "embed_dim": 32})
+    ckpt = root / "baseline.safetensors"
+    train_baseline(cfg, corpus / "train", out=ckpt, eval_dir=corpus / "eval", trials=corpus / "eval" / "trials",
+                   cache_dir=root / "cache", progress=False)
+    return {"corpus": corpus, "checkpoint": ckpt, "cache": root / "cache", "root": root}
+
+
+def study_raw_config(inputs: dict[str, Path], out_dir: Path, name: str = "t", **sections: dict) -> dict:
+    """A small, fast study config over ``tiny_study_inputs`` (sections override defaults key by key)."""
+    raw: dict = {
+        "study": {"name": name, "out_dir": str(out_dir), "n_trials": 6, "concurrency": 2, "seed": 0},
+        "model": {"checkpoint": str(inputs["checkpoint"]), "train_if_missing": False},
+        "data": {"corpus": str(inputs["corpus"]), "cache_dir": str(inputs["cache"]), "synthesize_if_missing": False},
+        "space": {"granularity": "stage", "bits": [1, 2, 4, 8]},
+        "msft": {"total_steps": 4, "batch_size": 16},
+        "seeds": {"uniform": True, "allocator_fractions": []},
+        "early_stop": {"enabled": False},
+    }
+    for key, values in sections.items():
+        raw.setdefault(key, {}).update(values)
+    return raw
