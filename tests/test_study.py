@@ -1,0 +1,177 @@
+"""Studies end to end on a real local Ray, real Optuna SQLite storage and a real MLflow SQLite store.
+
+Covers: trials logged once each, resume without duplicates, failures recorded with reasons (raise, NaN,
+a worker process killed mid-trial and retried), the driver killed with SIGKILL and restarted, two studies
+in one storage, and a two-node Ray cluster on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.config import parse_study_config
+from search.study import run_study
+from tests.conftest import study_raw_config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_runs(uri: str, name: str) -> list:
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(f"lsv/{name}")
+    runs = client.search_runs([exp.experiment_id], "tags.`lsv.optuna_trial` != ''", max_results=1000)
+    return runs
+
+
+def test_study_logs_every_trial_once_and_resumes(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:
+    cfg = parse_study_config(study_raw_config(tiny_study_inputs, tmp_path, name="basic"))
+    result = run_study(cfg, progress=False)
+    study = optuna.load_study(study_name="basic", storage=cfg.optuna_url)
+    assert len(study.trials) == 6 and all(t.state.is_finished() for t in study.trials)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) >= 4
+    # The uniform seeds were enqueued first, one per choice.
+    assert [t.user_attrs.get("seed") for t in study.trials[:4]] == ["uniform-1a", "uniform-2", "uniform-4", "uniform-8"]
+    sizes = [t.values[1] for t in study.trials[:4]]
+    assert sizes == sorted(sizes)
+    for t in complete:
+        if "memoized_from" not in t.user_attrs:
+            assert Path(t.user_attrs["packed_path"]).is_file()
+    runs = child_runs(cfg.mlflow_uri, "basic")
+    numbers = sorted(int(r.data.tags["lsv.optuna_trial"]) for r in runs)
+    assert numbers == list(range(6))
+    run0 = next(r for r in runs if r.data.tags["lsv.optuna_trial"] == "0")
+    assert run0.data.metrics["eer"] == pytest.approx(study.trials[0].values[0])
+    assert run0.data.metrics["size_bytes"] == study.trials[0].values[1]
+    assert run0.data.params["bits.conv1"] == "1a"
+    assert result.status.n_complete == len(complete) and result.status.pareto_size >= 1
+
+    resumed = run_study(cfg.with_overrides(n_trials=8), progress=False)
+    assert resumed.resumed
+    study = optuna.load_study(study_name="basic", storage=cfg.optuna_url)
+    assert len(study.trials) == 8
+    numbers = sorted(int(r.data.tags["lsv.optuna_trial"]) for r in child_runs(cfg.mlflow_uri, "basic"))
+    assert numbers == list(range(8))  # no duplicate runs
+    # A different config for the same study folder is refused rather than mixed in.
+    from lsv_core.errors import ConfigError
+
+    changed = parse_study_config(study_raw_config(tiny_study_inputs, tmp_path, name="basic", msft={"total_steps": 5}))
+    with pytest.raises(ConfigError, match="different config"):
+        run_study(changed, progress=False)
+
+
+def test_failures_are_recorded_and_killed_worker_is_retried(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:
+    cfg = parse_study_config(study_raw_config(tiny_study_inputs, tmp_path, name="faults", study={"n_trials": 5},
+                                              msft={"order": "depth", "total_steps": 4}))
+    plan = {1: {"kind": "raise"}, 2: {"kind": "nan"}, 3: {"kind": "kill", "once_file": str(tmp_path / "killed")}}
+    run_study(cfg, progress=False, fault_plan=plan)
+    study = optuna.load_study(study_name="faults", storage=cfg.optuna_url)
+    by_number = {t.number: t for t in study.trials}
+    assert len(study.trials) == 5
+    assert by_number[1].state == TrialState.FAIL and "injected failure" in by_number[1].user_attrs["reason"]
+    assert by_number[2].state == TrialState.FAIL and "nan" in by_number[2].user_attrs["reason"]
+    assert (tmp_path / "killed").exists()  # the worker really died once ...
+    assert by_number[3].state == TrialState.COMPLETE  # ... and the retried trial finished
+    assert by_number[0].state == by_number[4].state == TrialState.COMPLETE
+    runs = {r.data.tags["lsv.optuna_trial"]: r for r in child_runs(cfg.mlflow_uri, "faults")}
+    assert runs["1"].info.status == "FAILED" and "injected" in runs["1"].data.tags["lsv.reason"]
+    assert runs["3"].info.status == "FINISHED"
+
+
+def _complete_numbers(url: str, name: str) -> set[int]:
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        return set()
+    return {t.number for t in study.trials if t.state == TrialState.COMPLETE}
+
+
+def test_driver_sigkill_then_resume_loses_nothing(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:
+    import tomllib  # noqa: F401  (the config below is written as TOML by hand)
+
+    raw = study_raw_config(tiny_study_inputs, tmp_path, name="crash", study={"n_trials": 8, "concurrency": 1})
+    toml = tmp_path / "crash.toml"
+    toml.write_text(_to_toml(raw))
+    cfg = parse_study_config(raw)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", str(toml)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(_complete_numbers(cfg.optuna_url, "crash")) < 2:
+        assert proc.poll() is None, "driver ended before it could be killed"
+        assert time.monotonic() < deadline, "no trial completed in time"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _complete_numbers(cfg.optuna_url, "crash")
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env, check=False)
+
+    result = run_study(cfg, progress=False)
+    assert result.resumed
+    study = optuna.load_study(study_name="crash", storage=cfg.optuna_url)
+    after = {t.number for t in study.trials if t.state == TrialState.COMPLETE}
+    assert before <= after  # no completed trial lost
+    interrupted = [t for t in study.trials if t.user_attrs.get("reason") == "interrupted (driver stopped)"]
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) - len(interrupted) >= 8
+    numbers = [int(r.data.tags["lsv.optuna_trial"]) for r in child_runs(cfg.mlflow_uri, "crash")]
+    assert len(numbers) == len(set(numbers))  # no duplicate MLflow run
+    assert set(numbers) == {t.number for t in finished}
+
+
+def test_two_studies_in_one_storage_are_independent(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:
+    shared = {"optuna": f"sqlite:///{tmp_path / 'shared.db'}", "mlflow": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    a = parse_study_config(study_raw_config(tiny_study_inputs, tmp_path, name="a", storage=shared,
+                                            study={"n_trials": 4}))
+    b = parse_study_config(study_raw_config(tiny_study_inputs, tmp_path, name="b", storage=shared,
+                                            study={"n_trials": 5, "sampler": "random"},
+                                            space={"granularity": "stage", "bits": [2, 4]}))
+    run_study(a, progress=False)
+    run_study(b, progress=False)
+    names = set(optuna.get_all_study_names(storage=shared["optuna"]))
+    assert names == {"a", "b"}
+    assert len(optuna.load_study(study_name="a", storage=shared["optuna"]).trials) == 4
+    assert len(optuna.load_study(study_name="b", storage=shared["optuna"]).trials) == 5
+    assert len(child_runs(shared["mlflow"], "a")) == 4 and len(child_runs(shared["mlflow"], "b")) == 5
+    assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()
+
+
+def test_two_node_cluster(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    port = "6391"
+    try:
+        subprocess.run(["ray", "start", "--head", "--port", port, "--num-cpus", "1", "--node-ip-address",
+                        "127.0.0.1", "--include-dashboard", "false"], env=env, check=True, capture_output=True)
+        subprocess.run(["ray", "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
+                        "--node-ip-address", "127.0.0.1"], env=env, check=True, capture_output=True)
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        cfg = parse_study_config(study_raw_config(tiny_study_inputs, tmp_path, name="cluster",
+                                                  study={"n_trials": 6, "concurrency": 2}))
+        run_study(cfg, address=f"127.0.0.1:{port}", progress=False)
+        study = optuna.load_study(study_name="cluster", storage=cfg.optuna_url)
+        nodes = {t.user_attrs.get("node_id") for t in study.trials if t.state == TrialState.COMPLETE} - {None}
+        assert len(nodes) == 2, nodes
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, check=False)
+
+
+def _to_toml(raw: dict) -> str:
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
