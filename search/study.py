@@ -243,7 +243,9 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
         study.set_user_attr("seeded", True)
         study.set_user_attr("fp32_bytes", fp32)
 
-    done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    not_counted = ("interrupted (driver stopped)", "duplicate of a running trial")  # re-queued / asked again
+    done = sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state.is_finished() and t.user_attrs.get("reason") not in not_counted)
     remaining = None if config.study.n_trials is None else max(0, config.study.n_trials - done)
     if remaining != 0:
         _run_ray(config, study, space, tracker, model, remaining, address, progress, fault_plan, on_status)
@@ -270,8 +272,8 @@ def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
     from search.searcher import record_from
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL)
         study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted (driver stopped)")
+        study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
     logged = tracker.logged_trials()
     state_names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
