@@ -12,7 +12,7 @@ CORPUS ?= data/corpus
 BASELINE ?= runs/baseline/model.safetensors
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo demo-fresh lint bench clean
 
 install: $(STAMP)
 
@@ -29,11 +29,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(LOOPBACK) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The quickstart study: corpus and baseline are made first when missing (cached afterwards); re-running
+# resumes the study (it is complete after the first run), `make demo-fresh` starts it over.
 demo: $(STAMP)
 	@[ -f $(CORPUS)/corpus.json ] || $(BIN)/lsv corpus synth --out $(CORPUS)
 	@[ -f $(BASELINE) ] || $(BIN)/lsv train --corpus $(CORPUS) --out $(BASELINE) --cache runs/cache
-	$(BIN)/lsv evaluate --model $(BASELINE) --data $(CORPUS)/eval --trials $(CORPUS)/eval/trials \
-		--cache runs/cache --json runs/baseline/eval.json --force
+	$(LOOPBACK) $(BIN)/lsv run studies/quickstart.toml
+	$(BIN)/lsv status studies/quickstart.toml
+
+demo-fresh: $(STAMP)
+	$(LOOPBACK) $(BIN)/lsv run studies/quickstart.toml --fresh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -156,6 +156,33 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from dashboards.report import write_report
+    from search.config import load_study_config
+
+    config = load_study_config(args.study)
+    index = write_report(config, args.out, log_to_mlflow=not args.no_mlflow)
+    console.print(f"[green]report[/] {index} (a static page: open it in a browser, no server needed)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from search.config import load_study_config
+    from search.export import SelectionRule, export_model
+
+    config = load_study_config(args.study)
+    rule = SelectionRule(trial=args.trial, max_size_mb=args.max_size_mb, max_eer=args.max_eer, knee=args.knee)
+    result = export_model(config, rule, args.out, force=args.force, register=not args.no_register,
+                          eer_tolerance=args.eer_tolerance, alias=args.alias)
+    for note in result.notes:
+        console.print(f"[yellow]warning:[/] {note}")
+    console.print(f"[green]exported[/] {result.line()}")
+    print(json.dumps(asdict(result), indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,6 +271,27 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("study", type=Path, help="study config (.toml)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
+
+    rp = sub.add_parser("report", help="static HTML report of a study (Pareto front, hypervolume, bit widths)")
+    rp.add_argument("study", type=Path, help="study config (.toml)")
+    rp.add_argument("--out", type=Path, help="report folder (default: runs/<study>/report)")
+    rp.add_argument("--no-mlflow", action="store_true", help="do not tag runs nor log the report to MLflow")
+    rp.set_defaults(func=_report)
+
+    ex = sub.add_parser("export", help="verify one trial and export it (packed, WeSpeaker .pt, ONNX, model card)")
+    ex.add_argument("study", type=Path, help="study config (.toml)")
+    pick = ex.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--trial", type=int, help="this Optuna trial number")
+    pick.add_argument("--max-size-mb", type=float, help="lowest EER with packed size <= X MB (1e6 bytes)")
+    pick.add_argument("--max-eer", type=float, help="smallest model with EER <= Y percent")
+    pick.add_argument("--knee", action="store_true", help="the knee of the Pareto front")
+    ex.add_argument("--out", required=True, type=Path, help="folder to create")
+    ex.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    ex.add_argument("--no-register", action="store_true", help="skip the MLflow Model Registry")
+    ex.add_argument("--alias", default="chosen", help="registry alias to point at the new version")
+    ex.add_argument("--eer-tolerance", type=float, default=0.05,
+                    help="allowed |re-evaluated - logged| EER, in percent points")
+    ex.set_defaults(func=_export)
     return p
 
 

@@ -29,7 +29,6 @@ registered model ``lsv-<study>`` and the alias (default ``chosen``) points at it
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import struct
@@ -68,8 +67,6 @@ EER_TOLERANCE = 0.05  # EER points (percent, absolute); see the module docstring
 TRIAL_N_BOOT = 200  # bootstrap replicates a search worker uses (search/trial.py), so the CI matches too
 PACKED_NAME = "model.packed.safetensors"  # also the artifact name of a trial run (search/searcher.py)
 DEFAULT_ALIAS = "chosen"
-
-log = logging.getLogger(__name__)
 
 
 class NoTrialMeetsRule(LsvError):
@@ -311,7 +308,6 @@ def export_model(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
         # Not a refusal: a new config field with a default changes the digest too. The re-evaluation
         # below is the real check that the data and the model still give the logged result.
         notes.append(f"{study_json} was made with config digest {made_with}, this config has {config.digest()}")
-        log.warning(notes[-1])
 
     study = open_study(config, create=False)
     points = load_points(study)
@@ -345,7 +341,8 @@ def export_model(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
         if not abs(reeval.eer - chosen.eer) <= eer_tolerance:
             raise ExportMismatch(
                 f"trial {chosen.number}: re-evaluating {packed_src} gives EER {reeval.eer:.4f} %, the study logged "
-                f"{chosen.eer:.4f} % (tolerance {eer_tolerance:g} points); the model or the evaluation data changed")
+                f"{chosen.eer:.4f} % (tolerance {eer_tolerance:g} points); the model or the evaluation data changed"
+                + "".join(f"; note: {n}" for n in notes))
 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -432,6 +429,8 @@ def export_model(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
             )
             (tmp / "model_card.md").write_text(render_model_card(card))
 
+            for f in tmp.iterdir():
+                f.chmod(0o644)  # atomic writes create private temp files; the bundle is meant to be shared
             version = None
             if register:
                 assert run is not None

@@ -320,7 +320,7 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
         tracker.log_trial(record)
         st = study_status(study, config.size_budget_bytes)
         if progress:
-            console.print(st.line())
+            console.print(st.line(), soft_wrap=True)
         if on_status is not None:
             on_status(st)
 

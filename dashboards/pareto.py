@@ -1,0 +1,384 @@
+"""The (EER, size) trade-off of a study: Pareto front, non-dominated ranks, hypervolume, knee, queries.
+
+Both objectives are minimised: EER in percent and the packed model size in bytes. The math is pure
+functions over a sequence of points; a point is a :class:`TrialPoint` (what :func:`load_points` reads
+from a study), or a plain ``(eer, size_bytes)`` or ``(eer, size_bytes, eer_ci_low, eer_ci_high)`` tuple.
+Functions return *indices* into the sequence they were given, so callers keep their own objects.
+
+Conventions (the tests check each one against brute force):
+
+* **Dominance.** ``a`` dominates ``b`` when it is no worse in both objectives and better in one.
+  Points equal in both objectives (duplicates: a memoized trial repeats its source's values) do not
+  dominate each other, so *every* copy of a front point is on the front (as in Optuna's ``best_trials``).
+* **CI-aware dominance** (``ci=...``). ``a`` dominates ``b`` only when ``a`` is no bigger *and* its EER is
+  better beyond both bootstrap intervals: ``a.size <= b.size and a.eer_ci_high < b.eer_ci_low``. A point
+  without an interval counts as ``[eer, eer]``. When each EER lies inside its interval this front
+  contains the plain front: it only keeps points whose EER gap is within the evaluation noise.
+* **Hypervolume** is measured in (EER percent) x (size / ``size_scale``); with ``size_scale`` = fp32 bytes
+  it is in "EER points x fraction of the fp32 model", comparable across studies of one baseline.
+  :func:`reference_point` gives the reference this project uses (see there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search.config import StudyConfig
+    from search.tracking import StudyTracker
+
+__all__ = [
+    "PARETO_OPTIMAL_TAG",
+    "PARETO_RANK_TAG",
+    "TrialPoint",
+    "best_eer_with_size_at_most",
+    "hypervolume",
+    "hypervolume_history",
+    "knee_point",
+    "load_points",
+    "load_points_from_mlflow",
+    "pareto_front",
+    "pareto_ranks",
+    "reference_point",
+    "refresh_pareto_tags",
+    "smallest_with_eer_at_most",
+]
+
+# MLflow run tags: the UI filter `tags.pareto_optimal = "true"` lists the front.
+PARETO_OPTIMAL_TAG = "pareto_optimal"
+PARETO_RANK_TAG = "pareto_rank"
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One finished trial of a study. EERs are in percent, sizes in bytes (packed tensors, no header)."""
+
+    number: int
+    eer: float
+    size_bytes: int
+    eer_ci_low: float | None = None
+    eer_ci_high: float | None = None
+    min_dcf: float | None = None  # normalised minDCF at p_target = 0.01
+    compression_ratio: float | None = None
+    avg_bits: float | None = None
+    recipe: Mapping[str, Any] = field(default_factory=dict)  # layer -> bits or {"bits": 1, "mode": ...}
+    seed: str | None = None  # label of an enqueued seed trial, e.g. "uniform-4", "allocator-0.1"
+    memoized_from: int | None = None  # trial whose result this one repeats (same recipe, not retrained)
+    packed_path: str | None = None
+    digest: str | None = None  # BitRecipe.digest() of the recipe
+
+
+PointLike = TrialPoint | Sequence[float]
+
+
+# -- coordinates ----------------------------------------------------------------------------------------
+def _coords(points: Sequence[PointLike]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(eer, size, ci_low, ci_high)`` arrays; a missing interval is ``[eer, eer]``."""
+    n = len(points)
+    eer, size = np.empty(n), np.empty(n)
+    low, high = np.empty(n), np.empty(n)
+    for i, p in enumerate(points):
+        if isinstance(p, TrialPoint):
+            e, s, lo, hi = p.eer, p.size_bytes, p.eer_ci_low, p.eer_ci_high
+        else:
+            if len(p) not in (2, 4):
+                raise ValueError(f"points[{i}]={p!r} should be (eer, size_bytes) or (eer, size_bytes, ci_low, ci_high)")
+            e, s = p[0], p[1]
+            lo, hi = (p[2], p[3]) if len(p) == 4 else (None, None)
+        e, s = float(e), float(s)
+        if not (math.isfinite(e) and math.isfinite(s)):
+            raise ValueError(f"points[{i}] has a non-finite EER or size: eer={e!r}, size_bytes={s!r}")
+        eer[i], size[i] = e, s
+        low[i] = e if lo is None or not math.isfinite(float(lo)) else float(lo)
+        high[i] = e if hi is None or not math.isfinite(float(hi)) else float(hi)
+        if low[i] > high[i]:
+            raise ValueError(f"points[{i}] has eer_ci_low={low[i]!r} > eer_ci_high={high[i]!r}")
+    return eer, size, low, high
+
+
+def _intervals(points: Sequence[PointLike], ci: bool | Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    if ci is True:
+        _, _, low, high = _coords(points)
+        return low, high
+    pairs = np.asarray(ci, dtype=float).reshape(-1, 2) if len(ci) else np.empty((0, 2))
+    if len(pairs) != len(points):
+        raise ValueError(f"ci has {len(pairs)} intervals for {len(points)} points; give one (low, high) per point")
+    bad = np.flatnonzero(~(pairs[:, 0] <= pairs[:, 1]))
+    if len(bad):
+        raise ValueError(f"ci[{bad[0]}]={tuple(pairs[bad[0]])} should be a (low, high) interval with low <= high")
+    return pairs[:, 0], pairs[:, 1]
+
+
+# -- fronts and ranks -----------------------------------------------------------------------------------
+def _front_mask(eer: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Plain non-dominated mask in O(n log n): sweep sizes upward, tracking the best EER seen so far."""
+    mask = np.zeros(len(eer), dtype=bool)
+    if not len(eer):
+        return mask
+    order = np.lexsort((eer, size))  # by size, then EER
+    best_smaller = math.inf  # lowest EER among strictly smaller sizes
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and size[order[j]] == size[order[i]]:
+            j += 1
+        group = order[i:j]
+        group_min = eer[group[0]]
+        # Equal EER at a smaller size dominates, hence the strict "<"; inside the group only the
+        # lowest EER survives, with all its duplicates.
+        if group_min < best_smaller:
+            mask[group[eer[group] == group_min]] = True
+            best_smaller = group_min
+        i = j
+    return mask
+
+
+def _ci_front_mask(size: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """CI-aware mask: ``b`` is dominated iff some ``a`` with ``a.size <= b.size`` has ``a.high < b.low``."""
+    mask = np.ones(len(size), dtype=bool)
+    if not len(size):
+        return mask
+    order = np.argsort(size, kind="stable")
+    min_high = math.inf  # lowest upper bound among sizes <= the current one
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and size[order[j]] == size[order[i]]:
+            j += 1
+        group = order[i:j]
+        min_high = min(min_high, float(high[group].min()))  # "<=" in size: the own size group counts
+        mask[group] = ~(min_high < low[group])
+        i = j
+    return mask
+
+
+def pareto_front(points: Sequence[PointLike], *, ci: bool | Sequence[tuple[float, float]] | None = None) -> list[int]:
+    """Indices of the non-dominated points, ordered by size (then EER, then index).
+
+    Args:
+        points: :class:`TrialPoint` s or ``(eer, size_bytes[, ci_low, ci_high])`` tuples.
+        ci: None/False for plain dominance; True for CI-aware dominance with each point's own EER
+            interval; or one ``(low, high)`` interval (percent) per point. See the module docstring.
+    """
+    eer, size, _, _ = _coords(points)
+    if ci is None or ci is False:
+        mask = _front_mask(eer, size)
+    else:
+        low, high = _intervals(points, ci)
+        mask = _ci_front_mask(size, low, high)
+    idx = np.flatnonzero(mask)
+    return [int(i) for i in idx[np.lexsort((idx, eer[idx], size[idx]))]]
+
+
+def pareto_ranks(points: Sequence[PointLike], *, ci: bool | Sequence[tuple[float, float]] | None = None) -> list[int]:
+    """Non-dominated sorting: rank 0 is the front, rank 1 the front of what is left, and so on."""
+    eer, size, _, _ = _coords(points)
+    if ci is not None and ci is not False:
+        low, high = _intervals(points, ci)
+    ranks = np.full(len(eer), -1)
+    left = np.arange(len(eer))
+    rank = 0
+    while len(left):
+        if ci is None or ci is False:
+            mask = _front_mask(eer[left], size[left])
+        else:
+            mask = _ci_front_mask(size[left], low[left], high[left])
+        ranks[left[mask]] = rank
+        left = left[~mask]
+        rank += 1
+    return [int(r) for r in ranks]
+
+
+# -- hypervolume ----------------------------------------------------------------------------------------
+def reference_point(points: Sequence[PointLike], *, fp32_bytes: float, baseline_eer: float | None = None) -> tuple[float, float]:
+    """The hypervolume reference ``(eer, size_bytes)`` used by this project's reports.
+
+    Size: ``fp32_bytes`` (the unquantized baseline; a quantized model larger than it is worthless).
+    EER: twice the fp32 baseline's EER when it is known (a model more than twice as bad as the
+    baseline is not a useful trade-off), else 1.1 x the largest EER among ``points``. The reference is
+    fixed for a study, so hypervolumes of its prefixes (:func:`hypervolume_history`) are comparable.
+    """
+    if baseline_eer is not None and math.isfinite(baseline_eer) and baseline_eer > 0:
+        return 2.0 * float(baseline_eer), float(fp32_bytes)
+    eer, _, _, _ = _coords(points)
+    worst = float(eer.max()) if len(eer) else 1.0
+    return 1.1 * worst if worst > 0 else 1.0, float(fp32_bytes)
+
+
+def hypervolume(points: Sequence[PointLike], ref: tuple[float, float], *, size_scale: float = 1.0) -> float:
+    """Exact 2-D hypervolume: the area dominated by ``points`` and bounded by ``ref = (eer, size_bytes)``.
+
+    Units: EER percent x (bytes / ``size_scale``); pass ``size_scale=fp32_bytes`` to normalise sizes.
+    Points not strictly better than ``ref`` in both objectives add nothing.
+    """
+    if size_scale <= 0:
+        raise ValueError(f"size_scale={size_scale!r} should be > 0 (e.g. the fp32 size in bytes)")
+    eer, size, _, _ = _coords(points)
+    ref_eer, ref_size = float(ref[0]), float(ref[1])
+    inside = (eer < ref_eer) & (size < ref_size)
+    eer, size = eer[inside], size[inside]
+    front = np.flatnonzero(_front_mask(eer, size))
+    # One point per distinct (size, eer) on the front, by size ascending (EER then descends).
+    pts = sorted({(float(size[i]), float(eer[i])) for i in front})
+    area = 0.0
+    for k, (s, e) in enumerate(pts):
+        s_next = pts[k + 1][0] if k + 1 < len(pts) else ref_size
+        area += (s_next - s) * (ref_eer - e)
+    return area / size_scale
+
+
+def hypervolume_history(points: Sequence[PointLike], ref: tuple[float, float], *, size_scale: float = 1.0) -> list[float]:
+    """Hypervolume of ``points[:k+1]`` for each k (give points in trial order): the study's progress."""
+    eer, size, _, _ = _coords(points)
+    out: list[float] = []
+    front: list[tuple[float, float]] = []
+    for e, s in zip(eer, size, strict=True):
+        front.append((float(e), float(s)))
+        front = [front[i] for i in pareto_front(front)]  # keeps the running set small
+        out.append(hypervolume(front, ref, size_scale=size_scale))
+    return out
+
+
+# -- knee and queries -----------------------------------------------------------------------------------
+def knee_point(points: Sequence[PointLike]) -> int | None:
+    """Index of the front point farthest from the line joining the front's two extremes; None if empty.
+
+    Coordinates are min-max normalised over the front (both axes to [0, 1]) so neither unit dominates.
+    With one distinct front point that point is the knee; with two (both on the line) the one with the
+    lower EER. Ties go to the smaller size, then the lower index (the first of duplicates).
+    """
+    front = pareto_front(points)
+    if not front:
+        return None
+    eer, size, _, _ = _coords(points)
+    e, s = eer[front], size[front]
+    e_span, s_span = e.max() - e.min(), s.max() - s.min()
+    if e_span == 0 or s_span == 0:  # one distinct point (duplicates only)
+        return front[0]
+    x, y = (s - s.min()) / s_span, (e - e.min()) / e_span
+    # Extremes: the smallest model (x=0, y=1) and the most accurate (x=1, y=0); the line x + y = 1.
+    dist = np.abs(x + y - 1.0) / math.sqrt(2.0)
+    best = float(dist.max())
+    if best <= 1e-12:  # every point on the line: prefer accuracy
+        return min(front, key=lambda i: (eer[i], size[i], i))
+    candidates = [front[k] for k in range(len(front)) if dist[k] >= best - 1e-12]
+    return min(candidates, key=lambda i: (size[i], eer[i], i))
+
+
+def smallest_with_eer_at_most(points: Sequence[PointLike], max_eer: float) -> int | None:
+    """Index of the smallest point with ``eer <= max_eer`` (percent); ties: lower EER, then lower index."""
+    eer, size, _, _ = _coords(points)
+    ok = [i for i in range(len(eer)) if eer[i] <= max_eer]
+    return min(ok, key=lambda i: (size[i], eer[i], i)) if ok else None
+
+
+def best_eer_with_size_at_most(points: Sequence[PointLike], max_bytes: float) -> int | None:
+    """Index of the lowest-EER point with ``size_bytes <= max_bytes``; ties: smaller size, then lower index."""
+    eer, size, _, _ = _coords(points)
+    ok = [i for i in range(len(eer)) if size[i] <= max_bytes]
+    return min(ok, key=lambda i: (eer[i], size[i], i)) if ok else None
+
+
+# -- loading --------------------------------------------------------------------------------------------
+def _optional_float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = True) -> list[TrialPoint]:
+    """The COMPLETE trials of a study (its Optuna storage is the source of truth), by trial number.
+
+    ``source`` is a :class:`~search.config.StudyConfig` (its study is opened read-only) or an
+    ``optuna.Study``. Memoized trials repeat their source's values; ``include_memoized=False`` drops them.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    if isinstance(source, optuna.Study):
+        study = source
+    else:
+        from search.study import open_study
+
+        study = open_study(source, create=False)
+    points = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.values is None or len(t.values) < 2:
+            continue
+        attrs = t.user_attrs
+        memo = attrs.get("memoized_from")
+        if memo is not None and not include_memoized:
+            continue
+        points.append(TrialPoint(
+            number=t.number, eer=float(t.values[0]), size_bytes=int(t.values[1]),
+            eer_ci_low=_optional_float(attrs.get("eer_ci_low")), eer_ci_high=_optional_float(attrs.get("eer_ci_high")),
+            min_dcf=_optional_float(attrs.get("min_dcf_001")),
+            compression_ratio=_optional_float(attrs.get("compression_ratio")),
+            avg_bits=_optional_float(attrs.get("avg_bits")), recipe=dict(attrs.get("recipe") or {}),
+            seed=attrs.get("seed"), memoized_from=None if memo is None else int(memo),
+            packed_path=attrs.get("packed_path"), digest=attrs.get("digest"),
+        ))
+    return sorted(points, key=lambda p: p.number)
+
+
+def load_points_from_mlflow(tracker: StudyTracker) -> list[TrialPoint]:
+    """The complete trials as MLflow's child runs record them (for stores without the Optuna database).
+
+    Recipes come from the ``bits.<layer>`` params (``"4"``, ``"1a"``/``"1s"`` for adaptive/static 1 bit).
+    """
+    from search.tracking import TRIAL_TAG
+
+    points = []
+    for run in tracker.child_runs():
+        tags, metrics = run.data.tags, run.data.metrics
+        if tags.get("lsv.state") != "complete" or "eer" not in metrics or "size_bytes" not in metrics:
+            continue
+        recipe: dict[str, Any] = {}
+        for key, value in run.data.params.items():
+            if key.startswith("bits.") and value != "32":
+                recipe[key[5:]] = ({"bits": 1, "mode": "static" if value == "1s" else "adaptive"}
+                                   if value.startswith("1") and len(value) == 2 else int(value))
+        memo = tags.get("lsv.memoized_from")
+        points.append(TrialPoint(
+            number=int(tags[TRIAL_TAG]), eer=float(metrics["eer"]), size_bytes=int(metrics["size_bytes"]),
+            eer_ci_low=metrics.get("eer_ci_low"), eer_ci_high=metrics.get("eer_ci_high"),
+            min_dcf=metrics.get("min_dcf"), compression_ratio=metrics.get("compression_ratio"),
+            avg_bits=metrics.get("avg_bits"), recipe=recipe,
+            memoized_from=None if memo is None else int(memo), digest=tags.get("lsv.config_hash"),
+        ))
+    return sorted(points, key=lambda p: p.number)
+
+
+# -- MLflow tags ----------------------------------------------------------------------------------------
+def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[TrialPoint]) -> int:
+    """Tag every trial run: ``pareto_optimal`` ("true"/"false") and, for complete trials, ``pareto_rank``.
+
+    ``study`` is the Optuna study (read through :func:`load_points`) or points already loaded. Only tags
+    whose value changed are written, so calling this after every few trials costs one run search plus
+    a store call per changed run. Runs of failed/pruned trials get ``pareto_optimal=false`` and no rank.
+    Returns the number of runs whose tags were written.
+    """
+    from search.tracking import TRIAL_TAG
+
+    points = list(study) if isinstance(study, Sequence) else load_points(study)
+    ranks = dict(zip((p.number for p in points), pareto_ranks(points), strict=True))
+    changed = 0
+    for run in tracker.child_runs():
+        number = int(run.data.tags.get(TRIAL_TAG, "-1"))
+        rank = ranks.get(number)
+        want = {PARETO_OPTIMAL_TAG: "true" if rank == 0 else "false"}
+        if rank is not None:
+            want[PARETO_RANK_TAG] = str(rank)
+        if any(run.data.tags.get(k) != v for k, v in want.items()):
+            tracker.set_tags(run.info.run_id, want)
+            changed += 1
+    return changed

@@ -1,0 +1,276 @@
+"""The study report: one static ``index.html`` (opens from disk, no server, no network) plus PNGs.
+
+``write_report(config)`` reads the study from its Optuna storage (the source of truth), writes
+``runs/<study>/report/``::
+
+    index.html         interactive plots (plotly.js inlined once) and a table of the Pareto front
+    pareto.png         size vs EER, front highlighted (matplotlib)
+    hypervolume.png    hypervolume after each trial
+    bits_heatmap.png   per-layer bits of the front
+    sensitivity.png    per-layer Hessian traces (only when the study computed them)
+    front.json         the front as data (EER and CI in percent, bytes), for scripts
+
+then refreshes the ``pareto_optimal`` / ``pareto_rank`` tags of the trial runs and logs the folder as
+the ``report/`` artifact of the study's MLflow parent run. The folder is replaced as a whole (written
+beside it, then renamed), so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dashboards.pareto import (
+    TrialPoint,
+    hypervolume,
+    knee_point,
+    load_points,
+    pareto_front,
+    pareto_ranks,
+    reference_point,
+    refresh_pareto_tags,
+)
+from dashboards.plots import (
+    Baseline,
+    bits_heatmap_figure,
+    figure_html,
+    hypervolume_figure,
+    pareto_figure,
+    read_hessian_traces,
+    save_bits_heatmap_png,
+    save_hypervolume_png,
+    save_pareto_png,
+    save_sensitivity_png,
+    sensitivity_figure,
+)
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search.config import StudyConfig
+
+__all__ = ["study_baseline", "write_report"]
+
+log = logging.getLogger(__name__)
+
+
+def study_baseline(config: StudyConfig, study: optuna.Study | None = None) -> tuple[Baseline, list[str] | None, str | None]:
+    """The fp32 reference of a study: ``(Baseline, quantizable layer order, state_dict digest)``.
+
+    Size: the study's ``fp32_bytes`` (``packed_size_bytes`` of the float model, what the size objective
+    is measured against). EER: the checkpoint's own evaluation (``lsv train`` stores it; a WeSpeaker
+    ``.pt`` has none), which may be on more trials than the study's ``data.max_trials`` subset;
+    ``Baseline.n_trials`` says how many.
+    """
+    from lsv_core.quant import BitRecipe, packed_size_bytes, quantizable_layers
+    from lsv_core.quant.sensitivity import state_dict_digest
+    from search.study import load_baseline
+
+    fp32 = study.user_attrs.get("fp32_bytes") if study is not None else None
+    try:
+        model, meta = load_baseline(config)
+    except Exception as err:  # the report must still render for a study whose baseline moved
+        log.warning("cannot read the baseline %s (%s); the report shows no fp32 reference EER",
+                    config.model.checkpoint, err)
+        return Baseline(size_bytes=int(fp32 or 0)), None, None
+    ev = meta.get("eval") or {}
+    baseline = Baseline(
+        size_bytes=int(fp32 if fp32 is not None else packed_size_bytes(model, BitRecipe({}))),
+        eer=ev.get("eer"), eer_ci_low=ev.get("eer_ci_low"), eer_ci_high=ev.get("eer_ci_high"),
+        n_trials=ev.get("n_trials"),
+    )
+    return baseline, quantizable_layers(model), state_dict_digest(model)
+
+
+def write_report(config: StudyConfig, out_dir: str | os.PathLike[str] | None = None, *,
+                 log_to_mlflow: bool = True) -> Path:
+    """Write the study report (see the module docstring) and return the path of its ``index.html``.
+
+    ``out_dir`` defaults to ``runs/<study>/report``. With ``log_to_mlflow`` the trial runs' Pareto tags
+    are refreshed and the folder is logged to the parent run (skipped, with a warning, when the study has
+    no MLflow parent run yet).
+    """
+    from lsv_core.errors import ConfigError
+    from search.study import open_study, study_status
+
+    if not (config.study_dir / "study.json").exists():
+        raise ConfigError(f"study {config.study.name!r} has not been run yet (no {config.study_dir / 'study.json'})")
+    study = open_study(config, create=False)
+    out = Path(out_dir) if out_dir is not None else config.study_dir / "report"
+    points = load_points(study)
+    baseline, layer_order, digest = study_baseline(config, study)
+    status = study_status(study, config.size_budget_bytes)
+    traces = read_hessian_traces(config.study_dir / "hessian_traces.json", model_digest=digest)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared/served
+    try:
+        _render(tmp, config, points, baseline, layer_order, traces, status)
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+    if log_to_mlflow:
+        _log_to_mlflow(config, study, points, out)
+    return out / "index.html"
+
+
+# -- rendering ----------------------------------------------------------------------------------------------
+def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: Baseline,
+            layer_order: list[str] | None, traces: dict[str, float] | None, status: Any) -> None:
+    size_scale = float(baseline.size_bytes) if baseline.size_bytes else 1.0
+    ref = reference_point(points, fp32_bytes=size_scale, baseline_eer=baseline.eer)
+    front = pareto_front(points)
+    ci_front = set(pareto_front(points, ci=True))
+    ranks = pareto_ranks(points)
+    knee = knee_point(points)
+    hv = hypervolume(points, ref, size_scale=size_scale)
+    title = f"{config.study.name}: EER vs packed size"
+
+    sections: list[str] = []
+    figures = []
+    if points:
+        figures.append(("EER vs size", pareto_figure(points, baseline=baseline, layer_order=layer_order,
+                                                        knee=knee, title=title), "pareto.png",
+                        "Every complete trial; hover a point for its per-layer bits. Error bars: 95 % bootstrap "
+                        "interval of the EER."))
+        save_pareto_png(points, out / "pareto.png", baseline=baseline, knee=knee, title=title)
+        figures.append(("Hypervolume", hypervolume_figure(points, ref, size_scale=size_scale), "hypervolume.png",
+                        _hypervolume_note(ref, size_scale, baseline)))
+        save_hypervolume_png(points, out / "hypervolume.png", ref, size_scale=size_scale)
+        heat = bits_heatmap_figure(points, layer_order=layer_order)
+        if heat is not None:
+            figures.append(("Bit widths of the front", heat, "bits_heatmap.png",
+                            "1a / 1s: adaptive / static 1-bit; fp32: left unquantized."))
+            save_bits_heatmap_png(points, out / "bits_heatmap.png", layer_order=layer_order)
+    if traces:
+        figures.append(("Layer sensitivity", sensitivity_figure(traces), "sensitivity.png",
+                        "Hessian trace Tr(H) of each layer's weights (Hutchinson estimate on the fp32 baseline); "
+                        "the bit allocator weighs each layer's quantization error ||W - Q(W)||^2 by it."))
+        save_sensitivity_png(traces, out / "sensitivity.png")
+
+    sections.append(_summary_html(config, points, baseline, status, ref, hv, knee, len(front), len(ci_front)))
+    if points:
+        sections.append(_front_table_html(points, front, ci_front, knee))
+    else:
+        sections.append("<p><b>No complete trials yet.</b> Run the study (<code>lsv run</code>) and report again.</p>")
+    for k, (heading, fig, png, note) in enumerate(figures):
+        sections.append(f"<h2>{html.escape(heading)}</h2><p class='note'>{html.escape(note)} "
+                        f"<a href='{png}'>PNG</a></p>{figure_html(fig, include_plotlyjs=k == 0)}")
+
+    (out / "index.html").write_text(_page(f"lsv report: {config.study.name}", "\n".join(sections)))
+    (out / "front.json").write_text(json.dumps({
+        "study": config.study.name,
+        "config_digest": config.digest(),
+        "fp32_bytes": baseline.size_bytes,
+        "baseline": asdict(baseline),
+        "reference_point": {"eer": ref[0], "size_bytes": ref[1]},
+        "hypervolume": hv,
+        "knee_trial": points[knee].number if knee is not None else None,
+        "front": [_point_dict(points[i], ranks[i], i in ci_front) for i in front],
+        "ci_front_trials": sorted(points[i].number for i in ci_front),
+    }, indent=2))
+
+
+def _hypervolume_note(ref: tuple[float, float], size_scale: float, baseline: Baseline) -> str:
+    why = "2 x the fp32 baseline EER" if baseline.eer is not None else "1.1 x the worst EER observed"
+    return (f"Area dominated by the front up to the reference point (EER {ref[0]:.2f} % = {why}; size = fp32 "
+            f"{ref[1]:,.0f} bytes), with sizes divided by {size_scale:,.0f} bytes: comparable across studies "
+            "of one baseline.")
+
+
+def _point_dict(p: TrialPoint, rank: int, in_ci_front: bool) -> dict[str, Any]:
+    return {"trial": p.number, "eer": p.eer, "eer_ci_low": p.eer_ci_low, "eer_ci_high": p.eer_ci_high,
+            "min_dcf": p.min_dcf, "size_bytes": p.size_bytes, "compression_ratio": p.compression_ratio,
+            "avg_bits": p.avg_bits, "seed": p.seed, "memoized_from": p.memoized_from, "pareto_rank": rank,
+            "ci_front": in_ci_front, "recipe": dict(p.recipe)}
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _summary_html(config: StudyConfig, points: Sequence[TrialPoint], baseline: Baseline, status: Any,
+                  ref: tuple[float, float], hv: float, knee: int | None, n_front: int, n_ci_front: int) -> str:
+    rows = [
+        ("study", f"{config.study.name} (config digest {config.digest()})"),
+        ("trials", f"{status.n_complete} complete ({status.n_memoized} memoized), {status.n_failed} failed, "
+                   f"{status.n_pruned} pruned, {status.n_running} running"),
+        ("fp32 baseline", f"{baseline.size_bytes:,} bytes; EER "
+                          f"{_fmt(baseline.eer, '.2f', ' %')} {_ci(baseline.eer_ci_low, baseline.eer_ci_high)}"
+                          + (f" on {baseline.n_trials} trials" if baseline.n_trials else "")),
+        ("evaluation", f"{config.data.max_trials or 'all'} trials per model (data.max_trials), seed {config.study.seed}"),
+        ("size budget", "-" if config.size_budget_bytes is None else f"{config.size_budget_bytes:,} bytes"),
+        ("Pareto front", f"{n_front} trials; {n_ci_front} are not beaten beyond the bootstrap CI (CI-aware front)"),
+        ("hypervolume", f"{hv:.4g} (reference EER {ref[0]:.2f} %, size {ref[1]:,.0f} bytes)"),
+        ("knee", "-" if knee is None else f"trial {points[knee].number}: EER {points[knee].eer:.2f} %, "
+                                          f"{points[knee].size_bytes:,} bytes"),
+        ("generated", time.strftime("%Y-%m-%d %H:%M:%S")),
+    ]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table class='summary'>{body}</table>"
+
+
+def _ci(low: float | None, high: float | None) -> str:
+    return "" if low is None or high is None else f"[{low:.2f}, {high:.2f}]"
+
+
+def _front_table_html(points: Sequence[TrialPoint], front: Sequence[int], ci_front: set[int], knee: int | None) -> str:
+    head = ("<tr><th>trial</th><th>origin</th><th>EER %</th><th>95 % CI</th><th>minDCF(0.01)</th>"
+            "<th>bytes</th><th>compression</th><th>avg bits</th><th>CI-aware front</th></tr>")
+    body = []
+    for i in front:
+        p = points[i]
+        origin = p.seed or (f"memoized from #{p.memoized_from}" if p.memoized_from is not None else "sampler")
+        mark = " (knee)" if i == knee else ""
+        body.append(
+            f"<tr><td>{p.number}{mark}</td><td>{html.escape(origin)}</td><td>{p.eer:.2f}</td>"
+            f"<td>{_ci(p.eer_ci_low, p.eer_ci_high)}</td><td>{_fmt(p.min_dcf, '.3f')}</td>"
+            f"<td>{p.size_bytes:,}</td><td>{_fmt(p.compression_ratio, '.1f', 'x')}</td>"
+            f"<td>{_fmt(p.avg_bits, '.2f')}</td><td>{'yes' if i in ci_front else 'no'}</td></tr>")
+    return ("<h2>Pareto front</h2><p class='note'>Trials no other trial beats in both EER and size, smallest first. "
+            "Export one with <code>lsv export STUDY.toml --trial N --out DIR</code>.</p>"
+            f"<table class='front'>{head}{''.join(body)}</table>")
+
+
+def _page(title: str, body: str) -> str:
+    css = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}"
+           "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+           "table.front td{text-align:right}.note{color:#555;font-size:0.9em}h2{margin-top:1.6em}")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` in for ``target`` by two renames: ``target`` is never a mix of old and new files."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _log_to_mlflow(config: StudyConfig, study: optuna.Study, points: list[TrialPoint], out: Path) -> None:
+    from search.tracking import StudyTracker
+
+    tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=config.study_dir / "mlartifacts")
+    try:
+        _ = tracker.parent_run_id  # the study's parent run; absent when the study never reached MLflow
+    except RuntimeError as err:
+        log.warning("not logging the report to MLflow: %s", err)
+        return
+    refresh_pareto_tags(tracker, points)
+    tracker.log_study_artifact(out, "report")

@@ -1,0 +1,224 @@
+"""Report, plots and Pareto tags: figures from synthetic points (fast), then one real small study (slow):
+tags in the real MLflow store, the report's files and artifacts, and the page drawn by headless Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+
+from dashboards.pareto import TrialPoint, load_points, pareto_front, pareto_ranks, refresh_pareto_tags
+from dashboards.plots import (
+    Baseline,
+    bits_heatmap_figure,
+    bits_token,
+    pareto_figure,
+    read_hessian_traces,
+    save_bits_heatmap_png,
+    save_pareto_png,
+)
+from tests.conftest import study_raw_config
+
+RECIPE_A = {"conv1": 8, "layer1.0.conv1": {"bits": 1, "mode": "static"}, "seg_1": 2}
+RECIPE_B = {"conv1": 4, "layer1.0.conv1": 4, "seg_1": 4}
+
+
+def synthetic_points() -> list[TrialPoint]:
+    return [
+        TrialPoint(0, eer=9.0, size_bytes=1000, eer_ci_low=8.0, eer_ci_high=10.0, recipe=RECIPE_A, seed="uniform-1a"),
+        TrialPoint(1, eer=3.0, size_bytes=4000, eer_ci_low=2.5, eer_ci_high=3.5, recipe=RECIPE_B, seed="uniform-4"),
+        TrialPoint(2, eer=5.0, size_bytes=5000, recipe=RECIPE_B),
+        TrialPoint(3, eer=3.0, size_bytes=4000, recipe=RECIPE_B, memoized_from=1),
+    ]
+
+
+# -- fast: figures and inputs ---------------------------------------------------------------------------------
+def test_pareto_figure_hover_and_groups() -> None:
+    pts = synthetic_points()
+    fig = pareto_figure(pts, baseline=Baseline(size_bytes=20000, eer=2.0, n_trials=100), knee=1)
+    names = [t.name for t in fig.data]
+    assert "Pareto front" in names and "fp32 baseline (100 trials)" in names and "knee (trial 1)" in names
+    front = next(t for t in fig.data if t.name == "Pareto front")
+    assert sorted(front.customdata) == [0, 1, 3]  # the memoized duplicate is on the front too
+    hover = " ".join(front.hovertext)
+    assert "trial 3" in hover and "layer1.0.conv1: 1s" in hover and "seg_1: 2" in hover
+    assert fig.layout.xaxis.type == "log"
+    assert bits_token(None) == "fp32" and bits_token({"bits": 1, "mode": "adaptive"}) == "1a" and bits_token(8) == "8"
+
+
+def test_heatmap_and_pngs(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    pts = synthetic_points()
+    fig = bits_heatmap_figure(pts, layer_order=["conv1", "layer1.0.conv1", "layer1.0.conv2", "seg_1"])
+    assert fig is not None
+    heat = fig.data[0]
+    assert list(heat.x) == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "seg_1"]
+    assert len(heat.y) == 2  # trials 1 and 3 share a recipe: one row
+    assert [list(r) for r in heat.text] == [["8", "1s", "fp32", "2"], ["4", "4", "fp32", "4"]]
+    assert bits_heatmap_figure([]) is None and save_bits_heatmap_png([], tmp_path / "none.png") is None
+    for png in (save_pareto_png(pts, tmp_path / "p.png", baseline=Baseline(20000, 2.0)),
+                save_bits_heatmap_png(pts, tmp_path / "h.png")):
+        image = matplotlib.image.imread(png)
+        assert image.shape[0] > 200 and float(np.std(image)) > 0.01  # drawn, not blank
+    save_pareto_png([], tmp_path / "empty.png")  # an empty study still gets a (blank-axes) figure
+
+
+def test_read_hessian_traces(tmp_path: Path) -> None:
+    assert read_hessian_traces(tmp_path / "absent.json") is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_hessian_traces(tmp_path / "bad.json") is None
+    entries = {"k1": {"model": "aaa", "layers": ["b", "a"], "traces": {"a": 1.0, "b": 2.0}},
+               "k2": {"model": "bbb", "layers": ["a"], "traces": {"a": 5.0}}}
+    (tmp_path / "h.json").write_text(json.dumps({"version": 1, "entries": entries}))
+    assert list(read_hessian_traces(tmp_path / "h.json", model_digest="aaa").items()) == [("b", 2.0), ("a", 1.0)]
+    assert read_hessian_traces(tmp_path / "h.json") == {"a": 5.0}  # no digest: the last entry
+    assert read_hessian_traces(tmp_path / "h.json", model_digest="zzz") == {"a": 5.0}
+
+
+# -- slow: one real study -------------------------------------------------------------------------------------
+def _to_toml(raw: dict) -> str:
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def real_study(tiny_study_inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A finished 6-trial study with the allocator seed (so the Hessian-trace cache exists)."""
+    from search.config import parse_study_config
+    from search.study import run_study
+
+    root = tmp_path_factory.mktemp("report_study")
+    raw = study_raw_config(tiny_study_inputs, root, name="rep", seeds={"uniform": True, "allocator_fractions": [0.3]})
+    config = parse_study_config(raw)
+    run_study(config, progress=False)
+    toml = root / "rep.toml"
+    toml.write_text(_to_toml(raw))
+    return {"config": config, "toml": toml, "root": root}
+
+
+@pytest.mark.slow
+def test_refresh_pareto_tags_in_real_mlflow_store(real_study: dict) -> None:
+    from search.tracking import TRIAL_TAG, StudyTracker
+
+    config = real_study["config"]
+    study = optuna.load_study(study_name="rep", storage=config.optuna_url)
+    tracker = StudyTracker(config.mlflow_uri, "rep")
+    refresh_pareto_tags(tracker, study)
+    assert refresh_pareto_tags(tracker, study) == 0  # unchanged tags are not rewritten
+
+    points = load_points(study)
+    front = {points[i].number for i in pareto_front(points)}
+    ranks = {p.number: r for p, r in zip(points, pareto_ranks(points), strict=True)}
+    client = mlflow.MlflowClient(config.mlflow_uri)
+    tagged = client.search_runs([tracker.experiment_id], 'tags.pareto_optimal = "true"')
+    assert {int(r.data.tags[TRIAL_TAG]) for r in tagged} == front and front
+    for run in tracker.child_runs():
+        number = int(run.data.tags[TRIAL_TAG])
+        assert run.data.tags["pareto_optimal"] == ("true" if number in front else "false")
+        if number in ranks:
+            assert run.data.tags["pareto_rank"] == str(ranks[number])
+
+    # The MLflow child runs tell the same story as the Optuna storage.
+    from dashboards.pareto import load_points_from_mlflow
+
+    from_mlflow = load_points_from_mlflow(tracker)
+    assert [(p.number, p.size_bytes, dict(p.recipe)) for p in from_mlflow] == \
+        [(p.number, p.size_bytes, dict(p.recipe)) for p in points]
+    assert [p.eer for p in from_mlflow] == pytest.approx([p.eer for p in points])
+
+
+@pytest.mark.slow
+def test_report_files_and_mlflow_artifacts(real_study: dict) -> None:
+    import matplotlib.image
+
+    from dashboards.report import write_report
+    from search.tracking import StudyTracker
+
+    config = real_study["config"]
+    index = write_report(config)
+    out = index.parent
+    assert out == config.study_dir / "report"
+    names = {p.name for p in out.iterdir()}
+    assert {"index.html", "pareto.png", "hypervolume.png", "bits_heatmap.png", "sensitivity.png",
+            "front.json"} <= names
+    for png in out.glob("*.png"):
+        assert float(np.std(matplotlib.image.imread(png))) > 0.01, png
+    page = index.read_text()
+    # plotly.js is inlined (several MB), no <script src=...>: the page works offline. (The bundle still
+    # names cdn.plot.ly as a default for geo maps' topojson, which these plots never fetch.)
+    assert "<script src=" not in page and len(page) > 1_000_000
+    assert page.count("Plotly.newPlot") == 4  # pareto, hypervolume, heatmap, sensitivity
+    front = json.loads((out / "front.json").read_text())
+    points = load_points(config)
+    want = [points[i].number for i in pareto_front(points)]
+    assert [row["trial"] for row in front["front"]] == want
+    for number in want:
+        assert f"<tr><td>{number}" in page
+    assert front["reference_point"]["size_bytes"] == front["fp32_bytes"]
+
+    tracker = StudyTracker(config.mlflow_uri, "rep")
+    logged = {a.path for a in tracker.client.list_artifacts(tracker.parent_run_id, "report")}
+    assert "report/index.html" in logged and "report/pareto.png" in logged
+
+    # A rewrite replaces the folder whole; without the sensitivity cache the section is skipped.
+    shutil.move(config.study_dir / "hessian_traces.json", real_study["root"] / "traces.json")
+    try:
+        from search.cli import main
+
+        assert main(["report", str(real_study["toml"]), "--no-mlflow"]) == 0
+        assert not (out / "sensitivity.png").exists()
+        assert "Layer sensitivity" not in index.read_text()
+    finally:
+        shutil.move(real_study["root"] / "traces.json", config.study_dir / "hessian_traces.json")
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(real_study: dict, tmp_path: Path) -> None:
+    import matplotlib.image
+
+    from dashboards.report import write_report
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
+    index = write_report(real_study["config"], tmp_path / "report", log_to_mlflow=False)
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=15000", "--window-size=1280,2000"]
+    dom = subprocess.run([*flags, "--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # plotly draws each figure into <svg class="main-svg"> elements only when its script ran.
+    assert dom.stdout.count('class="main-svg"') >= 4, dom.stdout[:500]
+    assert "js-plotly-plot" in dom.stdout and "<table class=\"front\">" in dom.stdout
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([*flags, f"--screenshot={shot}", index.as_uri()], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    non_white = float(np.mean(pixels.min(axis=-1) < 0.9))
+    assert non_white > 0.02, f"screenshot looks blank ({non_white:.3%} non-white pixels)"
+
+
+def test_report_of_a_study_never_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from search.cli import main
+
+    inputs = {"checkpoint": tmp_path / "none.safetensors", "corpus": tmp_path / "corpus", "cache": tmp_path / "c"}
+    toml = tmp_path / "never.toml"
+    toml.write_text(_to_toml(study_raw_config(inputs, tmp_path, name="never")))
+    assert main(["report", str(toml)]) == 2
+    assert "has not been run yet" in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "never").exists()
