@@ -186,9 +186,17 @@ class Workbench:
         t0 = time.monotonic()
         recipe = recipe if isinstance(recipe, BitRecipe) else BitRecipe(recipe)
         model, data = self.fresh()
+        scored: list[EvalResult] = []
+
+        def final_eval(m: nn.Module) -> tuple[float, float]:
+            scored.append(evaluate(m, self.eval_store, self.trials, n_boot=n_boot, seed=schedule.seed))
+            return scored[-1].eer, scored[-1].min_dcf_001
+
         result = msft(model, recipe, data, schedule, callback=callback, sensitivity=sensitivity,
-                      progress=progress)
-        final = evaluate(model, self.eval_store, self.trials, n_boot=n_boot, seed=schedule.seed)
+                      progress=progress, final_eval=final_eval)
+        # A run stopped early, or a recipe with no stage, has not been scored as a whole yet.
+        final = scored[-1] if scored else evaluate(model, self.eval_store, self.trials, n_boot=n_boot,
+                                                   seed=schedule.seed)
         return RecipeOutcome(
             recipe=recipe, eer=final.eer, eer_ci_low=final.eer_ci_low, eer_ci_high=final.eer_ci_high,
             min_dcf_001=final.min_dcf_001, min_dcf_005=final.min_dcf_005,

@@ -249,6 +249,9 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
     remaining = None if config.study.n_trials is None else max(0, config.study.n_trials - done)
     if remaining != 0:
         _run_ray(config, study, space, tracker, model, remaining, address, progress, fault_plan, on_status)
+    from dashboards.pareto import refresh_pareto_tags
+
+    refresh_pareto_tags(tracker, study)
     status = study_status(study, config.size_budget_bytes)
     tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
                           "n_pruned": status.n_pruned, "pareto_size": status.pareto_size})
@@ -295,6 +298,7 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
     from lsv_core.quant import packed_size_bytes
     from search.scheduler import StageParetoStopper
     from search.searcher import AskTellSearcher
+    from dashboards.pareto import refresh_pareto_tags
     from search.trial import run_trial
 
     address = address or config.storage.ray_address
@@ -311,13 +315,18 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
 
     def make_config(recipe: BitRecipe, number: int) -> dict[str, Any]:
         cfg = {"recipe": recipe.to_dict(), "optuna_trial": number, "workbench": spec, "schedule": schedule,
-               "threads": threads}
+               "threads": threads, "trials_dir": str(config.study_dir / "trials")}
         if fault_plan and number in fault_plan:
             cfg["fault"] = fault_plan[number]
         return cfg
 
+    logged = [0]
+
     def sink(record: TrialRecord) -> None:
         tracker.log_trial(record)
+        logged[0] += 1
+        if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
+            refresh_pareto_tags(tracker, study)
         st = study_status(study, config.size_budget_bytes)
         if progress:
             console.print(st.line(), soft_wrap=True)

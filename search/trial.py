@@ -73,7 +73,8 @@ def run_trial(config: dict[str, Any]) -> None:
         outcome = bench.run(recipe, schedule, callback=on_stage, n_boot=int(config.get("n_boot", 200)))
         if not math.isfinite(outcome.eer):
             raise FloatingPointError(f"EER is {outcome.eer}")
-        packed = Path(tune.get_context().get_trial_dir()) / "model.packed.safetensors"
+        # Under the study folder (not Ray's per-session temp dirs), where exports and reports find it.
+        packed = Path(config["trials_dir"]) / f"{config['optuna_trial']:05d}" / "model.packed.safetensors"
         save_packed(outcome.model, packed, overwrite=True,
                     metadata={"optuna_trial": config["optuna_trial"], "eer": outcome.eer})
         summary = outcome.summary()

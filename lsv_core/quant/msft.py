@@ -147,8 +147,12 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, n_batches: int) -> None
 def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTuneData,
          schedule: MsftSchedule = MsftSchedule(), *,
          callback: Callable[[int, StageMetrics], bool | None] | None = None,
-         sensitivity: Mapping[str, float] | None = None, progress: bool = False) -> MsftResult:
+         sensitivity: Mapping[str, float] | None = None, progress: bool = False,
+         final_eval: Callable[[nn.Module], tuple[float, float]] | None = None) -> MsftResult:
     """Quantize ``model`` (in place) to ``recipe`` in stages, fine-tuning after each one.
+
+    ``final_eval(model) -> (eer, min_dcf)`` replaces the plain evaluation after the last stage, so a
+    caller that scores the final model anyway (with a bootstrap CI) does not score it twice.
 
     ``callback(stage, metrics)`` is called after every stage (metrics include the stage's EER in percent
     when evaluation data is given); returning True stops before the next stage (``stopped_early``).
@@ -197,7 +201,9 @@ def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTune
             global_step += steps
         eer = dcf = None
         last = i == len(stages) - 1
-        if data.trials is not None and data.eval is not None and (schedule.eval_each_stage or last):
+        if last and final_eval is not None:
+            eer, dcf = final_eval(model)
+        elif data.trials is not None and data.eval is not None and (schedule.eval_each_stage or last):
             res = evaluate(model, data.eval, data.trials, n_boot=schedule.n_boot, seed=schedule.seed)
             eer, dcf = res.eer, res.min_dcf_001
         metrics = StageMetrics(stage=i, layers=list(group), bits=[recipe[n].bits for n in group], steps=steps,
