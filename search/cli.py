@@ -17,7 +17,7 @@ from rich.console import Console
 from lsv_core.atomic import RefuseOverwrite, write_text_atomic
 from lsv_core.errors import LsvError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _corpus_synth(args: argparse.Namespace) -> int:

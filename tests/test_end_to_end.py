@@ -26,7 +26,7 @@ def test_corpus_train_evaluate_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["corpus", "synth", "--out", str(corpus), "--speakers", "36", "--utts", "8",
                  "--eval-speakers", "10", "--seed", "3", "--workers", "2"]) == 0
     # The corpus exists: a second run without --force refuses and leaves it alone.
-    assert main(["corpus", "synth", "--out", str(corpus), "--speakers", "4", "--utts", "2"]) == 2
+    assert main(["corpus", "synth", "--out", str(corpus), "--speakers", "4", "--utts", "2", "--eval-speakers", "1"]) == 2
     assert "exists" in capsys.readouterr().err.replace("\n", " ")
     assert len(read_kaldi_dir(corpus / "train")) == 26 * 8
 

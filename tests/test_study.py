@@ -152,22 +152,26 @@ def test_two_studies_in_one_storage_are_independent(tiny_study_inputs: dict[str,
 
 
 def test_two_node_cluster(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    """`ray start --head` plus a second `ray start --address` node on 127.0.0.1, then `lsv run --address`
+    (in its own process, as a user would run it): trials land on both nodes."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     port = "6391"
+    raw = study_raw_config(tiny_study_inputs, tmp_path, name="cluster", study={"n_trials": 6, "concurrency": 2})
+    toml = tmp_path / "cluster.toml"
+    toml.write_text(_to_toml(raw))
     try:
         subprocess.run([RAY, "start", "--head", "--port", port, "--num-cpus", "1", "--node-ip-address",
                         "127.0.0.1", "--include-dashboard", "false"], env=env, check=True, capture_output=True)
         subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
                         "--node-ip-address", "127.0.0.1"], env=env, check=True, capture_output=True)
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        cfg = parse_study_config(study_raw_config(tiny_study_inputs, tmp_path, name="cluster",
-                                                  study={"n_trials": 6, "concurrency": 2}))
-        run_study(cfg, address=f"127.0.0.1:{port}", progress=False)
+        run = subprocess.run([sys.executable, "-m", "search.cli", "run", str(toml), "--address", f"127.0.0.1:{port}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert run.returncode == 0, run.stderr[-2000:]
+        cfg = parse_study_config(raw)
         study = optuna.load_study(study_name="cluster", storage=cfg.optuna_url)
         nodes = {t.user_attrs.get("node_id") for t in study.trials if t.state == TrialState.COMPLETE} - {None}
-        assert len(nodes) == 2, nodes
+        assert len(nodes) == 2, [(t.number, t.state.name, t.user_attrs.get("reason")) for t in study.trials]
     finally:
-        os.environ.pop("RAY_AUTH_MODE", None)
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, check=False)
 
 
