@@ -274,13 +274,24 @@ def test_static_binary_is_xnor_style() -> None:
     assert recluster_all(model, force=True) == 0
 
 
-def test_adaptive_binary_levels_are_2_means_and_learned() -> None:
+def test_adaptive_binary_levels_are_2_means_and_follow_the_centroid_switch() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16, bias=False))
     with torch.no_grad():
         model[0].weight.add_(0.3)  # skewed weights: the adaptive levels need not be symmetric
     w0 = model[0].weight.detach().clone()
     quantize(model, {"0": (1, "adaptive")}, config=KMQATConfig(centroid_update="kmeans"))
+    q = quantizer_of(model[0])
+    # Default ("kmeans"): the levels are re-estimated by 2-means, not moved by the summed gradient.
+    assert isinstance(q, AdaptiveBinaryQuantizer) and not q.centroids.requires_grad
+    with torch.no_grad():
+        latent_weight(model[0]).mul_(2.0)
+    assert q.recluster(latent_weight(model[0]))
+    torch.testing.assert_close(q.centroids.detach(), 2.0 * kmeans_1d(w0, 2)[0])
+    model = nn.Sequential(nn.Linear(32, 16, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w0)
+    quantize(model, {"0": (1, "adaptive")}, config=KMQATConfig(centroid_update="gradient"))
     q = quantizer_of(model[0])
     assert isinstance(q, AdaptiveBinaryQuantizer) and q.centroids.requires_grad
     c, _ = kmeans_1d(w0, 2)

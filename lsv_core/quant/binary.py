@@ -11,12 +11,14 @@ formulas are not public, so these are our choices (METHOD.md, "our choice"):
   Symmetric levels and a zero threshold suit zero-mean weights and cost nothing to store, but cannot
   follow a skewed or shifted weight distribution.
 * :class:`AdaptiveBinaryQuantizer`: two levels ``l0 < l1`` that need not be symmetric, initialised by
-  2-means of the weights (the optimal 1-bit codebook), threshold at their midpoint. Both levels are
-  ``nn.Parameter``s that always receive the shared-centroid gradient (sum of ``dL/dWq`` over the weights
-  mapped to each level), and the latent weights get a straight-through gradient; with
-  ``centroid_update`` ``"kmeans"``/``"both"`` the levels are also re-estimated by 2-means on the
-  ``recluster`` schedule. It is the multi-bit codebook quantizer at ``2^1`` levels with the levels
-  always learnable. Stored as two float32 levels.
+  2-means of the weights (the optimal 1-bit codebook), threshold at their midpoint; the latent weights
+  get a straight-through gradient. The levels adapt as ``KMQATConfig.centroid_update`` says, like every
+  codebook: re-estimated by 2-means of the latent weights on the ``recluster`` schedule (``"kmeans"``,
+  the default), learned by the shared-centroid gradient (``"gradient"``), or both. The default is not
+  the gradient because the shared-centroid gradient sums ``dL/dWq`` over half a layer's weights: at a
+  fine-tuning learning rate it moves the two levels by far more than their size, and on the embedded
+  benchmark the network collapsed (EER ~46 % vs 3.3 % with 2-means levels; BENCHMARKS.md). It is the
+  multi-bit codebook quantizer at ``2^1`` levels. Stored as two float32 levels.
 """
 
 from __future__ import annotations
@@ -77,5 +79,3 @@ class AdaptiveBinaryQuantizer(CodebookQuantizer):
             raise ValueError(f"AdaptiveBinaryQuantizer is 1-bit, got bits={bits}")
         super().__init__(centroids, 1, config)
 
-    def _learns_centroids(self) -> bool:
-        return True  # the adaptive scheme always trains its two levels
