@@ -277,13 +277,14 @@ def row_cells(r: dict[str, Any]) -> list[str]:
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title)
     for c in COLUMNS:
         table.add_column(c, justify="left" if c in ("row", "95 % CI per seed") else "right")
     for r in rows:
-        table.add_row(*row_cells(r))
+        table.add_row(*(escape(c) for c in row_cells(r)))
     Console(width=200).print(table)
 
 

@@ -32,7 +32,7 @@ def test_corpus_train_evaluate_cli(tmp_path: Path, capsys: pytest.CaptureFixture
 
     ckpt = tmp_path / "baseline.safetensors"
     assert main(["train", "--corpus", str(corpus), "--out", str(ckpt), "--steps", "150", "--batch-size", "32",
-                 "--lr", "0.05", "--cache", str(cache), "--device", "cpu"]) == 0
+                 "--optimizer", "adam", "--lr", "0.003", "--cache", str(cache), "--device", "cpu"]) == 0
     summary = json.loads(ckpt.with_suffix(".json").read_text())
     trained_eer = summary["eval"]["eer"]
     assert summary["steps"] == 150 and summary["params"] > 0

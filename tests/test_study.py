@@ -109,11 +109,12 @@ def test_driver_sigkill_then_resume_loses_nothing(tiny_study_inputs: dict[str, P
     toml.write_text(_to_toml(raw))
     cfg = parse_study_config(raw)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "driver.log"
     proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", str(toml)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
     deadline = time.monotonic() + 240
     while len(_complete_numbers(cfg.optuna_url, "crash")) < 2:
-        assert proc.poll() is None, "driver ended before it could be killed"
+        assert proc.poll() is None, "driver ended before it could be killed:\n" + log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no trial completed in time"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
