@@ -19,7 +19,12 @@ Rows (each quantizes the trained baseline afresh, fine-tunes, scores all trials)
 * ``u{8,4,3,2}-msft``: MSFT in ``order="depth"`` with 4 groups (input to output), same total steps. With a
   uniform recipe the default ``order="bits"`` has a single stage and *is* one-shot, so ``"depth"`` is the
   progressive variant we can compare at uniform precision;
-* ``static-1b`` / ``adaptive-1b``: the two binary schemes, fine-tuned (one stage, like one-shot);
+* ``static-1b`` / ``adaptive-1b``: the two binary schemes, fine-tuned (one stage, like one-shot); the
+  adaptive levels are re-estimated by 2-means every ``--recluster-every`` steps (``centroid_update="kmeans"``,
+  the library default). ``adaptive-1b-grad`` learns them by the shared-centroid gradient instead
+  (``centroid_update="gradient"``): the ablation that shows why that is not the default (the gradient sums
+  over half a layer's weights and collapses the network; it was the only behaviour before commit 63a937e,
+  see ``bench/results/seed_findings_before_binary_fix.json``);
 * ``mixed@3b-msft`` / ``mixed@2b-msft``: :func:`allocate_bits` at the exact packed size of uniform 3 / 2
   bits (bit choices 1, 2, 3, 4, 8; adaptive binary), MSFT ``order="bits"`` (lowest bits first);
   ``mixed@{3,2}b-oneshot`` (same recipe, one-shot) separates the allocation from the schedule.
@@ -38,14 +43,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +62,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lsv_core.atomic import write_text_atomic  # noqa: E402
-from lsv_core.quant import AdaptiveBinaryQuantizer, BitRecipe, KMQATConfig, packed_tensors, quantizable_layers  # noqa: E402
+from lsv_core.quant import BitRecipe, KMQATConfig, packed_tensors, quantizable_layers  # noqa: E402
 from lsv_core.quant.msft import MsftSchedule  # noqa: E402
 from lsv_core.quant.sensitivity import allocate_bits  # noqa: E402
 from lsv_core.workbench import DataPaths, Workbench  # noqa: E402
@@ -77,30 +81,7 @@ class RowSpec:
     order: str = "one_shot"
     fine_tune: bool = True
     seeded: bool = True  # False: scored once (the float model)
-    adaptive_levels: str = "gradient"  # "kmeans": see adaptive_levels_by_kmeans
-
-
-@contextlib.contextmanager
-def adaptive_levels_by_kmeans(enabled: bool) -> Iterator[None]:
-    """Diagnostic: adaptive binary levels updated only by 2-means re-estimation, not by their gradient.
-
-    ``AdaptiveBinaryQuantizer`` always trains its two levels with the shared-centroid gradient, the *sum*
-    of dL/dW_q over every weight of the cluster (half of the layer), so with the fine-tuning learning rate a
-    level moves ~n/2 times further per step than a weight: on this baseline, 30 steps at lr 0.01 move
-    ``seg_1``'s levels from about ±0.047 to (-4.44, -3.91) and the EER goes from 21 % to 49 %. The library
-    has no switch for it, so this context manager makes the levels follow ``KMQATConfig.centroid_update``
-    like the multi-bit codebooks (default ``"kmeans"``: 2-means of the latent weights every
-    ``recluster_every`` steps), which is the other reading of "adaptive" in METHOD.md.
-    """
-    if not enabled:
-        yield
-        return
-    original = AdaptiveBinaryQuantizer._learns_centroids
-    AdaptiveBinaryQuantizer._learns_centroids = lambda self: self.config.learn_centroids  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        AdaptiveBinaryQuantizer._learns_centroids = original  # type: ignore[method-assign]
+    centroid_update: str = "kmeans"  # KMQATConfig.centroid_update; "gradient": the summed-gradient ablation
 
 
 def weight_bytes(model: nn.Module, recipe: BitRecipe) -> int:
@@ -126,20 +107,16 @@ def build_rows(bench: Workbench, omega: dict[str, dict[int, float]] | None) -> l
         rows.append(RowSpec(f"u{b}-msft", f"uniform {b} bit, MSFT (depth, 4 groups)", uniform(b), order="depth"))
     rows.append(RowSpec("static-1b", "1 bit static, FT", uniform(1, "static")))
     rows.append(RowSpec("adaptive-1b", "1 bit adaptive, FT", uniform(1, "adaptive")))
-    rows.append(RowSpec("adaptive-1b-kml", "1 bit adaptive, FT, levels by 2-means [diag]", uniform(1, "adaptive"),
-                        adaptive_levels="kmeans"))
+    rows.append(RowSpec("adaptive-1b-grad", "1 bit adaptive, FT, levels by summed gradient", uniform(1, "adaptive"),
+                        centroid_update="gradient"))
     if omega is not None:
         mixed = {b: allocate_bits(model, omega, bench.size_of(BitRecipe.uniform(model, b)),
                                   bit_choices=MIXED_BIT_CHOICES) for b in (3, 2)}
         for b in (3, 2):
             rows.append(RowSpec(f"mixed@{b}b-msft", f"mixed @ size of {b} bit, MSFT (bits order)",
                                 lambda m, r=mixed[b]: r, order="bits"))
-        for b in (3, 2):
-            rows.append(RowSpec(f"mixed@{b}b-msft-kml", f"mixed @ size of {b} bit, MSFT, 1-bit levels by 2-means [diag]",
-                                lambda m, r=mixed[b]: r, order="bits", adaptive_levels="kmeans"))
-            rows.append(RowSpec(f"mixed@{b}b-oneshot-kml",
-                                f"mixed @ size of {b} bit, one-shot FT, 1-bit levels by 2-means [diag]",
-                                lambda m, r=mixed[b]: r, adaptive_levels="kmeans"))
+            rows.append(RowSpec(f"mixed@{b}b-oneshot", f"mixed @ size of {b} bit, one-shot FT",
+                                lambda m, r=mixed[b]: r))
     return rows
 
 
@@ -150,7 +127,7 @@ def run_row(bench: Workbench, row: RowSpec, seeds: list[int], steps: int, lr: fl
     fp32_w = weight_bytes(model, BitRecipe({}))
     out: dict[str, Any] = {
         "key": row.key, "label": row.label, "recipe": recipe.to_dict(), "order": row.order,
-        "adaptive_levels": row.adaptive_levels,
+        "centroid_update": row.centroid_update,
         "steps": steps if row.fine_tune else 0, "size_bytes": bench.size_of(recipe),
         "fp32_bytes": bench.fp32_bytes, "weight_bytes": weight_bytes(model, recipe), "fp32_weight_bytes": fp32_w,
         "bits_histogram": _bits_histogram(model, recipe), "per_seed": [],
@@ -165,9 +142,10 @@ def run_row(bench: Workbench, row: RowSpec, seeds: list[int], steps: int, lr: fl
                    "min_dcf_001": res.min_dcf_001, "size_bytes": bench.fp32_bytes, "avg_bits": 32.0}
         else:
             schedule = MsftSchedule(order=row.order, total_steps=steps if row.fine_tune else 0, lr=lr, seed=seed,
-                                    eval_each_stage=False, kmqat=KMQATConfig(recluster_every=recluster_every))
-            with adaptive_levels_by_kmeans(row.adaptive_levels == "kmeans"):
-                res = bench.run(recipe, schedule, n_boot=n_boot)
+                                    eval_each_stage=False,
+                                    kmqat=KMQATConfig(centroid_update=row.centroid_update,  # type: ignore[arg-type]
+                                                      recluster_every=recluster_every))
+            res = bench.run(recipe, schedule, n_boot=n_boot)
             if res.size_bytes != out["size_bytes"]:
                 raise AssertionError(f"{row.key}: packed size {res.size_bytes} != predicted {out['size_bytes']}")
             per = {"seed": seed, "eer": res.eer, "eer_ci_low": res.eer_ci_low, "eer_ci_high": res.eer_ci_high,
@@ -233,7 +211,7 @@ def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if {"u2-msft", "u2-oneshot"} <= rows.keys():
         out["claim2_msft_beats_oneshot_2bit"] = _diff(rows, "u2-msft", "u2-oneshot")
     c3: dict[str, Any] = {}
-    for adaptive in ("adaptive-1b", "adaptive-1b-kml"):
+    for adaptive in ("adaptive-1b", "adaptive-1b-grad"):
         if {adaptive, "static-1b"} <= rows.keys():
             c3[adaptive] = _diff(rows, adaptive, "static-1b")
     if {"km-1b", "static-1b-noft"} <= rows.keys():
@@ -242,7 +220,7 @@ def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["claim3_adaptive_beats_static_1bit"] = c3
     for b in (3, 2):
         c: dict[str, Any] = {}
-        for mixed in (f"mixed@{b}b-msft", f"mixed@{b}b-msft-kml", f"mixed@{b}b-oneshot-kml"):
+        for mixed in (f"mixed@{b}b-msft", f"mixed@{b}b-oneshot"):
             if mixed not in rows:
                 continue
             for uni in (f"u{b}-oneshot", f"u{b}-msft"):

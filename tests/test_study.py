@@ -92,13 +92,21 @@ def test_failures_are_recorded_and_killed_worker_is_retried(tiny_study_inputs: d
 
 
 def _complete_numbers(url: str, name: str) -> set[int]:
-    if not Path(url.removeprefix("sqlite:///")).exists():
+    """Completed trial numbers, read through a read-only SQLite connection: opening the study with Optuna
+    while the driver is still creating the schema would race it (both would stamp alembic's version)."""
+    import sqlite3
+
+    path = Path(url.removeprefix("sqlite:///"))
+    if not path.exists():
         return set()
     try:
-        study = optuna.load_study(study_name=name, storage=url)
-    except KeyError:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as con:
+            rows = con.execute(
+                "SELECT t.number FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                "WHERE s.study_name = ? AND t.state = 'COMPLETE'", (name,)).fetchall()
+    except sqlite3.OperationalError:  # schema not created yet, or a write lock held right now
         return set()
-    return {t.number for t in study.trials if t.state == TrialState.COMPLETE}
+    return {r[0] for r in rows}
 
 
 def test_driver_sigkill_then_resume_loses_nothing(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:
