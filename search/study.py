@@ -295,10 +295,10 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
     import ray
     from ray import tune
 
+    from dashboards.pareto import refresh_pareto_tags
     from lsv_core.quant import packed_size_bytes
     from search.scheduler import StageParetoStopper
     from search.searcher import AskTellSearcher
-    from dashboards.pareto import refresh_pareto_tags
     from search.trial import run_trial
 
     address = address or config.storage.ray_address

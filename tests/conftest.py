@@ -70,3 +70,14 @@ def study_raw_config(inputs: dict[str, Path], out_dir: Path, name: str = "t", **
     for key, values in sections.items():
         raw.setdefault(key, {}).update(values)
     return raw
+
+
+def to_toml(raw: dict) -> str:
+    """A study config dict as TOML text (flat sections only), for tests that drive `lsv` by file."""
+    import json
+
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"

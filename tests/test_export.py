@@ -19,7 +19,7 @@ from dashboards.pareto import TrialPoint, load_points
 from lsv_core.errors import ConfigError
 from search.cli import main
 from search.export import NoTrialMeetsRule, SelectionRule, packed_file_sizes, select_trial
-from tests.conftest import study_raw_config
+from tests.conftest import study_raw_config, to_toml
 
 POINTS = [
     TrialPoint(0, eer=20.0, size_bytes=1_000),
@@ -61,12 +61,6 @@ def test_rule_validation() -> None:
 
 
 # -- slow: one real study ----------------------------------------------------------------------------------------
-def _to_toml(raw: dict) -> str:
-    lines = []
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,7 @@ def real_study(tiny_study_inputs: dict[str, Path], tmp_path_factory: pytest.Temp
     config = parse_study_config(raw)
     run_study(config, progress=False)
     toml = root / "exp.toml"
-    toml.write_text(_to_toml(raw))
+    toml.write_text(to_toml(raw))
     return {"config": config, "toml": toml, "root": root}
 
 

@@ -24,7 +24,7 @@ from dashboards.plots import (
     save_bits_heatmap_png,
     save_pareto_png,
 )
-from tests.conftest import study_raw_config
+from tests.conftest import study_raw_config, to_toml
 
 RECIPE_A = {"conv1": 8, "layer1.0.conv1": {"bits": 1, "mode": "static"}, "seg_1": 2}
 RECIPE_B = {"conv1": 4, "layer1.0.conv1": 4, "seg_1": 4}
@@ -84,12 +84,6 @@ def test_read_hessian_traces(tmp_path: Path) -> None:
 
 
 # -- slow: one real study -------------------------------------------------------------------------------------
-def _to_toml(raw: dict) -> str:
-    lines = []
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +97,7 @@ def real_study(tiny_study_inputs: dict[str, Path], tmp_path_factory: pytest.Temp
     config = parse_study_config(raw)
     run_study(config, progress=False)
     toml = root / "rep.toml"
-    toml.write_text(_to_toml(raw))
+    toml.write_text(to_toml(raw))
     return {"config": config, "toml": toml, "root": root}
 
 
@@ -218,7 +212,7 @@ def test_report_of_a_study_never_run_is_refused(tmp_path: Path, capsys: pytest.C
 
     inputs = {"checkpoint": tmp_path / "none.safetensors", "corpus": tmp_path / "corpus", "cache": tmp_path / "c"}
     toml = tmp_path / "never.toml"
-    toml.write_text(_to_toml(study_raw_config(inputs, tmp_path, name="never")))
+    toml.write_text(to_toml(study_raw_config(inputs, tmp_path, name="never")))
     assert main(["report", str(toml)]) == 2
     assert "has not been run yet" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "never").exists()

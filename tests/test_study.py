@@ -7,7 +7,6 @@ in one storage, and a two-node Ray cluster on this machine.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from optuna.trial import TrialState
 
 from search.config import parse_study_config
 from search.study import run_study
-from tests.conftest import study_raw_config
+from tests.conftest import study_raw_config, to_toml
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +113,7 @@ def test_driver_sigkill_then_resume_loses_nothing(tiny_study_inputs: dict[str, P
 
     raw = study_raw_config(tiny_study_inputs, tmp_path, name="crash", study={"n_trials": 8, "concurrency": 1})
     toml = tmp_path / "crash.toml"
-    toml.write_text(_to_toml(raw))
+    toml.write_text(to_toml(raw))
     cfg = parse_study_config(raw)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = tmp_path / "driver.log"
@@ -167,7 +166,7 @@ def test_two_node_cluster(tiny_study_inputs: dict[str, Path], tmp_path: Path) ->
     port = "6391"
     raw = study_raw_config(tiny_study_inputs, tmp_path, name="cluster", study={"n_trials": 6, "concurrency": 2})
     toml = tmp_path / "cluster.toml"
-    toml.write_text(_to_toml(raw))
+    toml.write_text(to_toml(raw))
     try:
         subprocess.run([RAY, "start", "--head", "--port", port, "--num-cpus", "1", "--node-ip-address",
                         "127.0.0.1", "--include-dashboard", "false"], env=env, check=True, capture_output=True)
@@ -184,10 +183,3 @@ def test_two_node_cluster(tiny_study_inputs: dict[str, Path], tmp_path: Path) ->
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, check=False)
 
 
-def _to_toml(raw: dict) -> str:
-    lines = []
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-    return "\n".join(lines) + "\n"
