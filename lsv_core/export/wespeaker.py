@@ -66,8 +66,8 @@ def check_wespeaker_state_dict(path: str | os.PathLike[str], reference: nn.Modul
                                frames: int = 200, atol: float = 1e-5) -> None:
     """Check that ``path`` loads strictly and computes what ``reference`` (a model of the same arch) does.
 
-    Two loaders are checked: ``build_model(arch).load_state_dict(torch.load(path), strict=True)`` (what
-    WeSpeaker-style code does) and :func:`lsv_core.models.load_pretrained`. Both must give embeddings
+    Two loaders are checked: ``build_model(arch).load_state_dict(torch.load(path, weights_only=True),
+    strict=True)`` (what WeSpeaker-style code does) and :func:`lsv_core.models.load_pretrained`. Both must give embeddings
     within ``atol`` of ``reference``'s on a seeded random fbank of ``frames`` frames.
 
     Raises:
