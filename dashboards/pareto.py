@@ -22,7 +22,7 @@ Conventions (the tests check each one against brute force):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +117,17 @@ def _intervals(points: Sequence[PointLike], ci: bool | Sequence[tuple[float, flo
 
 
 # -- fronts and ranks -----------------------------------------------------------------------------------
+def _size_groups(order: np.ndarray, size: np.ndarray) -> Iterator[np.ndarray]:
+    """Runs of ``order`` (indices sorted by size) that share one size, in ascending size."""
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and size[order[j]] == size[order[i]]:
+            j += 1
+        yield order[i:j]
+        i = j
+
+
 def _front_mask(eer: np.ndarray, size: np.ndarray) -> np.ndarray:
     """Plain non-dominated mask in O(n log n): sweep sizes upward, tracking the best EER seen so far."""
     mask = np.zeros(len(eer), dtype=bool)
@@ -124,19 +135,13 @@ def _front_mask(eer: np.ndarray, size: np.ndarray) -> np.ndarray:
         return mask
     order = np.lexsort((eer, size))  # by size, then EER
     best_smaller = math.inf  # lowest EER among strictly smaller sizes
-    i = 0
-    while i < len(order):
-        j = i
-        while j < len(order) and size[order[j]] == size[order[i]]:
-            j += 1
-        group = order[i:j]
+    for group in _size_groups(order, size):
         group_min = eer[group[0]]
         # Equal EER at a smaller size dominates, hence the strict "<"; inside the group only the
         # lowest EER survives, with all its duplicates.
         if group_min < best_smaller:
             mask[group[eer[group] == group_min]] = True
             best_smaller = group_min
-        i = j
     return mask
 
 
@@ -147,15 +152,9 @@ def _ci_front_mask(size: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.nd
         return mask
     order = np.argsort(size, kind="stable")
     min_high = math.inf  # lowest upper bound among sizes <= the current one
-    i = 0
-    while i < len(order):
-        j = i
-        while j < len(order) and size[order[j]] == size[order[i]]:
-            j += 1
-        group = order[i:j]
+    for group in _size_groups(order, size):
         min_high = min(min_high, float(high[group].min()))  # "<=" in size: the own size group counts
         mask[group] = ~(min_high < low[group])
-        i = j
     return mask
 
 

@@ -225,6 +225,16 @@ def _first_argmin_per_segment(vals: np.ndarray, counts: np.ndarray) -> tuple[np.
     return seg_min, first
 
 
+def _backtrack(args: list[np.ndarray], k: int, M: int) -> np.ndarray:
+    """Cluster boundaries ``0 = b_0 < ... < b_k = M`` from the DP's per-row argmin tables."""
+    bounds = np.empty(k + 1, dtype=np.int64)
+    bounds[k] = M
+    for t in range(k, 1, -1):
+        bounds[t - 1] = args[t - 2][bounds[t]]
+    bounds[0] = 0
+    return bounds
+
+
 def _optimal_partition(N: np.ndarray, S: np.ndarray, Q: np.ndarray, k: int) -> np.ndarray:
     """Optimal split of M sorted atoms into k contiguous non-empty runs, minimising the summed SSE.
 
@@ -250,12 +260,7 @@ def _optimal_partition(N: np.ndarray, S: np.ndarray, Q: np.ndarray, k: int) -> n
         arg = total.argmin(axis=0)  # first minimum = smallest split point
         best = total[arg, cols]
         args.append(arg)
-    bounds = np.empty(k + 1, dtype=np.int64)
-    bounds[k] = M
-    for t in range(k, 1, -1):
-        bounds[t - 1] = args[t - 2][bounds[t]]
-    bounds[0] = 0
-    return bounds
+    return _backtrack(args, k, M)
 
 
 def _dp_row_divide_and_conquer(
@@ -402,12 +407,7 @@ def _optimal_partition_banded(N: np.ndarray, S: np.ndarray, Q: np.ndarray, k: in
         opt = np.zeros(M + 1, dtype=np.int64)
         opt[M] = j[np.argmin(best[j] + _run_cost(N, S, Q, j, np.full_like(j, M)))]
         args.append(opt)
-    bounds = np.empty(k + 1, dtype=np.int64)
-    bounds[k] = M
-    for t in range(k, 1, -1):
-        bounds[t - 1] = args[t - 2][bounds[t]]
-    bounds[0] = 0
-    return bounds
+    return _backtrack(args, k, M)
 
 
 class _HistogramKMeans(_Solver):
