@@ -29,16 +29,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(LOOPBACK) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The quickstart study: corpus and baseline are made first when missing (cached afterwards); re-running
-# resumes the study (it is complete after the first run), `make demo-fresh` starts it over.
+# The quickstart study: corpus and baseline are made first when missing (cached afterwards), then the
+# study and its static report (runs/quickstart/report/index.html); re-running resumes the study (it is
+# complete after the first run), `make demo-fresh` starts it over.
 demo: $(STAMP)
 	@[ -f $(CORPUS)/corpus.json ] || $(BIN)/lsv corpus synth --out $(CORPUS)
 	@[ -f $(BASELINE) ] || $(BIN)/lsv train --corpus $(CORPUS) --out $(BASELINE) --cache runs/cache
 	$(LOOPBACK) $(BIN)/lsv run studies/quickstart.toml
+	$(BIN)/lsv report studies/quickstart.toml
 	$(BIN)/lsv status studies/quickstart.toml
 
 demo-fresh: $(STAMP)
 	$(LOOPBACK) $(BIN)/lsv run studies/quickstart.toml --fresh
+	$(BIN)/lsv report studies/quickstart.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -7,7 +7,7 @@
 * :func:`hypervolume_figure` / :func:`save_hypervolume_png`: hypervolume after each trial.
 * :func:`bits_heatmap_figure` / :func:`save_bits_heatmap_png`: per-layer bit widths of the front.
 * :func:`sensitivity_figure` / :func:`save_sensitivity_png`: per-layer Hessian traces, when the study
-  computed them (``runs/<study>/hessian_traces.json``; :func:`read_hessian_traces`).
+  were computed for the baseline (``<cache_dir>/hessian_traces.json``; :func:`read_hessian_traces`).
 
 PNGs come from matplotlib (Agg, no pyplot state): plotly's own PNG export needs kaleido and a Chrome
 download at run time, which offline machines cannot do. EER is in percent, sizes in bytes.
@@ -393,9 +393,10 @@ def read_hessian_traces(path: str | Path, *, model_digest: str | None = None) ->
     """Per-layer Hessian traces from a sensitivity cache (:func:`lsv_core.quant.sensitivity.cached_hessian_traces`).
 
     The file holds ``{"version": 1, "entries": {key: {"model": digest, "layers": [...], "traces": {...}}}}``,
-    possibly for several models; ``model_digest`` (``state_dict_digest`` of the baseline) picks that model's
-    entry, else the last entry is used. Returns None when the file is absent, unreadable or empty, so a
-    report without sensitivities still renders.
+    possibly for several models (the cache is shared by every study of a feature cache folder);
+    ``model_digest`` (``state_dict_digest`` of the baseline) picks that model's entry and never another
+    model's; without it the last entry is used. Returns None when the file is absent, unreadable, empty or
+    has no entry for the model, so a report without sensitivities still renders.
     """
     path = Path(path)
     try:
@@ -403,7 +404,7 @@ def read_hessian_traces(path: str | Path, *, model_digest: str | None = None) ->
     except (OSError, ValueError, AttributeError):
         return None
     candidates = [e for e in entries.values() if isinstance(e, Mapping) and isinstance(e.get("traces"), Mapping)]
-    if model_digest is not None and any(e.get("model") == model_digest for e in candidates):
+    if model_digest is not None:
         candidates = [e for e in candidates if e.get("model") == model_digest]
     if not candidates:
         return None

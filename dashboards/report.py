@@ -109,7 +109,7 @@ def write_report(config: StudyConfig, out_dir: str | os.PathLike[str] | None = N
     points = load_points(study)
     baseline, layer_order, digest = study_baseline(config, study)
     status = study_status(study, config.size_budget_bytes)
-    traces = read_hessian_traces(config.study_dir / "hessian_traces.json", model_digest=digest)
+    traces = read_hessian_traces(config.data.cache_dir / "hessian_traces.json", model_digest=digest)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -8,6 +8,7 @@ works on a fresh copy. EER is in percent; sizes are exact packed bytes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -204,6 +205,10 @@ class Workbench:
             stopped_early=result.stopped_early, wall_s=time.monotonic() - t0, model=model,
         )
 
+    def _train_digest(self) -> str:
+        """Identity of the training utterances (the loss batches are drawn from them)."""
+        return hashlib.sha256("\n".join(self.train.utts).encode()).hexdigest()[:16]
+
     def loss_batches(self, n_batches: int, batch_size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         from lsv_core.train import CropSampler
 
@@ -234,7 +239,7 @@ class Workbench:
         batches = self.loss_batches(n_batches, seed=seed)
         if cache_path is not None:
             traces = cached_hessian_traces(self.model, loss_fn, batches, cache_path, n_probes=n_probes, seed=seed,
-                                           data_key=state_dict_digest(head) + f"/{n_batches}")
+                                           data_key=f"{state_dict_digest(head)}/{self._train_digest()}/{n_batches}")
         else:
             traces = hessian_traces(self.model, loss_fn, batches, n_probes=n_probes, seed=seed)
         errors = quantization_errors(self.model, bit_choices, seed=seed)

@@ -119,10 +119,16 @@ class ObjectivesSection(_Section):
 
 
 class MsftSection(_Section):
-    order: Literal["bits", "depth", "one_shot"] = "bits"
+    """Multi-stage fine-tuning of each trial (lsv_core.quant.msft). ``order = "sensitivity"`` groups layers
+    by their Hessian sensitivity at the trial's bits (computed once per baseline, cached) into ``n_groups``
+    stages, robust layers first; ``stage_eval_frames`` cuts utterances when scoring intermediate stages."""
+
+    order: Literal["bits", "sensitivity", "depth", "one_shot"] = "bits"
     total_steps: int = Field(default=60, ge=0)
+    n_groups: int = Field(default=4, ge=1, description="stages for the sensitivity and depth orders")
     lr: float = Field(default=0.01, gt=0)
     batch_size: int = Field(default=64, ge=1)
+    stage_eval_frames: int | None = Field(default=None, ge=10)
     centroid_update: Literal["kmeans", "gradient", "both"] = "kmeans"
     recluster_every: int = Field(default=20, ge=0)
 

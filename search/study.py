@@ -236,8 +236,10 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
         baseline["baseline_eer"] = float(meta["eval"]["eer"])
     tracker.start_study(config.model_dump(mode="json"), config.digest(), baseline)
     _recover(study, tracker)
+    needs_omega = config.msft.order == "sensitivity" or (
+        "seeded" not in study.user_attrs and bool(config.seeds.allocator_fractions))
+    omega = _baseline_sensitivity(config) if needs_omega else None
     if "seeded" not in study.user_attrs:
-        omega = _allocator_sensitivity(config) if config.seeds.allocator_fractions else None
         for label, recipe in seed_recipes(config, space, model, omega):
             study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
         study.set_user_attr("seeded", True)
@@ -248,7 +250,8 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
                if t.state.is_finished() and t.user_attrs.get("reason") not in not_counted)
     remaining = None if config.study.n_trials is None else max(0, config.study.n_trials - done)
     if remaining != 0:
-        _run_ray(config, study, space, tracker, model, remaining, address, progress, fault_plan, on_status)
+        _run_ray(config, study, space, tracker, model, remaining, address, progress, fault_plan, on_status,
+                 omega if config.msft.order == "sensitivity" else None)
     from dashboards.pareto import refresh_pareto_tags
 
     refresh_pareto_tags(tracker, study)
@@ -259,7 +262,7 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
     return RunResult(status, study_dir, time.monotonic() - t0, resumed)
 
 
-def _allocator_sensitivity(config: StudyConfig) -> dict | None:
+def _baseline_sensitivity(config: StudyConfig) -> dict | None:
     from lsv_core.workbench import DataPaths, Workbench
 
     train, eval_dir, trials = config.data_paths()
@@ -267,7 +270,9 @@ def _allocator_sensitivity(config: StudyConfig) -> dict | None:
                            cache_dir=config.data.cache_dir, max_trials=config.data.max_trials,
                            seed=config.study.seed, device=config.resources.device, progress=False,
                            arch=config.model.arch, arch_kwargs=config.model.arch_kwargs)
-    return bench.sensitivities(cache_path=config.study_dir / "hessian_traces.json", seed=config.study.seed)
+    # Cached beside the features: the traces depend on the baseline and its data, not on the study, so
+    # every study (and every --fresh restart) of the same baseline reuses them.
+    return bench.sensitivities(cache_path=config.data.cache_dir / "hessian_traces.json", seed=config.study.seed)
 
 
 def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
@@ -291,7 +296,7 @@ def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
 def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, tracker: StudyTracker, model: Any,
              remaining: int | None, address: str | None, progress: bool,
              fault_plan: dict[int, dict[str, Any]] | None,
-             on_status: Callable[[StudyStatus], None] | None) -> None:
+             on_status: Callable[[StudyStatus], None] | None, omega: dict | None = None) -> None:
     import ray
     from ray import tune
 
@@ -316,6 +321,8 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
     def make_config(recipe: BitRecipe, number: int) -> dict[str, Any]:
         cfg = {"recipe": recipe.to_dict(), "optuna_trial": number, "workbench": spec, "schedule": schedule,
                "threads": threads, "trials_dir": str(config.study_dir / "trials")}
+        if omega is not None:
+            cfg["sensitivity"] = omega
         if fault_plan and number in fault_plan:
             cfg["fault"] = fault_plan[number]
         return cfg

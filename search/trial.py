@@ -42,8 +42,17 @@ def workbench_for(spec: dict[str, Any]) -> Workbench:
 
 def schedule_from(cfg: dict[str, Any]) -> MsftSchedule:
     kmqat = KMQATConfig(centroid_update=cfg["centroid_update"], recluster_every=cfg["recluster_every"])
-    return MsftSchedule(order=cfg["order"], total_steps=cfg["total_steps"], lr=cfg["lr"],
-                        batch_size=cfg["batch_size"], seed=cfg["seed"], kmqat=kmqat)
+    return MsftSchedule(order=cfg["order"], total_steps=cfg["total_steps"], n_groups=cfg.get("n_groups", 4),
+                        lr=cfg["lr"], batch_size=cfg["batch_size"], stage_eval_frames=cfg.get("stage_eval_frames"),
+                        seed=cfg["seed"], kmqat=kmqat)
+
+
+def layer_sensitivity(omega: dict[str, dict[Any, float]] | None, recipe: BitRecipe) -> dict[str, float] | None:
+    """Per-layer sensitivity at the recipe's bits, Ω_l(b_l), for the MSFT "sensitivity" order."""
+    if omega is None:
+        return None
+    return {name: float({int(b): v for b, v in omega[name].items()}[recipe[name].bits])
+            for name in recipe if name in omega}
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -61,7 +70,8 @@ def run_trial(config: dict[str, Any]) -> None:
         setup_s = time.monotonic() - t0
         size = bench.size_of(recipe)
         schedule = schedule_from(config["schedule"])
-        n_stages = len(plan_stages(bench.model, recipe, schedule.order, schedule.n_groups))
+        sensitivity = layer_sensitivity(config.get("sensitivity"), recipe)
+        n_stages = len(plan_stages(bench.model, recipe, schedule.order, schedule.n_groups, sensitivity))
 
         def on_stage(stage: int, m: StageMetrics) -> bool:
             _inject_fault(fault, stage)
@@ -70,7 +80,8 @@ def run_trial(config: dict[str, Any]) -> None:
                          "optuna_trial": config["optuna_trial"]})
             return False
 
-        outcome = bench.run(recipe, schedule, callback=on_stage, n_boot=int(config.get("n_boot", 200)))
+        outcome = bench.run(recipe, schedule, callback=on_stage, sensitivity=sensitivity,
+                            n_boot=int(config.get("n_boot", 200)))
         if not math.isfinite(outcome.eer):
             raise FloatingPointError(f"EER is {outcome.eer}")
         # Under the study folder (not Ray's per-session temp dirs), where exports and reports find it.

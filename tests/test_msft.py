@@ -96,3 +96,31 @@ def test_one_shot_is_one_stage_with_all_steps(tiny: tuple[torch.nn.Module, FineT
                   MsftSchedule(order="one_shot", total_steps=6, batch_size=4, crop_frames=50))
     assert len(result.stages) == 1 and result.final.steps == 6
     assert recipe_of(model) == mixed_recipe(model)
+
+
+def test_intermediate_stages_are_scored_on_cut_utterances(tiny: tuple[torch.nn.Module, FineTuneData]) -> None:
+    from itertools import combinations
+
+    from lsv_core.data.trials import Trials
+    from lsv_core.evaluate import evaluate
+
+    model, data = tiny
+    utts = sorted(data.eval.utts)  # every pair: enough trials for cut and full scores to give distinct EERs
+    pairs = list(combinations(utts, 2))
+    labels = [int(a.split("-")[0] == b.split("-")[0]) for a, b in pairs]
+    data.trials = Trials([a for a, _ in pairs], [b for _, b in pairs], torch.tensor(labels).numpy(), "all pairs")
+    seen: list[tuple[float | None, float, float]] = []
+
+    def callback(stage: int, m: StageMetrics) -> bool:
+        cut = evaluate(model, data.eval, data.trials, n_boot=0, max_frames=40).eer
+        full = evaluate(model, data.eval, data.trials, n_boot=0).eer
+        seen.append((m.eer, cut, full))
+        return False
+
+    msft(model, mixed_recipe(model), data, MsftSchedule(total_steps=0, stage_eval_frames=40), callback=callback)
+    *middle, last = seen
+    assert all(eer == cut for eer, cut, _ in middle)
+    assert last[0] == last[2]  # the final EER always uses full-length utterances
+    assert any(cut != full for _, cut, full in seen)  # the cut really changes the scores here
+    with pytest.raises(ConfigError, match="stage_eval_frames"):
+        MsftSchedule(stage_eval_frames=0)

@@ -80,7 +80,7 @@ def test_read_hessian_traces(tmp_path: Path) -> None:
     (tmp_path / "h.json").write_text(json.dumps({"version": 1, "entries": entries}))
     assert list(read_hessian_traces(tmp_path / "h.json", model_digest="aaa").items()) == [("b", 2.0), ("a", 1.0)]
     assert read_hessian_traces(tmp_path / "h.json") == {"a": 5.0}  # no digest: the last entry
-    assert read_hessian_traces(tmp_path / "h.json", model_digest="zzz") == {"a": 5.0}
+    assert read_hessian_traces(tmp_path / "h.json", model_digest="zzz") is None  # never another model's
 
 
 # -- slow: one real study -------------------------------------------------------------------------------------
@@ -88,17 +88,30 @@ def test_read_hessian_traces(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def real_study(tiny_study_inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A finished 6-trial study with the allocator seed (so the Hessian-trace cache exists)."""
+    """A finished 6-trial study with the allocator seed (so the Hessian-trace cache exists), fine-tuned in
+    the MSFT "sensitivity" order (two stages per trial, whatever its bits)."""
     from search.config import parse_study_config
     from search.study import run_study
 
     root = tmp_path_factory.mktemp("report_study")
-    raw = study_raw_config(tiny_study_inputs, root, name="rep", seeds={"uniform": True, "allocator_fractions": [0.3]})
+    raw = study_raw_config(tiny_study_inputs, root, name="rep", seeds={"uniform": True, "allocator_fractions": [0.3]},
+                           msft={"order": "sensitivity", "n_groups": 2, "stage_eval_frames": 100})
     config = parse_study_config(raw)
     run_study(config, progress=False)
     toml = root / "rep.toml"
     toml.write_text(to_toml(raw))
     return {"config": config, "toml": toml, "root": root}
+
+
+@pytest.mark.slow
+def test_sensitivity_order_runs_every_trial_in_n_groups_stages(real_study: dict) -> None:
+    config = real_study["config"]
+    study = optuna.load_study(study_name="rep", storage=config.optuna_url)
+    trained = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+               and "memoized_from" not in t.user_attrs]
+    assert trained and any(t.user_attrs.get("seed", "").startswith("uniform") for t in trained)
+    # In the "bits" order a uniform recipe would be one stage; here every trial has two.
+    assert all(len(t.user_attrs["stage_eers"]) == 2 for t in trained)
 
 
 @pytest.mark.slow
@@ -166,7 +179,7 @@ def test_report_files_and_mlflow_artifacts(real_study: dict) -> None:
     assert "report/index.html" in logged and "report/pareto.png" in logged
 
     # A rewrite replaces the folder whole; without the sensitivity cache the section is skipped.
-    shutil.move(config.study_dir / "hessian_traces.json", real_study["root"] / "traces.json")
+    shutil.move(config.data.cache_dir / "hessian_traces.json", real_study["root"] / "traces.json")
     try:
         from search.cli import main
 
@@ -174,7 +187,7 @@ def test_report_files_and_mlflow_artifacts(real_study: dict) -> None:
         assert not (out / "sensitivity.png").exists()
         assert "Layer sensitivity" not in index.read_text()
     finally:
-        shutil.move(real_study["root"] / "traces.json", config.study_dir / "hessian_traces.json")
+        shutil.move(real_study["root"] / "traces.json", config.data.cache_dir / "hessian_traces.json")
 
 
 def _chromium() -> str | None:

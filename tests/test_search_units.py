@@ -33,6 +33,9 @@ MODEL = build_model("ThinResNet", m_channels=4, first_stride=2, embed_dim=32)
         ({"study": {"name": "x"}, "storage": {"optuna": "redis://h"}}, "redis", r"storage\.optuna \(got 'redis://h'\): an RDB URL"),
         ({"study": {"name": "x"}, "msft": {"orderr": "bits"}}, "orderr", r"msft\.orderr .*unknown field"),
         ({"study": {"name": "x"}, "data": {"train": "a"}}, "train", r"data: give all of train, eval and trials"),
+        ({"study": {"name": "x"}, "msft": {"order": "random"}}, "random",
+         r"msft\.order \(got 'random'\): Input should be 'bits', 'sensitivity', 'depth' or 'one_shot'"),
+        ({"study": {"name": "x"}, "msft": {"stage_eval_frames": 5}}, "5", r"msft\.stage_eval_frames \(got 5\)"),
     ],
 )
 def test_invalid_fields_are_named(section: dict, value: str, expected: str) -> None:
@@ -189,3 +192,16 @@ def test_searcher_repairs_over_budget_and_respects_trial_limit(tmp_path: Path) -
     assert study.trials[0].user_attrs["repaired"] is True
     assert searcher.suggest("b") is not None and searcher.suggest("c") is not None
     assert searcher.suggest("d") == AskTellSearcher.FINISHED
+
+
+def test_layer_sensitivity_picks_each_layers_omega_at_its_bits() -> None:
+    from search.trial import layer_sensitivity
+
+    layers = quantizable_layers(MODEL)[:3]
+    omega = {name: {1: 100.0 + i, 2: 10.0 + i, 4: 1.0 + i} for i, name in enumerate(layers)}
+    omega_json = {name: {str(b): v for b, v in table.items()} for name, table in omega.items()}  # as JSON gives it
+    recipe = BitRecipe({layers[0]: 4, layers[1]: (1, "adaptive"), layers[2]: 2})
+    want = {layers[0]: 1.0, layers[1]: 101.0, layers[2]: 12.0}
+    assert layer_sensitivity(omega, recipe) == want
+    assert layer_sensitivity(omega_json, recipe) == want
+    assert layer_sensitivity(None, recipe) is None

@@ -53,6 +53,10 @@ class MsftSchedule:
     margin: float = 0.2
     bn_reestimate_batches: int = 0
     eval_each_stage: bool = True
+    # Intermediate stages are scored on utterances cut to this many frames: their EER only steers early
+    # stopping and the per-stage curves, and full-length embeddings dominate a short trial's wall time.
+    # The last stage is always scored at full length.
+    stage_eval_frames: int | None = None
     n_boot: int = 0
     seed: int = 0
     kmqat: KMQATConfig = field(default_factory=KMQATConfig)
@@ -64,6 +68,8 @@ class MsftSchedule:
             raise ConfigError(f"total_steps={self.total_steps} should be >= 0")
         if self.n_groups < 1:
             raise ConfigError(f"n_groups={self.n_groups} should be >= 1")
+        if self.stage_eval_frames is not None and self.stage_eval_frames < 1:
+            raise ConfigError(f"stage_eval_frames={self.stage_eval_frames} should be >= 1 (or None: full length)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,7 +210,8 @@ def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTune
         if last and final_eval is not None:
             eer, dcf = final_eval(model)
         elif data.trials is not None and data.eval is not None and (schedule.eval_each_stage or last):
-            res = evaluate(model, data.eval, data.trials, n_boot=schedule.n_boot, seed=schedule.seed)
+            res = evaluate(model, data.eval, data.trials, n_boot=schedule.n_boot, seed=schedule.seed,
+                           max_frames=None if last else schedule.stage_eval_frames)
             eer, dcf = res.eer, res.min_dcf_001
         metrics = StageMetrics(stage=i, layers=list(group), bits=[recipe[n].bits for n in group], steps=steps,
                                loss=loss, eer=eer, min_dcf=dcf, wall_s=time.monotonic() - t0)
