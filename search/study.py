@@ -29,7 +29,7 @@ from lsv_core.errors import ConfigError
 from lsv_core.quant import BitRecipe
 from search.config import StudyConfig
 from search.space import SearchSpace
-from search.tracking import StudyTracker, TrialRecord
+from search.tracking import StudyTracker, TrackingThread, TrialRecord
 
 console = Console(stderr=True)
 OBJECTIVES = ("eer", "size_bytes")
@@ -277,12 +277,17 @@ def _baseline_sensitivity(config: StudyConfig) -> dict | None:
 
 def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
     """Close trials a dead driver left RUNNING (re-queue them) and log finished ones MLflow lacks."""
-    from search.searcher import record_from
-
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted (driver stopped)")
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    _log_missing(study, tracker)
+
+
+def _log_missing(study: optuna.Study, tracker: StudyTracker) -> None:
+    """Log the finished Optuna trials that have no MLflow run yet (Optuna is the source of truth)."""
+    from search.searcher import record_from
+
     logged = tracker.logged_trials()
     state_names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
     for t in study.get_trials(deepcopy=False):
@@ -328,12 +333,13 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
         return cfg
 
     logged = [0]
+    writer = TrackingThread()
 
     def sink(record: TrialRecord) -> None:
-        tracker.log_trial(record)
+        writer.submit(tracker.log_trial, record)
         logged[0] += 1
         if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
-            refresh_pareto_tags(tracker, study)
+            writer.submit(refresh_pareto_tags, tracker, study)
         st = study_status(study, config.size_budget_bytes)
         if progress:
             console.print(st.line(), soft_wrap=True)
@@ -358,5 +364,9 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
     try:
         tuner.fit()
     finally:
+        failed = writer.close()
         if started_here:
             ray.shutdown()
+    if failed:  # Optuna has every result: log what MLflow is missing now (a resumed run would too)
+        console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({failed[0]}); retrying[/]")
+        _log_missing(study, tracker)

@@ -1,7 +1,7 @@
 """MLflow side of a study: one experiment per study, one parent run, one nested child run per Optuna trial.
 
-Only the driver process logs (SQLite stays single-writer; for a cluster point ``tracking_uri`` at an
-``mlflow server``). Every call goes through an explicit :class:`mlflow.MlflowClient`: no global tracking
+Only the driver process logs, from one background thread (:class:`TrackingThread`), so SQLite stays
+single-writer and trials never wait on MLflow; for a cluster point ``tracking_uri`` at an ``mlflow server``. Every call goes through an explicit :class:`mlflow.MlflowClient`: no global tracking
 URI and no active run, because one process may track several studies and tests create many stores.
 
 Layout of a study in MLflow::
@@ -22,13 +22,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,7 +43,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from lsv_core.errors import ConfigError
 from lsv_core.quant.recipe import BitRecipe, LayerSpec, SpecLike
 
-__all__ = ["TRIAL_STATES", "StudyTracker", "TrialRecord", "bits_param", "default_tracking_uri"]
+__all__ = ["TRIAL_STATES", "StudyTracker", "TrackingThread", "TrialRecord", "bits_param", "default_tracking_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +387,54 @@ class StudyTracker:
 
 
 # -- module helpers --------------------------------------------------------------------------------
+class TrackingThread:
+    """Runs tracking calls on one background thread, in the order they were submitted.
+
+    The driver hands a finished trial to MLflow and goes straight back to Ray and Optuna, so the next
+    trial is not kept waiting on store calls and artifact copies (tens of milliseconds on SQLite, a
+    network round trip each on a tracking server). One thread keeps a SQLite store single-writer. A
+    failing call is logged and counted, never raised into the study: Optuna holds every result, and
+    :meth:`close` reports the failures so the caller can re-log what MLflow lacks.
+    """
+
+    def __init__(self, name: str = "lsv-tracking") -> None:
+        self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue()
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the tracking thread is closed")
+        self._queue.put((fn, args))
+
+    def drain(self) -> None:
+        """Wait until every submitted call has run."""
+        self._queue.join()
+
+    def close(self) -> list[str]:
+        """Run what is queued, stop the thread and return the errors of failed calls."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        return list(self.errors)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                fn, args = item
+                try:
+                    fn(*args)
+                except Exception as exc:  # noqa: BLE001 - reported by close(); the study goes on
+                    self.errors.append(f"{getattr(fn, '__name__', fn)}: {_first_line(exc)}")
+                    log.warning("tracking call %s failed: %s", getattr(fn, "__name__", fn), exc)
+            finally:
+                self._queue.task_done()
+
+
 def _open_client(tracking_uri: str) -> mlflow.MlflowClient:
     if not isinstance(tracking_uri, str) or not tracking_uri:
         raise ConfigError(

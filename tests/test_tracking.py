@@ -302,3 +302,29 @@ def test_study_artifact_and_runs_url(study_dir: Path, client: MlflowClient, tmp_
     tracker.log_study_artifact(plot, "plots")
     assert [a.path for a in client.list_artifacts(tracker.parent_run_id, "plots")] == ["plots/pareto.html"]
     assert tracker.runs_url(port=5001) == f"http://127.0.0.1:5001/#/experiments/{tracker.experiment_id}/runs"
+
+
+def test_tracking_thread_logs_in_order_and_survives_a_failing_call(
+    study_dir: Path, client: MlflowClient, tmp_path: Path
+) -> None:
+    import threading
+
+    from search.tracking import TrackingThread
+
+    tracker = open_study(study_dir, "threaded")
+    writer = TrackingThread()
+    threads: list[str] = []
+    writer.submit(lambda: threads.append(threading.current_thread().name))
+    writer.submit(tracker.log_trial, record(0))
+    writer.submit(tracker.log_trial, record(1, artifacts={"model.lsvq": str(tmp_path / "missing.lsvq")}))
+    for n in (2, 3):
+        writer.submit(tracker.log_trial, record(n))
+    errors = writer.close()
+    assert threads == ["lsv-tracking"]  # off the caller's thread
+    assert len(errors) == 1 and "log_trial" in errors[0] and "missing.lsvq" in errors[0]
+    runs = tracker.child_runs()
+    assert [r.data.tags["lsv.optuna_trial"] for r in runs] == ["0", "2", "3"]
+    assert [r.info.start_time for r in runs] == sorted(r.info.start_time for r in runs)  # submission order
+    assert writer.close() == errors  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit(tracker.log_trial, record(4))
