@@ -311,14 +311,16 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
     from search.searcher import AskTellSearcher
     from search.trial import run_trial
 
-    address = address or config.storage.ray_address
+    address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()
     if started_here:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(int(config.resources.cpu * config.study.concurrency), os.cpu_count() or 1),
-                     num_gpus=None, include_dashboard=False, log_to_driver=False)
+            # "local" always starts a private instance: a bare ray.init() would join whatever cluster
+            # `ray start` last left on this machine, which is not what "no address" means.
+            cpus = max(int(config.resources.cpu * config.study.concurrency), os.cpu_count() or 1)
+            ray.init(address="local", num_cpus=cpus, num_gpus=None, include_dashboard=False, log_to_driver=False)
     spec = workbench_spec(config)
     schedule = {**config.msft.model_dump(), "seed": config.study.seed}
     threads = max(1, int(config.resources.cpu))

@@ -81,3 +81,42 @@ def to_toml(raw: dict) -> str:
         lines.append(f"[{section}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def kill_ray_processes(pattern: str) -> list[int]:
+    """SIGKILL the Ray processes whose command line matches ``pattern`` (a regex), and their descendants.
+
+    ``ray stop`` would kill every Ray process on the machine, a user's running studies included; tests
+    stop only the cluster they started, named by its GCS port or its session folder. Returns the pids.
+    """
+    import re
+    import signal
+
+    rx = re.compile(pattern)
+    parents: dict[int, int] = {}
+    matched: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if rx.search(cmdline):
+            matched.add(int(entry.name))
+    matched.discard(os.getpid())
+    doomed = set(matched)
+    grew = True
+    while grew:  # agents and workers carry no address in their (renamed) command lines: take children too
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in doomed and pid not in doomed:
+                doomed.add(pid)
+                grew = True
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return sorted(doomed)

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from search.config import parse_study_config
 from search.study import run_study
-from tests.conftest import study_raw_config, to_toml
+from tests.conftest import kill_ray_processes, study_raw_config, to_toml
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,9 @@ def test_driver_sigkill_then_resume_loses_nothing(tiny_study_inputs: dict[str, P
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = _complete_numbers(cfg.optuna_url, "crash")
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, check=False)
+    # The killed driver's local Ray (its session folder ends in the driver's pid) dies with it; other Ray
+    # instances on the machine are left alone.
+    kill_ray_processes(rf"session_[\d_-]+_{proc.pid}(?!\d)")
 
     result = run_study(cfg, progress=False)
     assert result.resumed
@@ -180,6 +182,9 @@ def test_two_node_cluster(tiny_study_inputs: dict[str, Path], tmp_path: Path) ->
         nodes = {t.user_attrs.get("node_id") for t in study.trials if t.state == TrialState.COMPLETE} - {None}
         assert len(nodes) == 2, [(t.number, t.state.name, t.user_attrs.get("reason")) for t in study.trials]
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, check=False)
+        assert kill_ray_processes(rf"[:=]{port}(?!\d)")  # this cluster only, never `ray stop` (all of Ray)
+        bootstrap = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would also have removed
+        if bootstrap.exists() and f":{port}" in bootstrap.read_text():
+            bootstrap.unlink()
 
 
