@@ -181,6 +181,14 @@ def test_two_node_cluster(tiny_study_inputs: dict[str, Path], tmp_path: Path) ->
         study = optuna.load_study(study_name="cluster", storage=cfg.optuna_url)
         nodes = {t.user_attrs.get("node_id") for t in study.trials if t.state == TrialState.COMPLETE} - {None}
         assert len(nodes) == 2, [(t.number, t.state.name, t.user_attrs.get("reason")) for t in study.trials]
+
+        # With the cluster still up, a study given no address starts its own Ray instead of joining it.
+        beside = parse_study_config(study_raw_config(tiny_study_inputs, tmp_path, name="beside",
+                                                     study={"n_trials": 2, "concurrency": 1}))
+        run_study(beside, progress=False)
+        own = optuna.load_study(study_name="beside", storage=beside.optuna_url)
+        own_nodes = {t.user_attrs.get("node_id") for t in own.trials if t.state == TrialState.COMPLETE}
+        assert own_nodes and not own_nodes & nodes
     finally:
         assert kill_ray_processes(rf"[:=]{port}(?!\d)")  # this cluster only, never `ray stop` (all of Ray)
         bootstrap = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would also have removed
