@@ -26,8 +26,10 @@ from lsv_core.device import pick_device
 from lsv_core.errors import CheckpointError, ConfigError
 from lsv_core.evaluate import EvalResult, evaluate
 from lsv_core.models import AAMSoftmax, load_checkpoint
+from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.msft import FineTuneData, MsftSchedule, StageMetrics, msft
-from lsv_core.quant.recipe import BitRecipe, SpecLike
+from lsv_core.quant.quantize import latent_weight
+from lsv_core.quant.recipe import BitRecipe, SpecLike, quantizable_layers
 from lsv_core.quant.size import packed_size_bytes
 
 
@@ -96,9 +98,6 @@ class RecipeOutcome:
 
 def recipe_avg_bits(model: nn.Module, recipe: Mapping[str, Any]) -> float:
     """Weight-count-weighted mean bits over the quantizable layers (float layers count 32)."""
-    from lsv_core.quant.quantize import latent_weight
-    from lsv_core.quant.recipe import quantizable_layers
-
     modules = dict(model.named_modules())
     total = bits = 0
     for name in quantizable_layers(model):
@@ -112,7 +111,7 @@ class Workbench:
     """The float baseline, its AAM head, training features and evaluation trials, loaded once."""
 
     def __init__(self, model: nn.Module, head: nn.Module, train: FeatureStore, speakers: dict[str, int],
-                 eval_store: FeatureStore, trials: Trials) -> None:
+                 eval_store: FeatureStore, trials: Trials, codebook_dir: str | Path | None = None) -> None:
         self.model = model.eval()
         self.head = head
         self.train = train
@@ -120,17 +119,22 @@ class Workbench:
         self.eval_store = eval_store
         self.trials = trials
         self.fp32_bytes = packed_size_bytes(model, BitRecipe({}))
+        modules = dict(model.named_modules())
+        # Every recipe's first MSFT stage clusters baseline weights: those codebooks are computed once.
+        self.codebooks = InitialCodebooks({n: latent_weight(modules[n]) for n in quantizable_layers(model)},
+                                          directory=codebook_dir)
 
     @classmethod
     def load(cls, checkpoint: str | Path, paths: DataPaths, *, cache_dir: str | Path | None = None,
              max_trials: int | None = None, seed: int = 0, device: str = "auto",
              progress: bool = True, arch: str | None = None,
-             arch_kwargs: dict[str, Any] | None = None) -> Workbench:
+             arch_kwargs: dict[str, Any] | None = None, codebook_dir: str | Path | None = None) -> Workbench:
         """Load a baseline and the data it needs: a checkpoint written by ``lsv train`` (it keeps its AAM
         head), or a WeSpeaker ``avg_model.pt`` (give ``arch``; its ``projection.*`` head is used).
 
         The head's classes must be the training speakers in sorted order (as ``lsv train`` and WeSpeaker's
-        spk2id make them).
+        spk2id make them). ``codebook_dir`` keeps the baseline's initial k-means codebooks on disk, shared
+        by every workbench (worker) that points at it.
         """
         dev = pick_device(device)
         if Path(checkpoint).suffix in (".pt", ".pth"):
@@ -161,7 +165,7 @@ class Workbench:
         speakers = {u.utt: spk_index[u.speaker] for u in train_data}
         train = extract_features(train_data, cache_dir=cache_dir, progress=progress)
         eval_store = extract_features(eval_data, utts=trials.utterances, cache_dir=cache_dir, progress=progress)
-        return cls(model.to(dev), head.to(dev), train, speakers, eval_store, trials)
+        return cls(model.to(dev), head.to(dev), train, speakers, eval_store, trials, codebook_dir=codebook_dir)
 
     @property
     def device(self) -> torch.device:
@@ -194,7 +198,7 @@ class Workbench:
             return scored[-1].eer, scored[-1].min_dcf_001
 
         result = msft(model, recipe, data, schedule, callback=callback, sensitivity=sensitivity,
-                      progress=progress, final_eval=final_eval)
+                      progress=progress, final_eval=final_eval, codebooks=self.codebooks)
         # A run stopped early, or a recipe with no stage, has not been scored as a whole yet.
         final = scored[-1] if scored else evaluate(model, self.eval_store, self.trials, n_boot=n_boot,
                                                    seed=schedule.seed)

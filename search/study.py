@@ -153,7 +153,7 @@ def workbench_spec(config: StudyConfig) -> dict[str, Any]:
             "eval": str(eval_dir.resolve()), "trials": str(trials.resolve()),
             "cache_dir": str(config.data.cache_dir.resolve()), "max_trials": config.data.max_trials,
             "seed": config.study.seed, "device": config.resources.device, "arch": config.model.arch,
-            "arch_kwargs": config.model.arch_kwargs}
+            "arch_kwargs": config.model.arch_kwargs, "codebook_dir": str(config.study_dir / "codebooks")}
 
 
 def seed_recipes(config: StudyConfig, space: SearchSpace, model: Any, omega: dict | None) -> list[tuple[str, BitRecipe]]:

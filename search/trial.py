@@ -2,7 +2,8 @@
 
 A worker keeps its :class:`~lsv_core.workbench.Workbench` (baseline weights, AAM head, cached features)
 in a process-level cache, so with Ray Tune's actor reuse the data is loaded once per worker, not once
-per trial. Each MSFT stage is reported (for the stage-aware early stopper); the last report carries
+per trial. The baseline's initial codebooks per (layer, bits) live under ``runs/<study>/codebooks/``:
+computed once per study by whichever worker needs one first, then read by all. Each MSFT stage is reported (for the stage-aware early stopper); the last report carries
 ``final=True`` and the trial's metrics. Errors inside the trial (a diverging loss, a bad recipe) are
 reported as a final result with ``error`` set, so they are recorded as failed without Ray retrying a
 deterministic failure; a worker process that dies is retried by Ray (``FailureConfig``).
@@ -36,6 +37,7 @@ def workbench_for(spec: dict[str, Any]) -> Workbench:
             spec["checkpoint"], DataPaths(Path(spec["train"]), Path(spec["eval"]), Path(spec["trials"])),
             cache_dir=spec["cache_dir"], max_trials=spec["max_trials"], seed=spec["seed"],
             device=spec["device"], progress=False, arch=spec.get("arch"), arch_kwargs=spec.get("arch_kwargs"),
+            codebook_dir=spec.get("codebook_dir"),
         )
     return _WORKBENCHES[key]
 

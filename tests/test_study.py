@@ -57,6 +57,9 @@ def test_study_logs_every_trial_once_and_resumes(tiny_study_inputs: dict[str, Pa
     assert run0.data.metrics["size_bytes"] == study.trials[0].values[1]
     assert run0.data.params["bits.conv1"] == "1a"
     assert result.status.n_complete == len(complete) and result.status.pareto_size >= 1
+    # The baseline's initial codebooks were written once for the study's workers to share.
+    codebooks = sorted(p.name for p in (cfg.study_dir / "codebooks").glob("*.safetensors"))
+    assert codebooks and all(".k" in name for name in codebooks)
 
     resumed = run_study(cfg.with_overrides(n_trials=8), progress=False)
     assert resumed.resumed

@@ -8,6 +8,7 @@ Import from here::
 * ``BitRecipe`` / ``LayerSpec`` / ``QuantPolicy`` / ``apply_policy`` / ``quantizable_layers`` - what to
   quantize at which bit width;
 * ``quantize`` (in place) / ``recluster_all`` / ``KMQATConfig`` - quantization-aware training;
+  ``InitialCodebooks`` - the baseline's k-means codebooks, computed once for many recipes;
 * ``dequantized_state_dict`` / ``layer_codebooks`` / ``is_quantized`` / ``recipe_of`` - inspecting a
   quantized model;
 * ``packed_tensors`` / ``packed_size_bytes`` - the deployable size (the exact tensors
@@ -17,6 +18,7 @@ Import from here::
 from lsv_core.quant.binary import AdaptiveBinaryQuantizer, StaticBinaryQuantizer
 from lsv_core.quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from lsv_core.quant.codebook import CodebookQuantizer, KMQATConfig, WeightQuantizer
+from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.kmeans import kmeans_1d, kmeans_inertia, nearest_centroid
 from lsv_core.quant.quantize import (
     dequantized_state_dict,
@@ -46,6 +48,7 @@ __all__ = [
     "AdaptiveBinaryQuantizer",
     "BitRecipe",
     "CodebookQuantizer",
+    "InitialCodebooks",
     "KMQATConfig",
     "LayerSpec",
     "QuantPolicy",

@@ -30,6 +30,7 @@ from lsv_core.data.features import FeatureStore
 from lsv_core.data.trials import Trials
 from lsv_core.errors import ConfigError
 from lsv_core.quant.codebook import KMQATConfig
+from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.quantize import quantize, recluster_all
 from lsv_core.quant.recipe import BitRecipe, quantizable_layers
 
@@ -154,11 +155,13 @@ def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTune
          schedule: MsftSchedule = MsftSchedule(), *,
          callback: Callable[[int, StageMetrics], bool | None] | None = None,
          sensitivity: Mapping[str, float] | None = None, progress: bool = False,
-         final_eval: Callable[[nn.Module], tuple[float, float]] | None = None) -> MsftResult:
+         final_eval: Callable[[nn.Module], tuple[float, float]] | None = None,
+         codebooks: InitialCodebooks | None = None) -> MsftResult:
     """Quantize ``model`` (in place) to ``recipe`` in stages, fine-tuning after each one.
 
     ``final_eval(model) -> (eer, min_dcf)`` replaces the plain evaluation after the last stage, so a
     caller that scores the final model anyway (with a bootstrap CI) does not score it twice.
+    ``codebooks`` caches the initial codebooks of layers quantized straight from the baseline.
 
     ``callback(stage, metrics)`` is called after every stage (metrics include the stage's EER in percent
     when evaluation data is given); returning True stops before the next stage (``stopped_early``).
@@ -186,7 +189,7 @@ def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTune
     for i, group in enumerate(stages):
         t0 = time.monotonic()
         done.update({n: recipe[n] for n in group})
-        quantize(model, BitRecipe(done), seed=schedule.seed, config=schedule.kmqat)
+        quantize(model, BitRecipe(done), seed=schedule.seed, config=schedule.kmqat, codebooks=codebooks)
         reestimate_batchnorm(model, sampler, schedule.bn_reestimate_batches)
         steps = steps_per_stage[i]
         loss = float("nan")

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from lsv_core.quant.binary import AdaptiveBinaryQuantizer, StaticBinaryQuantizer
 from lsv_core.quant.codebook import CodebookQuantizer, KMQATConfig, WeightQuantizer
+from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.recipe import BitRecipe, LayerSpec, SpecLike
 
 __all__ = [
@@ -38,12 +39,17 @@ __all__ = [
 ]
 
 
-def make_quantizer(weight: Tensor, spec: LayerSpec, config: KMQATConfig, seed: int = 0) -> WeightQuantizer:
-    """The quantizer for ``spec``, initialised from ``weight`` (k-means / 2-means / nothing for static)."""
+def make_quantizer(weight: Tensor, spec: LayerSpec, config: KMQATConfig, seed: int = 0, *,
+                   name: str | None = None, codebooks: InitialCodebooks | None = None) -> WeightQuantizer:
+    """The quantizer for ``spec``, initialised from ``weight`` (k-means / 2-means / nothing for static);
+    with ``codebooks`` (and the layer's ``name``) the k-means result may come from that cache."""
     if spec.bits == 1 and spec.mode == "static":
         return StaticBinaryQuantizer(config)
     cls = AdaptiveBinaryQuantizer if spec.bits == 1 else CodebookQuantizer
-    return cls.from_weight(weight, spec.bits, config, seed=seed)
+    if codebooks is None or name is None:
+        return cls.from_weight(weight, spec.bits, config, seed=seed)
+    centroids = codebooks.centroids(name, weight, 2**spec.bits, seed=seed, max_iter=config.kmeans_max_iter)
+    return cls(centroids, spec.bits, config)
 
 
 def quantize(
@@ -52,6 +58,7 @@ def quantize(
     *,
     seed: int = 0,
     config: KMQATConfig | None = None,
+    codebooks: InitialCodebooks | None = None,
 ) -> nn.Module:
     """Quantize the recipe's layers of ``model`` in place and return ``model``.
 
@@ -66,6 +73,8 @@ def quantize(
         recipe: layer -> bits / (1, mode); see :class:`BitRecipe`. Validated against ``model``.
         seed: passed to k-means (which is deterministic; kept for reproducibility records).
         config: training behaviour of the new quantizers; default :class:`KMQATConfig()`.
+        codebooks: a cache of initial codebooks of the baseline (:class:`InitialCodebooks`); layers whose
+            weights are the baseline's take their k-means result from it (identical values, less time).
 
     Raises:
         ConfigError: a recipe layer is not a quantizable layer of ``model``.
@@ -82,7 +91,7 @@ def quantize(
                 continue
             # Drop the old quantizer and go back to the latent weight before re-quantizing.
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        quantizer = make_quantizer(module.weight, spec, config, seed=seed)
+        quantizer = make_quantizer(module.weight, spec, config, seed=seed, name=name, codebooks=codebooks)
         # unsafe=True skips parametrize's consistency probe (an extra forward through k-means-sized work);
         # the quantizer returns a tensor of the weight's shape and dtype by construction.
         parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
