@@ -84,7 +84,9 @@ def main() -> None:
             finished = [t for t in study.trials if t.state.is_finished()
                         and t.user_attrs.get("reason") != "duplicate of a running trial"]
             row = {"sampler": sampler, "variant": variant, "seed": seed, "steps": args.steps,
-                   "wall_s": time.monotonic() - t0}
+                   "wall_s": time.monotonic() - t0,
+                   "n_pruned": sum(t.state == TrialState.PRUNED for t in finished[:max(args.trials)]),
+                   "n_memoized": sum("memoized_from" in t.user_attrs for t in finished[:max(args.trials)])}
             for k in args.trials:
                 pts = [(t.values[0], t.values[1]) for t in finished[:k] if t.state == TrialState.COMPLETE]
                 row[f"hv@{k}"] = hypervolume(pts, ref, size_scale=fp32) if pts else 0.0
