@@ -210,7 +210,7 @@ def _summary_html(config: StudyConfig, points: Sequence[TrialPoint], baseline: B
         ("fp32 baseline", f"{baseline.size_bytes:,} bytes; EER "
                           f"{_fmt(baseline.eer, '.2f', ' %')} {_ci(baseline.eer_ci_low, baseline.eer_ci_high)}"
                           + (f" on {baseline.n_trials} trials" if baseline.n_trials else "")),
-        ("evaluation", f"{config.data.max_trials or 'all'} trials per model (data.max_trials), seed {config.study.seed}"),
+        ("evaluation", f"{config.data.max_trials or 'all'} trials per model (data.max_trials), subset seed {config.data.subset_seed}"),
         ("size budget", "-" if config.size_budget_bytes is None else f"{config.size_budget_bytes:,} bytes"),
         ("Pareto front", f"{n_front} trials; {n_ci_front} are not beaten beyond the bootstrap CI (CI-aware front)"),
         ("hypervolume", f"{hv:.4g} (reference EER {ref[0]:.2f} %, size {ref[1]:,.0f} bytes)"),

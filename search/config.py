@@ -68,6 +68,8 @@ class DataSection(_Section):
     trials: Path | None = None
     cache_dir: Path = Path("runs/cache")
     max_trials: int | None = Field(default=None, ge=10)
+    # Its own seed, not study.seed: studies that differ only in their search seed score on the same trials.
+    subset_seed: int = 0
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:

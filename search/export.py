@@ -214,7 +214,7 @@ def _reevaluate(config: StudyConfig, model: nn.Module) -> tuple[EvalResult, int]
     train, eval_dir, trials = config.data_paths()
     bench = Workbench.load(config.model.checkpoint, DataPaths(train, eval_dir, trials),
                            cache_dir=config.data.cache_dir, max_trials=config.data.max_trials,
-                           seed=config.study.seed, device="cpu", progress=False, arch=config.model.arch,
+                           seed=config.data.subset_seed, device="cpu", progress=False, arch=config.model.arch,
                            arch_kwargs=config.model.arch_kwargs)
     threads = torch.get_num_threads()
     # The workers ran with resources.cpu threads; the same count keeps float reductions in the same order.
@@ -467,7 +467,7 @@ def _how_found(config: StudyConfig, study: Any, chosen: TrialPoint, rule: Select
            is not None else "") + ".",
         f"Each trial: k-means codebooks per layer, then multi-stage fine-tuning (order `{msft.order}`, "
         f"{msft.total_steps} steps, lr {msft.lr:g}, centroids by `{msft.centroid_update}`), scored by cosine "
-        f"EER on {config.data.max_trials or 'all'} trials (seed {config.study.seed}).",
+        f"EER on {config.data.max_trials or 'all'} trials (subset seed {config.data.subset_seed}).",
         f"Selected by the rule: {rule.describe()}; objectives minimised together: EER and packed bytes"
         + (f" (size budget {config.size_budget_bytes:,} bytes)" if config.size_budget_bytes else "") + ".",
     ]

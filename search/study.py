@@ -152,7 +152,7 @@ def workbench_spec(config: StudyConfig) -> dict[str, Any]:
     return {"checkpoint": str(config.model.checkpoint.resolve()), "train": str(train.resolve()),
             "eval": str(eval_dir.resolve()), "trials": str(trials.resolve()),
             "cache_dir": str(config.data.cache_dir.resolve()), "max_trials": config.data.max_trials,
-            "seed": config.study.seed, "device": config.resources.device, "arch": config.model.arch,
+            "subset_seed": config.data.subset_seed, "device": config.resources.device, "arch": config.model.arch,
             "arch_kwargs": config.model.arch_kwargs, "codebook_dir": str(config.study_dir / "codebooks")}
 
 
@@ -268,7 +268,7 @@ def _baseline_sensitivity(config: StudyConfig) -> dict | None:
     train, eval_dir, trials = config.data_paths()
     bench = Workbench.load(config.model.checkpoint, DataPaths(train, eval_dir, trials),
                            cache_dir=config.data.cache_dir, max_trials=config.data.max_trials,
-                           seed=config.study.seed, device=config.resources.device, progress=False,
+                           seed=config.data.subset_seed, device=config.resources.device, progress=False,
                            arch=config.model.arch, arch_kwargs=config.model.arch_kwargs)
     # Cached beside the features: the traces depend on the baseline and its data, not on the study, so
     # every study (and every --fresh restart) of the same baseline reuses them.

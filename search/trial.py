@@ -35,7 +35,7 @@ def workbench_for(spec: dict[str, Any]) -> Workbench:
         _WORKBENCHES.clear()  # one study per worker at a time; free the previous one's memory
         _WORKBENCHES[key] = Workbench.load(
             spec["checkpoint"], DataPaths(Path(spec["train"]), Path(spec["eval"]), Path(spec["trials"])),
-            cache_dir=spec["cache_dir"], max_trials=spec["max_trials"], seed=spec["seed"],
+            cache_dir=spec["cache_dir"], max_trials=spec["max_trials"], seed=spec["subset_seed"],
             device=spec["device"], progress=False, arch=spec.get("arch"), arch_kwargs=spec.get("arch_kwargs"),
             codebook_dir=spec.get("codebook_dir"),
         )

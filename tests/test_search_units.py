@@ -205,3 +205,13 @@ def test_layer_sensitivity_picks_each_layers_omega_at_its_bits() -> None:
     assert layer_sensitivity(omega, recipe) == want
     assert layer_sensitivity(omega_json, recipe) == want
     assert layer_sensitivity(None, recipe) is None
+
+
+def test_evaluation_subset_does_not_follow_the_study_seed() -> None:
+    from search.study import workbench_spec
+
+    base = {"study": {"name": "x"}, "data": {"max_trials": 100}}
+    specs = [workbench_spec(parse_study_config({**base, "study": {"name": "x", "seed": s}})) for s in (0, 7)]
+    assert specs[0]["subset_seed"] == specs[1]["subset_seed"] == 0  # same trials whatever the search seed
+    moved = parse_study_config({**base, "data": {"max_trials": 100, "subset_seed": 3}})
+    assert workbench_spec(moved)["subset_seed"] == 3
