@@ -1,7 +1,8 @@
 """MLflow side of a study: one experiment per study, one parent run, one nested child run per Optuna trial.
 
 Only the driver process logs, from one background thread (:class:`TrackingThread`), so SQLite stays
-single-writer and trials never wait on MLflow; for a cluster point ``tracking_uri`` at an ``mlflow server``. Every call goes through an explicit :class:`mlflow.MlflowClient`: no global tracking
+single-writer and the driver does not wait on MLflow between trials; for a cluster point ``tracking_uri``
+at an ``mlflow server``. Every call goes through an explicit :class:`mlflow.MlflowClient`: no global tracking
 URI and no active run, because one process may track several studies and tests create many stores.
 
 Layout of a study in MLflow::
@@ -386,7 +387,6 @@ class StudyTracker:
                 self.client.log_artifact(run_id, str(renamed), folder)
 
 
-# -- module helpers --------------------------------------------------------------------------------
 class TrackingThread:
     """Runs tracking calls on one background thread, in the order they were submitted.
 
@@ -407,10 +407,6 @@ class TrackingThread:
         if not self._thread.is_alive():
             raise RuntimeError("the tracking thread is closed")
         self._queue.put((fn, args))
-
-    def drain(self) -> None:
-        """Wait until every submitted call has run."""
-        self._queue.join()
 
     def close(self) -> list[str]:
         """Run what is queued, stop the thread and return the errors of failed calls."""
@@ -435,6 +431,8 @@ class TrackingThread:
                 self._queue.task_done()
 
 
+
+# -- module helpers --------------------------------------------------------------------------------
 def _open_client(tracking_uri: str) -> mlflow.MlflowClient:
     if not isinstance(tracking_uri, str) or not tracking_uri:
         raise ConfigError(
