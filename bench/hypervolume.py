@@ -1,7 +1,7 @@
 """Search quality: hypervolume after 16/32/64 trials for tpe, nsga2 and random, with and without the
 seed trials (uniform + allocator recipes) and the stage-aware early stopper, over several seeds.
 
-Hypervolume uses the project's reference point (dashboards.pareto.reference_point: 2 x the baseline's
+Hypervolume uses the project's reference point (search.pareto.reference_point: 2 x the baseline's
 EER, fp32 bytes) with sizes normalised by fp32 bytes, so numbers are comparable across runs. It is
 computed over the first k finished trials of each study (prefix), so one 64-trial study gives all three
 checkpoints. Run through ../shared/loopback-only (it starts Ray).
@@ -24,10 +24,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from dashboards.pareto import hypervolume, reference_point
 from lsv_core.models import load_checkpoint
 from lsv_core.quant import BitRecipe, packed_size_bytes
 from search.config import parse_study_config
+from search.pareto import hypervolume, reference_point
 from search.study import run_study
 
 

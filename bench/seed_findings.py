@@ -1,6 +1,6 @@
 """Benchmark: the paper's four findings on the embedded benchmark, over fine-tuning seeds.
 
-Claims checked (METHOD.md, "known"; TASLP 2024 abstract):
+Claims checked (docs/method.md, "known"; TASLP 2024 abstract):
 
 1. 4-bit KMQAT is lossless: its EER lies inside the 95 % CI of the float model, at >= 7.5x compression of
    the embedding network (the paper's "about 8x"; here checked both for the whole packed model and for the
@@ -29,7 +29,7 @@ Rows (each quantizes the trained baseline afresh, fine-tunes, scores all trials)
   bits (bit choices 1, 2, 3, 4, 8; adaptive binary), MSFT ``order="bits"`` (lowest bits first);
   ``mixed@{3,2}b-oneshot`` (same recipe, one-shot) separates the allocation from the schedule.
 
-The sensitivities Ω (Hutchinson traces x k-means error, METHOD.md) are computed once with seed 0 and
+The sensitivities Ω (Hutchinson traces x k-means error, docs/method.md) are computed once with seed 0 and
 cached, so every seed fine-tunes the same mixed recipe; the seed changes the fine-tuning sampler, the
 torch initialisation and the k-means seed. EER is in percent; its 95 % CI is a percentile bootstrap over
 trials of each seed's model (``bootstrap_eer_ci``); the table gives mean ± sample std over seeds and the
@@ -65,7 +65,7 @@ from lsv_core.atomic import write_text_atomic  # noqa: E402
 from lsv_core.quant import BitRecipe, KMQATConfig, packed_tensors, quantizable_layers  # noqa: E402
 from lsv_core.quant.msft import MsftSchedule  # noqa: E402
 from lsv_core.quant.sensitivity import allocate_bits  # noqa: E402
-from lsv_core.workbench import DataPaths, Workbench  # noqa: E402
+from lsv_core.workbench import DataPaths, Workbench, WorkbenchSpec  # noqa: E402
 
 COMPRESSION_TARGET = 7.5  # claim 1: "about 8x"; the bar we hold 4 bit to
 MIXED_BIT_CHOICES = (1, 2, 3, 4, 8)
@@ -333,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     max_trials = args.max_trials if args.max_trials is not None else (15000 if args.quick else None)
 
     t_start = time.monotonic()
-    bench = Workbench.load(args.checkpoint, DataPaths.corpus(args.corpus), cache_dir=args.cache_dir,
-                           max_trials=max_trials, seed=0, device=args.device, progress=False)
+    bench = Workbench.load(WorkbenchSpec(Path(args.checkpoint), DataPaths.corpus(args.corpus),
+                                         cache_dir=Path(args.cache_dir), max_trials=max_trials, subset_seed=0,
+                                         device=args.device), progress=False)
     t0 = time.monotonic()
     omega = bench.sensitivities(cache_path=Path(args.cache_dir) / "hessian_traces.json", seed=0)
     t_sens = time.monotonic() - t0

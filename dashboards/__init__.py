@@ -1,37 +1,9 @@
-"""Dashboards of a study: the Pareto math, its figures and the static HTML report.
+"""Dashboards of a study: its figures (:mod:`dashboards.plots`) and the static HTML report.
 
-Import from here: ``TrialPoint``, ``load_points``, ``pareto_front``, ``pareto_ranks``, ``hypervolume``,
-``knee_point``, ``refresh_pareto_tags``, ``write_report``. Figures are in :mod:`dashboards.plots`.
+The Pareto math and the reading of results live in :mod:`search.pareto` and :mod:`search.results`; this
+package only draws them (dashboards import search, never the reverse).
 """
 
-from dashboards.pareto import (
-    TrialPoint,
-    best_eer_with_size_at_most,
-    hypervolume,
-    hypervolume_history,
-    knee_point,
-    load_points,
-    load_points_from_mlflow,
-    pareto_front,
-    pareto_ranks,
-    reference_point,
-    refresh_pareto_tags,
-    smallest_with_eer_at_most,
-)
 from dashboards.report import write_report
 
-__all__ = [
-    "TrialPoint",
-    "best_eer_with_size_at_most",
-    "hypervolume",
-    "hypervolume_history",
-    "knee_point",
-    "load_points",
-    "load_points_from_mlflow",
-    "pareto_front",
-    "pareto_ranks",
-    "reference_point",
-    "refresh_pareto_tags",
-    "smallest_with_eer_at_most",
-    "write_report",
-]
+__all__ = ["write_report"]

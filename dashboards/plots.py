@@ -7,7 +7,7 @@
 * :func:`hypervolume_figure` / :func:`save_hypervolume_png`: hypervolume after each trial.
 * :func:`bits_heatmap_figure` / :func:`save_bits_heatmap_png`: per-layer bit widths of the front.
 * :func:`sensitivity_figure` / :func:`save_sensitivity_png`: per-layer Hessian traces, when the study
-  were computed for the baseline (``<cache_dir>/hessian_traces.json``; :func:`read_hessian_traces`).
+  computed them (the study record holds them).
 
 PNGs come from matplotlib (Agg, no pyplot state): plotly's own PNG export needs kaleido and a Chrome
 download at run time, which offline machines cannot do. EER is in percent, sizes in bytes.
@@ -16,14 +16,14 @@ download at run time, which offline machines cannot do. EER is in percent, sizes
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dashboards.pareto import TrialPoint, hypervolume_history, pareto_front, pareto_ranks
+from lsv_core.quant.recipe import ALLOWED_BITS, LayerSpec
+from search.pareto import TrialPoint, hypervolume_history, pareto_front, pareto_ranks
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -36,7 +36,6 @@ __all__ = [
     "figure_html",
     "hypervolume_figure",
     "pareto_figure",
-    "read_hessian_traces",
     "save_bits_heatmap_png",
     "save_hypervolume_png",
     "save_pareto_png",
@@ -50,7 +49,7 @@ OTHER_COLOR = "#7f7f7f"
 SEED_COLOR = "#1f77b4"
 BASELINE_COLOR = "#2ca02c"
 # Heatmap colour positions per bit width: ordinal, so 8 and float do not squash 1-4 together.
-_BIT_LEVELS = (1, 2, 3, 4, 8, 32)
+_BIT_LEVELS = (*ALLOWED_BITS, 32)
 
 
 @dataclass(frozen=True)
@@ -75,20 +74,14 @@ class Baseline:
 
 # -- shared helpers -----------------------------------------------------------------------------------------
 def bits_token(spec: Any) -> str:
-    """A recipe entry as text: ``"4"``, ``"1a"`` / ``"1s"`` (adaptive / static 1 bit), ``"fp32"``."""
-    if spec is None:
-        return "fp32"
-    if isinstance(spec, Mapping):
-        bits = int(spec.get("bits", 32))
-        return f"1{str(spec.get('mode') or 'adaptive')[0]}" if bits == 1 else str(bits)
-    if isinstance(spec, (list, tuple)):
-        return f"1{str(spec[1])[0]}" if int(spec[0]) == 1 else str(int(spec[0]))
-    return "1a" if int(spec) == 1 else str(int(spec))
+    """A recipe entry as text: its :attr:`LayerSpec.token` (``"4"``, ``"1a"``, ``"1s"``), ``"fp32"`` for float."""
+    parsed = LayerSpec.parse(spec)
+    return "fp32" if parsed is None else parsed.token
 
 
 def _bits_of(spec: Any) -> int:
-    token = bits_token(spec)
-    return 32 if token == "fp32" else int(token[0] if token.startswith("1") else token)
+    parsed = LayerSpec.parse(spec)
+    return 32 if parsed is None else parsed.bits
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -96,7 +89,7 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def layer_names(points: Sequence[TrialPoint], layer_order: Sequence[str] | None = None) -> list[str]:
+def _layer_names(points: Sequence[TrialPoint], layer_order: Sequence[str] | None = None) -> list[str]:
     """Layers named by any recipe, in ``layer_order`` (the model's order) or natural name order."""
     named = {name for p in points for name in p.recipe}
     if layer_order is not None:
@@ -150,7 +143,7 @@ def pareto_figure(points: Sequence[TrialPoint], *, baseline: Baseline | None = N
 
     ranks = pareto_ranks(points)
     front = set(pareto_front(points))
-    layers = layer_names(points, layer_order)
+    layers = _layer_names(points, layer_order)
     fig = go.Figure()
     groups = (
         ("other trials", [i for i in range(len(points)) if i not in front and not points[i].seed], OTHER_COLOR,
@@ -228,7 +221,7 @@ def _heatmap_data(points: Sequence[TrialPoint], front: Sequence[int],
         if key not in seen:
             seen.add(key)
             rows.append(points[i])
-    layers = layer_names(rows, layer_order)
+    layers = _layer_names(rows, layer_order)
     labels = [f"#{p.number} {p.eer:.2f} % {p.size_bytes / 1e3:,.1f} kB" for p in rows]
     z = [[_BIT_LEVELS.index(_bits_of(p.recipe.get(n))) for n in layers] for p in rows]
     text = [[bits_token(p.recipe.get(n)) for n in layers] for p in rows]
@@ -386,29 +379,3 @@ def save_sensitivity_png(traces: Mapping[str, float], path: str | Path) -> Path:
     ax.grid(True, axis="y", alpha=0.3)
     fig.savefig(path)
     return Path(path)
-
-
-# -- inputs -------------------------------------------------------------------------------------------------
-def read_hessian_traces(path: str | Path, *, model_digest: str | None = None) -> dict[str, float] | None:
-    """Per-layer Hessian traces from a sensitivity cache (:func:`lsv_core.quant.sensitivity.cached_hessian_traces`).
-
-    The file holds ``{"version": 1, "entries": {key: {"model": digest, "layers": [...], "traces": {...}}}}``,
-    possibly for several models (the cache is shared by every study of a feature cache folder);
-    ``model_digest`` (``state_dict_digest`` of the baseline) picks that model's entry and never another
-    model's; without it the last entry is used. Returns None when the file is absent, unreadable, empty or
-    has no entry for the model, so a report without sensitivities still renders.
-    """
-    path = Path(path)
-    try:
-        entries = json.loads(path.read_text()).get("entries") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    candidates = [e for e in entries.values() if isinstance(e, Mapping) and isinstance(e.get("traces"), Mapping)]
-    if model_digest is not None:
-        candidates = [e for e in candidates if e.get("model") == model_digest]
-    if not candidates:
-        return None
-    traces = candidates[-1]["traces"]
-    order = candidates[-1].get("layers") or list(traces)
-    out = {name: float(traces[name]) for name in order if name in traces}
-    return {k: v for k, v in out.items() if math.isfinite(v)} or None

@@ -1,6 +1,7 @@
 """The study report: one static ``index.html`` (opens from disk, no server, no network) plus PNGs.
 
-``write_report(config)`` reads the study from its Optuna storage (the source of truth), writes
+``write_report(config)`` reads the study from its Optuna storage (the source of truth: its trials and
+its record, :mod:`search.record`, with the baseline's layer order, size, EER and Hessian traces), writes
 ``runs/<study>/report/``::
 
     index.html         interactive plots (plotly.js inlined once) and a table of the Pareto front
@@ -29,33 +30,24 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dashboards.pareto import (
-    TrialPoint,
-    hypervolume,
-    knee_point,
-    load_points,
-    pareto_front,
-    pareto_ranks,
-    reference_point,
-    refresh_pareto_tags,
-)
 from dashboards.plots import (
     Baseline,
     bits_heatmap_figure,
     figure_html,
     hypervolume_figure,
     pareto_figure,
-    read_hessian_traces,
     save_bits_heatmap_png,
     save_hypervolume_png,
     save_pareto_png,
     save_sensitivity_png,
     sensitivity_figure,
 )
+from lsv_core.atomic import replace_dir
+from search.pareto import TrialPoint, hypervolume, knee_point, pareto_front, pareto_ranks, reference_point
+from search.record import StudyRecord, read_record
+from search.results import load_points, refresh_pareto_tags, study_status
 
 if TYPE_CHECKING:
-    import optuna
-
     from search.config import StudyConfig
 
 __all__ = ["study_baseline", "write_report"]
@@ -63,32 +55,13 @@ __all__ = ["study_baseline", "write_report"]
 log = logging.getLogger(__name__)
 
 
-def study_baseline(config: StudyConfig, study: optuna.Study | None = None) -> tuple[Baseline, list[str] | None, str | None]:
-    """The fp32 reference of a study: ``(Baseline, quantizable layer order, state_dict digest)``.
-
-    Size: the study's ``fp32_bytes`` (``packed_size_bytes`` of the float model, what the size objective
-    is measured against). EER: the checkpoint's own evaluation (``lsv train`` stores it; a WeSpeaker
-    ``.pt`` has none), which may be on more trials than the study's ``data.max_trials`` subset;
-    ``Baseline.n_trials`` says how many.
-    """
-    from lsv_core.quant import BitRecipe, packed_size_bytes, quantizable_layers
-    from lsv_core.quant.sensitivity import state_dict_digest
-    from search.study import load_baseline
-
-    fp32 = study.user_attrs.get("fp32_bytes") if study is not None else None
-    try:
-        model, meta = load_baseline(config)
-    except Exception as err:  # the report must still render for a study whose baseline moved
-        log.warning("cannot read the baseline %s (%s); the report shows no fp32 reference EER",
-                    config.model.checkpoint, err)
-        return Baseline(size_bytes=int(fp32 or 0)), None, None
-    ev = meta.get("eval") or {}
-    baseline = Baseline(
-        size_bytes=int(fp32 if fp32 is not None else packed_size_bytes(model, BitRecipe({}))),
-        eer=ev.get("eer"), eer_ci_low=ev.get("eer_ci_low"), eer_ci_high=ev.get("eer_ci_high"),
-        n_trials=ev.get("n_trials"),
-    )
-    return baseline, quantizable_layers(model), state_dict_digest(model)
+def study_baseline(record: StudyRecord, fp32_fallback: int | None = None) -> Baseline:
+    """The fp32 reference of a study, from its record: packed fp32 bytes (what the size objective is
+    measured against) and the checkpoint's own evaluation (``lsv train`` stores it; a WeSpeaker ``.pt``
+    has none), which may use more trials than the study's ``data.max_trials`` subset (``n_trials``)."""
+    ev = record.baseline_eval or {}
+    return Baseline(size_bytes=int(record.fp32_bytes or fp32_fallback or 0), eer=ev.get("eer"),
+                    eer_ci_low=ev.get("eer_ci_low"), eer_ci_high=ev.get("eer_ci_high"), n_trials=ev.get("n_trials"))
 
 
 def write_report(config: StudyConfig, out_dir: str | os.PathLike[str] | None = None, *,
@@ -99,30 +72,26 @@ def write_report(config: StudyConfig, out_dir: str | os.PathLike[str] | None = N
     are refreshed and the folder is logged to the parent run (skipped, with a warning, when the study has
     no MLflow parent run yet).
     """
-    from lsv_core.errors import ConfigError
-    from search.study import open_study, study_status
-
-    if not (config.study_dir / "study.json").exists():
-        raise ConfigError(f"study {config.study.name!r} has not been run yet (no {config.study_dir / 'study.json'})")
-    study = open_study(config, create=False)
+    record, study = read_record(config)
     out = Path(out_dir) if out_dir is not None else config.study_dir / "report"
     points = load_points(study)
-    baseline, layer_order, digest = study_baseline(config, study)
+    baseline = study_baseline(record, study.user_attrs.get("fp32_bytes"))
+    layer_order = list(record.layers) if record.layers else None
     status = study_status(study, config.size_budget_bytes)
-    traces = read_hessian_traces(config.data.cache_dir / "hessian_traces.json", model_digest=digest)
+    traces = dict(record.hessian_traces) if record.hessian_traces else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared/served
     try:
         _render(tmp, config, points, baseline, layer_order, traces, status)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out, overwrite=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
     if log_to_mlflow:
-        _log_to_mlflow(config, study, points, out)
+        _log_to_mlflow(config, points, out)
     return out / "index.html"
 
 
@@ -252,18 +221,7 @@ def _page(title: str, body: str) -> str:
             f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` in for ``target`` by two renames: ``target`` is never a mix of old and new files."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _log_to_mlflow(config: StudyConfig, study: optuna.Study, points: list[TrialPoint], out: Path) -> None:
+def _log_to_mlflow(config: StudyConfig, points: list[TrialPoint], out: Path) -> None:
     from search.tracking import StudyTracker
 
     tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=config.study_dir / "mlartifacts")

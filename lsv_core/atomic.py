@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lsv_core.errors import LsvError
 
-class RefuseOverwrite(FileExistsError):
+
+class RefuseOverwrite(LsvError, FileExistsError):
     """The target exists and the caller did not ask to overwrite it."""
 
 
@@ -45,3 +49,25 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, overwrite: boo
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def replace_dir(new: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Move the finished folder ``new`` onto ``target`` by renames (same filesystem).
+
+    A reader sees the old folder or the complete new one, never a mix. An existing ``target`` is replaced
+    only with ``overwrite`` (it is renamed aside first, then deleted).
+    """
+    new, target = Path(new), Path(target)
+    old = None
+    if target.exists():
+        if not overwrite:
+            raise RefuseOverwrite(f"{target} exists; pass overwrite=True (CLI: --force) to replace it")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    return target

@@ -8,6 +8,7 @@ works on a fresh copy. EER is in percent; sizes are exact packed bytes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Mapping
@@ -29,8 +30,8 @@ from lsv_core.models import AAMSoftmax, load_checkpoint
 from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.msft import FineTuneData, MsftSchedule, StageMetrics, msft
 from lsv_core.quant.quantize import latent_weight
-from lsv_core.quant.recipe import BitRecipe, SpecLike, quantizable_layers
-from lsv_core.quant.size import packed_size_bytes
+from lsv_core.quant.recipe import ALLOWED_BITS, BitRecipe, SpecLike, quantizable_layers
+from lsv_core.quant.size import average_bits, packed_size_bytes
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,54 @@ class DataPaths:
         """The layout ``lsv corpus synth`` writes: ``train/``, ``eval/``, ``eval/trials``."""
         root = Path(root)
         return cls(root / "train", root / "eval", root / "eval" / "trials")
+
+    def resolved(self) -> DataPaths:
+        return DataPaths(self.train.resolve(), self.eval.resolve(), self.trials.resolve())
+
+
+@dataclass(frozen=True)
+class WorkbenchSpec:
+    """Everything :meth:`Workbench.load` needs, as plain data: the one form in which a study's config
+    reaches the driver, the trial workers, ``lsv quantize`` and export (:meth:`to_dict` travels to Ray).
+
+    ``checkpoint`` is ours (``lsv train``; it keeps its AAM head) or a WeSpeaker ``avg_model.pt`` (then
+    ``arch``/``arch_kwargs`` name its architecture). ``max_trials`` scores on a seeded subset
+    (``subset_seed``) of the trial list. ``codebook_dir`` keeps the baseline's initial k-means codebooks
+    on disk, shared by every workbench that points at it.
+    """
+
+    checkpoint: Path
+    data: DataPaths
+    arch: str | None = None
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None
+    max_trials: int | None = None
+    subset_seed: int = 0
+    device: str = "auto"
+    codebook_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (paths as strings)."""
+        def text(p: Path | None) -> str | None:
+            return None if p is None else str(p)
+
+        return {"checkpoint": str(self.checkpoint), "train": str(self.data.train), "eval": str(self.data.eval),
+                "trials": str(self.data.trials), "arch": self.arch, "arch_kwargs": dict(self.arch_kwargs),
+                "cache_dir": text(self.cache_dir), "max_trials": self.max_trials, "subset_seed": self.subset_seed,
+                "device": self.device, "codebook_dir": text(self.codebook_dir)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WorkbenchSpec:
+        def path(v: str | None) -> Path | None:
+            return None if v is None else Path(v)
+
+        return cls(checkpoint=Path(d["checkpoint"]), data=DataPaths(Path(d["train"]), Path(d["eval"]), Path(d["trials"])),
+                   arch=d.get("arch"), arch_kwargs=dict(d.get("arch_kwargs") or {}), cache_dir=path(d.get("cache_dir")),
+                   max_trials=d.get("max_trials"), subset_seed=int(d.get("subset_seed", 0)),
+                   device=d.get("device", "auto"), codebook_dir=path(d.get("codebook_dir")))
+
+    def replace(self, **changes: Any) -> WorkbenchSpec:
+        return dataclasses.replace(self, **changes)
 
 
 def subset_trials(trials: Trials, max_trials: int | None, seed: int = 0) -> Trials:
@@ -83,7 +132,7 @@ class RecipeOutcome:
 
     @property
     def avg_bits(self) -> float:
-        return recipe_avg_bits(self.model, self.recipe)
+        return average_bits(self.model, self.recipe)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -94,17 +143,6 @@ class RecipeOutcome:
             "stopped_early": self.stopped_early, "wall_s": self.wall_s,
             "stages": [asdict(s) for s in self.stages],
         }
-
-
-def recipe_avg_bits(model: nn.Module, recipe: Mapping[str, Any]) -> float:
-    """Weight-count-weighted mean bits over the quantizable layers (float layers count 32)."""
-    modules = dict(model.named_modules())
-    total = bits = 0
-    for name in quantizable_layers(model):
-        n = latent_weight(modules[name]).numel()
-        total += n
-        bits += n * (recipe[name].bits if name in recipe else 32)
-    return bits / max(1, total)
 
 
 class Workbench:
@@ -125,25 +163,21 @@ class Workbench:
                                           directory=codebook_dir)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, paths: DataPaths, *, cache_dir: str | Path | None = None,
-             max_trials: int | None = None, seed: int = 0, device: str = "auto",
-             progress: bool = True, arch: str | None = None,
-             arch_kwargs: dict[str, Any] | None = None, codebook_dir: str | Path | None = None) -> Workbench:
-        """Load a baseline and the data it needs: a checkpoint written by ``lsv train`` (it keeps its AAM
-        head), or a WeSpeaker ``avg_model.pt`` (give ``arch``; its ``projection.*`` head is used).
+    def load(cls, spec: WorkbenchSpec, *, progress: bool = True) -> Workbench:
+        """Load the baseline and the data ``spec`` names (see :class:`WorkbenchSpec`).
 
         The head's classes must be the training speakers in sorted order (as ``lsv train`` and WeSpeaker's
-        spk2id make them). ``codebook_dir`` keeps the baseline's initial k-means codebooks on disk, shared
-        by every workbench (worker) that points at it.
+        spk2id make them).
         """
-        dev = pick_device(device)
+        checkpoint, paths, arch = spec.checkpoint, spec.data, spec.arch
+        dev = pick_device(spec.device)
         if Path(checkpoint).suffix in (".pt", ".pth"):
             from lsv_core.models import build_model, load_state_strict, read_wespeaker_state_dict
 
             if arch is None:
                 raise ConfigError(f"{checkpoint} is a WeSpeaker state dict: give its architecture (model.arch)")
             backbone, head_state = read_wespeaker_state_dict(checkpoint)
-            model = build_model(arch, **(arch_kwargs or {}))
+            model = build_model(arch, **dict(spec.arch_kwargs))
             load_state_strict(model, backbone, str(checkpoint))
         else:
             model, meta = load_checkpoint(checkpoint, with_extra=True)
@@ -160,12 +194,12 @@ class Workbench:
         head = AAMSoftmax(embed_dim, n_classes)
         head.load_state_dict(head_state)
         eval_data = read_data(paths.eval)
-        trials = subset_trials(read_trials(paths.trials, eval_data), max_trials, seed)
+        trials = subset_trials(read_trials(paths.trials, eval_data), spec.max_trials, spec.subset_seed)
         spk_index = {s: i for i, s in enumerate(speakers_sorted)}
         speakers = {u.utt: spk_index[u.speaker] for u in train_data}
-        train = extract_features(train_data, cache_dir=cache_dir, progress=progress)
-        eval_store = extract_features(eval_data, utts=trials.utterances, cache_dir=cache_dir, progress=progress)
-        return cls(model.to(dev), head.to(dev), train, speakers, eval_store, trials, codebook_dir=codebook_dir)
+        train = extract_features(train_data, cache_dir=spec.cache_dir, progress=progress)
+        eval_store = extract_features(eval_data, utts=trials.utterances, cache_dir=spec.cache_dir, progress=progress)
+        return cls(model.to(dev), head.to(dev), train, speakers, eval_store, trials, codebook_dir=spec.codebook_dir)
 
     @property
     def device(self) -> torch.device:
@@ -219,17 +253,11 @@ class Workbench:
         sampler = CropSampler(self.train, self.speakers, batch_size=batch_size, seed=seed)
         return [next(sampler) for _ in range(n_batches)]
 
-    def sensitivities(self, *, bit_choices: tuple[int, ...] = (1, 2, 3, 4, 8), n_probes: int = 16,
-                      n_batches: int = 2, cache_path: str | Path | None = None,
-                      seed: int = 0) -> dict[str, dict[int, float]]:
-        """Per-layer Ω(b) = Tr(H) · ||W − Q_b(W)||² (METHOD.md), with traces cached per model."""
-        from lsv_core.quant.sensitivity import (
-            cached_hessian_traces,
-            hessian_traces,
-            quantization_errors,
-            sensitivity,
-            state_dict_digest,
-        )
+    def hessian_traces(self, *, n_probes: int = 16, n_batches: int = 2, cache_path: str | Path | None = None,
+                       seed: int = 0) -> dict[str, float]:
+        """Per-layer Hutchinson traces Tr(H) of the baseline's training loss (docs/method.md), cached per
+        model, head and training data in ``cache_path`` when given."""
+        from lsv_core.quant.sensitivity import cached_hessian_traces, hessian_traces, state_dict_digest
 
         head = copy.deepcopy(self.head)
         head.update(0.2)
@@ -242,9 +270,18 @@ class Workbench:
 
         batches = self.loss_batches(n_batches, seed=seed)
         if cache_path is not None:
-            traces = cached_hessian_traces(self.model, loss_fn, batches, cache_path, n_probes=n_probes, seed=seed,
-                                           data_key=f"{state_dict_digest(head)}/{self._train_digest()}/{n_batches}")
-        else:
-            traces = hessian_traces(self.model, loss_fn, batches, n_probes=n_probes, seed=seed)
+            return cached_hessian_traces(self.model, loss_fn, batches, cache_path, n_probes=n_probes, seed=seed,
+                                         data_key=f"{state_dict_digest(head)}/{self._train_digest()}/{n_batches}")
+        return hessian_traces(self.model, loss_fn, batches, n_probes=n_probes, seed=seed)
+
+    def sensitivities(self, *, bit_choices: tuple[int, ...] = ALLOWED_BITS, n_probes: int = 16,
+                      n_batches: int = 2, cache_path: str | Path | None = None, seed: int = 0,
+                      traces: Mapping[str, float] | None = None) -> dict[str, dict[int, float]]:
+        """Per-layer Ω(b) = Tr(H) · ||W − Q_b(W)||² (docs/method.md); ``traces`` from :meth:`hessian_traces`
+        (computed here when not given)."""
+        from lsv_core.quant.sensitivity import quantization_errors, sensitivity
+
+        if traces is None:
+            traces = self.hessian_traces(n_probes=n_probes, n_batches=n_batches, cache_path=cache_path, seed=seed)
         errors = quantization_errors(self.model, bit_choices, seed=seed)
         return sensitivity(traces, errors)

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +18,12 @@ from rich.console import Console
 from lsv_core.atomic import RefuseOverwrite, write_text_atomic
 from lsv_core.errors import LsvError
 
+__all__ = ["COMMAND_GROUP", "build_parser", "main"]
+
 console = Console(stderr=True, soft_wrap=True)
+# Other packages add subcommands through this entry-point group: ``f(subparsers)`` adds a parser whose
+# ``func(args) -> int`` runs it. The dashboards package adds ``report`` so that search never imports it.
+COMMAND_GROUP = "lsv.commands"
 
 
 def _corpus_synth(args: argparse.Namespace) -> int:
@@ -30,9 +36,11 @@ def _corpus_synth(args: argparse.Namespace) -> int:
 
 
 def _corpus_paths(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
+    from lsv_core.workbench import DataPaths
+
     if args.corpus is not None:
-        root = Path(args.corpus)
-        return root / "train", root / "eval", root / "eval" / "trials"
+        paths = DataPaths.corpus(args.corpus)
+        return paths.train, paths.eval, paths.trials
     if args.train is None:
         raise LsvError("give --corpus DIR (with train/ and eval/) or --train DIR [--eval DIR --trials FILE]")
     return Path(args.train), (Path(args.eval) if args.eval else None), (Path(args.trials) if args.trials else None)
@@ -82,7 +90,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from lsv_core.quant.codebook import KMQATConfig
     from lsv_core.quant.msft import MsftSchedule
     from lsv_core.quant.sensitivity import allocate_bits
-    from lsv_core.workbench import DataPaths, Workbench
+    from lsv_core.workbench import DataPaths, Workbench, WorkbenchSpec
 
     if args.out is not None and args.out.exists() and not args.force:
         raise RefuseOverwrite(f"{args.out} exists; pass --force to replace it")
@@ -91,8 +99,9 @@ def _quantize(args: argparse.Namespace) -> int:
         raise LsvError("quantize needs evaluation data: --corpus DIR, or --eval DIR and --trials FILE")
     schedule = MsftSchedule(order=args.msft, total_steps=args.steps, lr=args.lr, seed=args.seed,
                             kmqat=KMQATConfig(centroid_update=args.centroids))
-    bench = Workbench.load(args.model, DataPaths(train_dir, eval_dir, trials), cache_dir=args.cache,
-                           max_trials=args.max_trials, seed=args.seed, device=args.device)
+    spec = WorkbenchSpec(checkpoint=args.model, data=DataPaths(train_dir, eval_dir, trials), cache_dir=args.cache,
+                         max_trials=args.max_trials, subset_seed=args.seed, device=args.device)
+    bench = Workbench.load(spec)
     omega = None
     if args.recipe is not None:
         recipe = BitRecipe.load(args.recipe)
@@ -141,12 +150,12 @@ def _status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from search.config import load_study_config
-    from search.study import open_study, study_status
+    from search.record import read_record
+    from search.results import study_status
 
     config = load_study_config(args.study)
-    if not (config.study_dir / "study.json").exists():
-        raise LsvError(f"study {config.study.name!r} has not been run yet (no {config.study_dir / 'study.json'})")
-    st = study_status(open_study(config, create=False), config.size_budget_bytes)
+    _, study = read_record(config)
+    st = study_status(study, config.size_budget_bytes)
     if args.json:
         print(json.dumps(asdict(st), indent=2))
     else:
@@ -156,26 +165,18 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from dashboards.report import write_report
-    from search.config import load_study_config
-
-    config = load_study_config(args.study)
-    index = write_report(config, args.out, log_to_mlflow=not args.no_mlflow)
-    console.print(f"[green]report[/] {index} (a static page: open it in a browser, no server needed)")
-    return 0
-
-
 def _export(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from search.config import load_study_config
-    from search.export import SelectionRule, export_model
+    from search.selection import SelectionRule
+    from search.trial_export import ExportOptions, export_trial
 
     config = load_study_config(args.study)
     rule = SelectionRule(trial=args.trial, max_size_mb=args.max_size_mb, max_eer=args.max_eer, knee=args.knee)
-    result = export_model(config, rule, args.out, force=args.force, register=not args.no_register,
-                          eer_tolerance=args.eer_tolerance, alias=args.alias)
+    options = ExportOptions(force=args.force, register=not args.no_register, eer_tolerance=args.eer_tolerance,
+                            alias=args.alias)
+    result = export_trial(config, rule, args.out, options)
     for note in result.notes:
         console.print(f"[yellow]warning:[/] {note}")
     console.print(f"[green]exported[/] {result.line()}")
@@ -184,6 +185,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lsv_core.quant.codebook import CENTROID_UPDATES, KMQATConfig
+    from lsv_core.quant.msft import ORDERS, MsftSchedule
+    from lsv_core.quant.recipe import ALLOWED_BITS, DEFAULT_BINARY_MODE, binary_modes
+    from lsv_core.settings import default_of
+    from search.trial_export import ExportOptions
+
     p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -236,15 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a baseline with a bit recipe (k-means codebooks + MSFT)")
     q.add_argument("--model", required=True, type=Path, help="baseline checkpoint written by `lsv train`")
     how = q.add_mutually_exclusive_group(required=True)
-    how.add_argument("--bits", type=int, choices=[1, 2, 3, 4, 8], help="uniform precision")
+    how.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="uniform precision")
     how.add_argument("--recipe", type=Path, help="recipe file (.json or .toml): layer -> bits")
     how.add_argument("--budget-mb", type=float, help="mixed precision from the Hessian allocator (MB = 1e6 B)")
-    q.add_argument("--binary-mode", choices=["static", "adaptive"], default="adaptive")
-    q.add_argument("--msft", choices=["bits", "sensitivity", "depth", "one_shot"], default="bits",
+    q.add_argument("--binary-mode", choices=binary_modes(), default=DEFAULT_BINARY_MODE)
+    q.add_argument("--msft", choices=ORDERS, default=default_of(MsftSchedule, "order"),
                    help="stage order of multi-stage fine-tuning (one_shot: all layers at once)")
-    q.add_argument("--steps", type=int, default=300, help="total fine-tuning steps (0: k-means only)")
-    q.add_argument("--lr", type=float, default=0.01)
-    q.add_argument("--centroids", choices=["kmeans", "gradient", "both"], default="kmeans",
+    q.add_argument("--steps", type=int, default=default_of(MsftSchedule, "total_steps"),
+                   help="total fine-tuning steps (0: k-means only)")
+    q.add_argument("--lr", type=float, default=default_of(MsftSchedule, "lr"))
+    q.add_argument("--centroids", choices=CENTROID_UPDATES, default=default_of(KMQATConfig, "centroid_update"),
                    help="how centroids adapt during fine-tuning")
     q.add_argument("--corpus", help="corpus root holding train/, eval/ and eval/trials")
     q.add_argument("--train")
@@ -272,12 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
 
-    rp = sub.add_parser("report", help="static HTML report of a study (Pareto front, hypervolume, bit widths)")
-    rp.add_argument("study", type=Path, help="study config (.toml)")
-    rp.add_argument("--out", type=Path, help="report folder (default: runs/<study>/report)")
-    rp.add_argument("--no-mlflow", action="store_true", help="do not tag runs nor log the report to MLflow")
-    rp.set_defaults(func=_report)
-
     ex = sub.add_parser("export", help="verify one trial and export it (packed, WeSpeaker .pt, ONNX, model card)")
     ex.add_argument("study", type=Path, help="study config (.toml)")
     pick = ex.add_mutually_exclusive_group(required=True)
@@ -288,10 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, type=Path, help="folder to create")
     ex.add_argument("--force", action="store_true", help="replace an existing --out folder")
     ex.add_argument("--no-register", action="store_true", help="skip the MLflow Model Registry")
-    ex.add_argument("--alias", default="chosen", help="registry alias to point at the new version")
-    ex.add_argument("--eer-tolerance", type=float, default=0.05,
+    ex.add_argument("--alias", default=default_of(ExportOptions, "alias"),
+                    help="registry alias to point at the new version")
+    ex.add_argument("--eer-tolerance", type=float, default=default_of(ExportOptions, "eer_tolerance"),
                     help="allowed |re-evaluated - logged| EER, in percent points")
     ex.set_defaults(func=_export)
+    for command in entry_points(group=COMMAND_GROUP):  # e.g. `lsv report`, from the dashboards package
+        command.load()(sub)
     return p
 
 
@@ -300,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (LsvError, RefuseOverwrite) as exc:
+    except LsvError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return 2
 

@@ -14,15 +14,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from lsv_core.errors import ConfigError
+from lsv_core.quant.codebook import CentroidUpdate, KMQATConfig
+from lsv_core.quant.msft import MsftSchedule, Order
+from lsv_core.quant.recipe import ALLOWED_BITS, binary_modes
+from lsv_core.settings import bounds_of, default_of
+from lsv_core.workbench import DataPaths, WorkbenchSpec
+from search.storage import SAMPLERS
 
-ALLOWED_BITS = (1, 2, 3, 4, 8)
+__all__ = ["StudyConfig", "load_study_config", "parse_study_config"]
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _library(cls: type, name: str, **extra: Any) -> Any:
+    """A field with the default and bounds the library declares for ``cls.name`` (lsv_core.settings)."""
+    info: FieldInfo = Field(default=default_of(cls, name), **bounds_of(cls, name), **extra)
+    return info
 
 
 class StudySection(_Section):
@@ -31,8 +45,15 @@ class StudySection(_Section):
     seed: int = 0
     n_trials: int | None = Field(default=16, ge=1)
     timeout_s: float | None = Field(default=None, gt=0)
-    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    sampler: str = "tpe"
     concurrency: int = Field(default=2, ge=1)
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        if v not in SAMPLERS:
+            raise ValueError(f"allowed samplers are {sorted(SAMPLERS)}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -85,7 +106,7 @@ class DataSection(_Section):
 class SpaceSection(_Section):
     granularity: Literal["layer", "block", "stage"] = "layer"
     bits: list[int] = Field(default_factory=lambda: list(ALLOWED_BITS))
-    binary_modes: list[Literal["static", "adaptive"]] = Field(default_factory=lambda: ["adaptive"])
+    binary_modes: list[str] = Field(default_factory=lambda: ["adaptive"])
     tie_shortcuts: bool = True
     fixed: dict[str, int | None] = Field(default_factory=dict)
 
@@ -102,8 +123,9 @@ class SpaceSection(_Section):
     @field_validator("binary_modes")
     @classmethod
     def _modes(cls, v: list[str]) -> list[str]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError("list 'static' and/or 'adaptive' once each")
+        allowed = binary_modes()
+        if not v or len(set(v)) != len(v) or any(m not in allowed for m in v):
+            raise ValueError(f"list 1-bit modes from {list(allowed)}, each once")
         return v
 
     @field_validator("fixed")
@@ -121,18 +143,19 @@ class ObjectivesSection(_Section):
 
 
 class MsftSection(_Section):
-    """Multi-stage fine-tuning of each trial (lsv_core.quant.msft). ``order = "sensitivity"`` groups layers
-    by their Hessian sensitivity at the trial's bits (computed once per baseline, cached) into ``n_groups``
-    stages, robust layers first; ``stage_eval_frames`` cuts utterances when scoring intermediate stages."""
+    """Multi-stage fine-tuning of each trial (lsv_core.quant.msft; defaults and bounds are the library's
+    :class:`MsftSchedule` / :class:`KMQATConfig`). ``order = "sensitivity"`` groups layers by their Hessian
+    sensitivity at the trial's bits (computed once per baseline, cached) into ``n_groups`` stages, robust
+    layers first; ``stage_eval_frames`` cuts utterances when scoring intermediate stages."""
 
-    order: Literal["bits", "sensitivity", "depth", "one_shot"] = "bits"
-    total_steps: int = Field(default=60, ge=0)
-    n_groups: int = Field(default=4, ge=1, description="stages for the sensitivity and depth orders")
-    lr: float = Field(default=0.01, gt=0)
-    batch_size: int = Field(default=64, ge=1)
-    stage_eval_frames: int | None = Field(default=None, ge=10)
-    centroid_update: Literal["kmeans", "gradient", "both"] = "kmeans"
-    recluster_every: int = Field(default=20, ge=0)
+    order: Order = _library(MsftSchedule, "order")
+    total_steps: int = _library(MsftSchedule, "total_steps")
+    n_groups: int = _library(MsftSchedule, "n_groups", description="stages for the sensitivity and depth orders")
+    lr: float = _library(MsftSchedule, "lr")
+    batch_size: int = _library(MsftSchedule, "batch_size")
+    stage_eval_frames: int | None = _library(MsftSchedule, "stage_eval_frames")
+    centroid_update: CentroidUpdate = _library(KMQATConfig, "centroid_update")
+    recluster_every: int = _library(KMQATConfig, "recluster_every")
 
 
 class SeedsSection(_Section):
@@ -210,12 +233,27 @@ class StudyConfig(_Section):
         mb = self.objectives.size_budget_mb
         return None if mb is None else int(mb * 1e6)
 
-    def data_paths(self) -> tuple[Path, Path, Path]:
+    def data_paths(self) -> DataPaths:
         d = self.data
         if d.train is not None and d.eval is not None and d.trials is not None:
-            return d.train, d.eval, d.trials
+            return DataPaths(d.train, d.eval, d.trials)
         assert d.corpus is not None
-        return d.corpus / "train", d.corpus / "eval", d.corpus / "eval" / "trials"
+        return DataPaths.corpus(d.corpus)
+
+    def workbench_spec(self) -> WorkbenchSpec:
+        """The runtime form of ``[model]``, ``[data]`` and ``resources.device`` (absolute paths)."""
+        return WorkbenchSpec(
+            checkpoint=self.model.checkpoint.resolve(), data=self.data_paths().resolved(), arch=self.model.arch,
+            arch_kwargs=dict(self.model.arch_kwargs), cache_dir=self.data.cache_dir.resolve(),
+            max_trials=self.data.max_trials, subset_seed=self.data.subset_seed, device=self.resources.device,
+            codebook_dir=self.study_dir / "codebooks")
+
+    def msft_schedule(self) -> MsftSchedule:
+        """The runtime form of ``[msft]``, seeded with ``study.seed``."""
+        m = self.msft
+        return MsftSchedule(order=m.order, total_steps=m.total_steps, n_groups=m.n_groups, lr=m.lr,
+                            batch_size=m.batch_size, stage_eval_frames=m.stage_eval_frames, seed=self.study.seed,
+                            kmqat=KMQATConfig(centroid_update=m.centroid_update, recluster_every=m.recluster_every))
 
     def digest(self) -> str:
         """Hash of everything that changes trial results (not n_trials/timeout/concurrency/storage)."""

@@ -15,6 +15,8 @@ from collections import defaultdict
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+__all__ = ["StageParetoStopper", "dominated_by_margin"]
+
 
 def dominated_by_margin(point: tuple[float, float], peers: list[tuple[float, float]], margin: float) -> int:
     """How many ``peers`` (eer, size) dominate ``point`` with an EER margin."""

@@ -27,19 +27,21 @@ from lsv_core.quant import BitRecipe
 from search.space import SearchSpace
 from search.tracking import TrialRecord
 
+__all__ = ["AskTellSearcher", "record_from"]
+
 RecordSink = Callable[[TrialRecord], None]
 _MAX_ASKS = 200
 
 
 @dataclass
-class LiveTrial:
+class _LiveTrial:
     trial: optuna.trial.Trial
     recipe: BitRecipe
     digest: str
     repaired: bool
 
 
-def finished_results(study: optuna.Study) -> dict[str, tuple[int, list[float]]]:
+def _finished_results(study: optuna.Study) -> dict[str, tuple[int, list[float]]]:
     """digest -> (trial number, values) of every COMPLETE trial that was really trained."""
     out: dict[str, tuple[int, list[float]]] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -62,8 +64,8 @@ class AskTellSearcher(Searcher):
         self.make_config = make_config
         self.sink = sink
         self.objectives = objectives
-        self.live: dict[str, LiveTrial] = {}
-        self.memo = finished_results(study)
+        self.live: dict[str, _LiveTrial] = {}
+        self.memo = _finished_results(study)
         # Optuna trials this run may still create (trained, memoized or over budget alike); None = no limit.
         self.trials_left = max_trials
 
@@ -118,7 +120,7 @@ class AskTellSearcher(Searcher):
                 if self.trials_left is not None:
                     self.trials_left += 1  # not a trial of its own: ask again for free
                 continue
-            self.live[trial_id] = LiveTrial(ot, recipe, digest, repaired)
+            self.live[trial_id] = _LiveTrial(ot, recipe, digest, repaired)
             return self.make_config(recipe, ot.number)
         return None
 

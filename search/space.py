@@ -15,24 +15,13 @@ from optuna.distributions import CategoricalDistribution
 from torch import nn
 
 from lsv_core.errors import ConfigError
-from lsv_core.quant import BitRecipe, quantizable_layers
+from lsv_core.quant import BitRecipe, quantizable_layers, shortcut_owner
 from lsv_core.quant.recipe import LayerSpec
 from search.config import SpaceSection
 
-_SHORTCUT = re.compile(r"^(?P<block>.+)\.(?:shortcut|downsample)\.0$")
+__all__ = ["SearchSpace"]
+
 _BLOCK = re.compile(r"^(?P<stage>layer\d+|downsample_layers\.\d+|stages\.\d+)\.(?P<block>\d+)\.")
-
-
-def token_of(spec: LayerSpec) -> str:
-    return str(spec.bits) if spec.bits > 1 else f"1{spec.mode[0]}"  # type: ignore[index]
-
-
-def spec_of(token: str) -> LayerSpec:
-    if token == "1a":
-        return LayerSpec(1, "adaptive")
-    if token == "1s":
-        return LayerSpec(1, "static")
-    return LayerSpec(int(token))
 
 
 def _unit_name(layer: str, granularity: str) -> str:
@@ -62,9 +51,9 @@ class SearchSpace:
         tied: dict[str, str] = {}
         if space.tie_shortcuts:
             for name in layers:
-                m = _SHORTCUT.match(name)
-                if m and f"{m['block']}.conv1" in layers and name not in fixed:
-                    tied[name] = f"{m['block']}.conv1"
+                owner = shortcut_owner(name, layers)
+                if owner is not None and name not in fixed:
+                    tied[name] = owner
         units: dict[str, list[str]] = {}
         for name in layers:
             if name in fixed or name in tied:
@@ -72,8 +61,8 @@ class SearchSpace:
             units.setdefault(_unit_name(name, space.granularity), []).append(name)
         if not units:
             raise ConfigError("space: every layer is fixed; nothing left to search")
-        tokens = [t for b in space.bits for t in (([f"1{m[0]}" for m in sorted(space.binary_modes, reverse=True)])
-                                                   if b == 1 else [str(b)])]
+        tokens = [LayerSpec(b, m).token for b in space.bits
+                  for m in (sorted(space.binary_modes, reverse=True) if b == 1 else [None])]
         return cls(units, tuple(tokens), fixed, tied)
 
     # -- Optuna --------------------------------------------------------------------------------------
@@ -87,7 +76,7 @@ class SearchSpace:
             if token not in self.choices:
                 raise ConfigError(f"b:{unit}={token!r} is not a choice; allowed: {list(self.choices)}")
             for layer in layers:
-                mapping[layer] = spec_of(token)
+                mapping[layer] = LayerSpec.from_token(token)
         for short, owner in self.tied.items():
             mapping[short] = mapping.get(owner)
         return BitRecipe({k: v for k, v in mapping.items() if v is not None})
@@ -97,9 +86,9 @@ class SearchSpace:
         params = {}
         for unit, layers in self.units.items():
             spec = recipe.get(layers[0])
-            if spec is None or token_of(spec) not in self.choices:
+            if spec is None or spec.token not in self.choices:
                 raise ConfigError(f"recipe gives {layers[0]} {spec}, not one of the choices {list(self.choices)}")
-            params[f"b:{unit}"] = token_of(spec)
+            params[f"b:{unit}"] = spec.token
         return params
 
     def uniform(self, token: str) -> BitRecipe:

@@ -1,8 +1,9 @@
 """Running a study: validate, prepare the baseline, then Ray Tune trials steered by an Optuna study.
 
-Everything lives under ``runs/<study>/``: ``optuna.db`` (the source of truth for trials), ``mlflow.db``
-and ``mlartifacts/`` (a parent run for the study, a child run per trial), ``ray/`` (Ray Tune's trial
-folders with the packed models) and ``study.json`` (the config the study was created with).
+Everything lives under ``runs/<study>/``: ``optuna.db`` (the source of truth for trials and the study
+record, :mod:`search.record`), ``mlflow.db`` and ``mlartifacts/`` (a parent run for the study, a child
+run per trial), ``trials/`` (packed models), ``ray/`` (Ray Tune's trial folders) and ``study.json`` (a
+copy of the record).
 
 Resuming: running a study that exists continues it. Trials left RUNNING by a driver that died are
 marked failed ("interrupted") and their assignments re-queued; finished trials missing from MLflow
@@ -16,7 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,88 +27,28 @@ from rich.console import Console
 
 from lsv_core.atomic import write_text_atomic
 from lsv_core.errors import ConfigError
-from lsv_core.quant import BitRecipe
+from lsv_core.quant import BitRecipe, LayerSpec
 from search.config import StudyConfig
+from search.record import StudyRecord, save_record, stored_record
+from search.results import StudyStatus, refresh_pareto_tags, study_status
 from search.space import SearchSpace
+from search.storage import open_study
 from search.tracking import StudyTracker, TrackingThread, TrialRecord
+
+__all__ = ["RunResult", "run_study"]
 
 console = Console(stderr=True)
 OBJECTIVES = ("eer", "size_bytes")
 
 
-# -- study-level numbers, shared by `lsv run`'s progress line and `lsv status` ---------------------------
-@dataclass
-class StudyStatus:
-    name: str
-    n_complete: int = 0
-    n_pruned: int = 0
-    n_failed: int = 0
-    n_running: int = 0
-    n_memoized: int = 0
-    pareto_size: int = 0
-    best_eer_under_budget: float | None = None
-    smallest_bytes: int | None = None
-    budget_bytes: int | None = None
-    pareto: list[dict[str, Any]] = field(default_factory=list)
-
-    def line(self) -> str:
-        best = "-" if self.best_eer_under_budget is None else f"{self.best_eer_under_budget:.2f} %"
-        return (f"{self.name}: done {self.n_complete} (memoized {self.n_memoized}), running {self.n_running}, "
-                f"failed {self.n_failed}, pruned {self.n_pruned} | Pareto front {self.pareto_size} | "
-                f"best EER under budget {best}")
-
-
-def study_status(study: optuna.Study, budget_bytes: int | None = None) -> StudyStatus:
-    trials = study.get_trials(deepcopy=False)
-    st = StudyStatus(study.study_name, budget_bytes=budget_bytes)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
-    st.n_complete = len(complete)
-    st.n_memoized = sum(1 for t in complete if "memoized_from" in t.user_attrs)
-    st.n_pruned = sum(1 for t in trials if t.state == TrialState.PRUNED
-                      and t.user_attrs.get("reason") != "duplicate of a running trial")
-    st.n_failed = sum(1 for t in trials if t.state == TrialState.FAIL)
-    st.n_running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-    if complete:
-        front = {t.number: t for t in study.best_trials}
-        st.pareto_size = len({tuple(t.values) for t in front.values()})
-        st.pareto = [{"number": t.number, "eer": t.values[0], "size_bytes": int(t.values[1])}
-                     for t in sorted(front.values(), key=lambda t: t.values[1])]
-        ok = [t for t in complete if budget_bytes is None or t.values[1] <= budget_bytes]
-        if ok:
-            st.best_eer_under_budget = min(t.values[0] for t in ok)
-        st.smallest_bytes = int(min(t.values[1] for t in complete))
-    return st
-
-
-def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
-    storage = optuna.storages.RDBStorage(config.optuna_url, heartbeat_interval=None)
-    if not create:
-        try:
-            return optuna.load_study(study_name=config.study.name, storage=storage)
-        except KeyError:
-            raise ConfigError(f"no study {config.study.name!r} in {config.optuna_url}") from None
-    return optuna.create_study(study_name=config.study.name, storage=storage, directions=["minimize", "minimize"],
-                               sampler=make_sampler(config), load_if_exists=True)
-
-
-def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
-    seed, name = config.study.seed, config.study.sampler
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=8)
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
 # -- preparation (driver side, before any worker starts) --------------------------------------------------
-def prepare_inputs(config: StudyConfig, *, progress: bool = True) -> None:
+def _prepare_inputs(config: StudyConfig, *, progress: bool = True) -> None:
     """Make sure the corpus and the baseline exist (synthesize/train them when the config allows)."""
     from lsv_core.data.manifest import read_data
     from lsv_core.data.trials import read_trials
 
-    train, eval_dir, trials = config.data_paths()
+    paths = config.data_paths()
+    train, eval_dir, trials = paths.train, paths.eval, paths.trials
     corpus = config.data.corpus
     if config.data.train is None and corpus is not None and not (corpus / "corpus.json").exists():
         if not config.data.synthesize_if_missing:
@@ -134,7 +75,7 @@ def prepare_inputs(config: StudyConfig, *, progress: bool = True) -> None:
                        progress=progress)
 
 
-def load_baseline(config: StudyConfig) -> tuple[Any, dict[str, Any]]:
+def _load_baseline(config: StudyConfig) -> tuple[Any, dict[str, Any]]:
     """The float baseline (our checkpoint or a WeSpeaker .pt) and its metadata, on the CPU."""
     from lsv_core.models import load_checkpoint, load_pretrained
 
@@ -147,16 +88,7 @@ def load_baseline(config: StudyConfig) -> tuple[Any, dict[str, Any]]:
     return load_checkpoint(ckpt)
 
 
-def workbench_spec(config: StudyConfig) -> dict[str, Any]:
-    train, eval_dir, trials = config.data_paths()
-    return {"checkpoint": str(config.model.checkpoint.resolve()), "train": str(train.resolve()),
-            "eval": str(eval_dir.resolve()), "trials": str(trials.resolve()),
-            "cache_dir": str(config.data.cache_dir.resolve()), "max_trials": config.data.max_trials,
-            "subset_seed": config.data.subset_seed, "device": config.resources.device, "arch": config.model.arch,
-            "arch_kwargs": config.model.arch_kwargs, "codebook_dir": str(config.study_dir / "codebooks")}
-
-
-def seed_recipes(config: StudyConfig, space: SearchSpace, model: Any, omega: dict | None) -> list[tuple[str, BitRecipe]]:
+def _seed_recipes(config: StudyConfig, space: SearchSpace, model: Any, omega: dict | None) -> list[tuple[str, BitRecipe]]:
     """Uniform recipes at each choice and the sensitivity allocator's recipes at several budgets."""
     from lsv_core.quant import packed_size_bytes
 
@@ -167,12 +99,14 @@ def seed_recipes(config: StudyConfig, space: SearchSpace, model: Any, omega: dic
         from lsv_core.quant.sensitivity import allocate_bits
 
         fp32 = packed_size_bytes(model, BitRecipe({}))
-        bits = tuple(sorted({int(t[0]) if t.startswith("1") else int(t) for t in space.choices}))
+        specs = [LayerSpec.from_token(t) for t in space.choices]
+        bits = tuple(sorted({s.bits for s in specs}))
+        binary = [s.mode for s in specs if s.bits == 1]
         for frac in config.seeds.allocator_fractions:
             budget = int(frac * fp32)
             try:
                 rec = allocate_bits(model, omega, budget, bit_choices=bits,
-                                    binary_mode="adaptive" if "1a" in space.choices else "static")
+                                    binary_mode="adaptive" if "adaptive" in binary or not binary else binary[0])
             except ConfigError:
                 continue
             # Project onto the search space's units (the allocator works per layer).
@@ -182,9 +116,7 @@ def seed_recipes(config: StudyConfig, space: SearchSpace, model: Any, omega: dic
 
 
 def _closest_token(recipe: BitRecipe, layers: list[str], space: SearchSpace) -> str:
-    from search.space import token_of
-
-    tokens = [token_of(recipe[n]) if n in recipe else space.choices[-1] for n in layers]
+    tokens = [recipe[n].token if n in recipe else space.choices[-1] for n in layers]
     # A unit takes the widest of its layers' allocations, so the seed is never less precise than planned.
     return max(tokens, key=space.choices.index)
 
@@ -207,43 +139,47 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
     """
     t0 = time.monotonic()
     study_dir = config.study_dir
+    _prepare_inputs(config, progress=progress)
+    model, meta = _load_baseline(config)
+    space = SearchSpace.build(model, config.space)
     if fresh and study_dir.exists():
         backup = study_dir.with_name(f"{study_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(study_dir, backup)
         console.print(f"--fresh: moved the previous study to {backup}")
-    resumed = (study_dir / "study.json").exists()
-    if resumed:
-        old = json.loads((study_dir / "study.json").read_text())
-        if old.get("digest") != config.digest():
-            raise ConfigError(f"{study_dir} holds study {config.study.name!r} made with a different config "
-                              f"(digest {old.get('digest')} != {config.digest()}); rerun with --fresh to start over "
-                              "(the old study is moved aside, not deleted)")
     study_dir.mkdir(parents=True, exist_ok=True)
-    prepare_inputs(config, progress=progress)
-    if not resumed:
-        write_text_atomic(study_dir / "study.json", json.dumps(
-            {"digest": config.digest(), "config": config.model_dump(mode="json")}, indent=2))
-
-    from lsv_core.quant import packed_size_bytes
-
-    model, meta = load_baseline(config)
-    space = SearchSpace.build(model, config.space)
     study = open_study(config, create=True)
+    record = stored_record(study)
+    legacy = study_dir / "study.json"
+    made_with = record.digest if record is not None else (
+        json.loads(legacy.read_text()).get("digest") if legacy.exists() else None)
+    if made_with is not None and made_with != config.digest():
+        raise ConfigError(f"{study_dir} holds study {config.study.name!r} made with a different config "
+                          f"(digest {made_with} != {config.digest()}); rerun with --fresh to start over "
+                          "(the old study is moved aside, not deleted)")
+    resumed = made_with is not None
+    if record is None or record.layers is None:
+        record = _new_record(config, model, meta)
+        save_record(study, study_dir, record)
+
     tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=study_dir / "mlartifacts")
-    fp32 = packed_size_bytes(model, BitRecipe({}))
-    baseline = {"baseline_size_bytes": float(fp32)}
-    if meta.get("eval", {}).get("eer") is not None:
-        baseline["baseline_eer"] = float(meta["eval"]["eer"])
+    baseline = {"baseline_size_bytes": float(record.fp32_bytes or 0)}
+    if (record.baseline_eval or {}).get("eer") is not None:
+        baseline["baseline_eer"] = float(record.baseline_eval["eer"])
     tracker.start_study(config.model_dump(mode="json"), config.digest(), baseline)
     _recover(study, tracker)
     needs_omega = config.msft.order == "sensitivity" or (
         "seeded" not in study.user_attrs and bool(config.seeds.allocator_fractions))
-    omega = _baseline_sensitivity(config) if needs_omega else None
+    omega = None
+    if needs_omega:
+        traces, omega = _baseline_sensitivity(config)
+        if record.hessian_traces is None:
+            record = record.with_traces(traces)
+            save_record(study, study_dir, record)
     if "seeded" not in study.user_attrs:
-        for label, recipe in seed_recipes(config, space, model, omega):
+        for label, recipe in _seed_recipes(config, space, model, omega):
             study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
         study.set_user_attr("seeded", True)
-        study.set_user_attr("fp32_bytes", fp32)
+        study.set_user_attr("fp32_bytes", record.fp32_bytes)
 
     not_counted = ("interrupted (driver stopped)", "duplicate of a running trial")  # re-queued / asked again
     done = sum(1 for t in study.get_trials(deepcopy=False)
@@ -252,8 +188,6 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
     if remaining != 0:
         _run_ray(config, study, space, tracker, model, remaining, address, progress, fault_plan, on_status,
                  omega if config.msft.order == "sensitivity" else None)
-    from dashboards.pareto import refresh_pareto_tags
-
     refresh_pareto_tags(tracker, study)
     status = study_status(study, config.size_budget_bytes)
     tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
@@ -262,17 +196,27 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
     return RunResult(status, study_dir, time.monotonic() - t0, resumed)
 
 
-def _baseline_sensitivity(config: StudyConfig) -> dict | None:
-    from lsv_core.workbench import DataPaths, Workbench
+def _new_record(config: StudyConfig, model: Any, meta: dict[str, Any]) -> StudyRecord:
+    """The record of a study about to be created from ``config`` and its loaded baseline."""
+    from lsv_core import __version__
+    from lsv_core.quant import packed_size_bytes, quantizable_layers
+    from lsv_core.quant.sensitivity import state_dict_digest
 
-    train, eval_dir, trials = config.data_paths()
-    bench = Workbench.load(config.model.checkpoint, DataPaths(train, eval_dir, trials),
-                           cache_dir=config.data.cache_dir, max_trials=config.data.max_trials,
-                           seed=config.data.subset_seed, device=config.resources.device, progress=False,
-                           arch=config.model.arch, arch_kwargs=config.model.arch_kwargs)
+    return StudyRecord(name=config.study.name, digest=config.digest(), config=config.model_dump(mode="json"),
+                       layers=quantizable_layers(model), baseline_digest=state_dict_digest(model),
+                       fp32_bytes=packed_size_bytes(model, BitRecipe({})), baseline_eval=meta.get("eval") or None,
+                       lsv_version=__version__)
+
+
+def _baseline_sensitivity(config: StudyConfig) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+    """Hessian traces of the baseline and Ω per (layer, bits), for the allocator and the sensitivity order."""
+    from lsv_core.workbench import Workbench
+
+    bench = Workbench.load(config.workbench_spec(), progress=False)
     # Cached beside the features: the traces depend on the baseline and its data, not on the study, so
     # every study (and every --fresh restart) of the same baseline reuses them.
-    return bench.sensitivities(cache_path=config.data.cache_dir / "hessian_traces.json", seed=config.study.seed)
+    traces = bench.hessian_traces(cache_path=config.data.cache_dir / "hessian_traces.json", seed=config.study.seed)
+    return traces, bench.sensitivities(traces=traces, seed=config.study.seed)
 
 
 def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
@@ -305,7 +249,6 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
     import ray
     from ray import tune
 
-    from dashboards.pareto import refresh_pareto_tags
     from lsv_core.quant import packed_size_bytes
     from search.scheduler import StageParetoStopper
     from search.searcher import AskTellSearcher
@@ -321,8 +264,8 @@ def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, track
             # `ray start` last left on this machine, which is not what "no address" means.
             cpus = max(int(config.resources.cpu * config.study.concurrency), os.cpu_count() or 1)
             ray.init(address="local", num_cpus=cpus, num_gpus=None, include_dashboard=False, log_to_driver=False)
-    spec = workbench_spec(config)
-    schedule = {**config.msft.model_dump(), "seed": config.study.seed}
+    spec = config.workbench_spec().to_dict()
+    schedule = config.msft_schedule().to_dict()
     threads = max(1, int(config.resources.cpu))
 
     def make_config(recipe: BitRecipe, number: int) -> dict[str, Any]:

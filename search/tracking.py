@@ -44,7 +44,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from lsv_core.errors import ConfigError
 from lsv_core.quant.recipe import BitRecipe, LayerSpec, SpecLike
 
-__all__ = ["TRIAL_STATES", "StudyTracker", "TrackingThread", "TrialRecord", "bits_param", "default_tracking_uri"]
+__all__ = ["FLOAT_PARAM", "TRIAL_STATES", "StudyTracker", "TrackingThread", "TrialRecord", "bits_param",
+           "default_tracking_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 
 ROLE_TAG = "lsv.role"
 TRIAL_TAG = "lsv.optuna_trial"
+FLOAT_PARAM = "32"  # bits.<layer> of a layer left in float
 
 # MLflow's limits (mlflow.utils.validation); a store rejects the whole batch when one entry breaks them.
 _MAX_KEY = 250
@@ -101,16 +103,12 @@ class TrialRecord:
 
 
 def bits_param(spec: SpecLike) -> str:
-    """The MLflow param value for one layer: ``"4"``, or ``"1s"`` / ``"1a"`` for static / adaptive 1 bit.
+    """The MLflow param value for one layer: its :attr:`LayerSpec.token` (``"4"``, ``"1s"``, ``"1a"``).
 
-    A bare ``1`` means adaptive (the recipe default); ``None`` / ``"float"`` gives ``"32"``.
+    A bare ``1`` means adaptive (the recipe default); ``None`` / ``"float"`` gives :data:`FLOAT_PARAM`.
     """
     parsed = LayerSpec.parse(spec)
-    if parsed is None:
-        return "32"
-    if parsed.bits == 1:
-        return "1" + (parsed.mode or "a")[0]
-    return str(parsed.bits)
+    return FLOAT_PARAM if parsed is None else parsed.token
 
 
 def default_tracking_uri(study_dir: str | Path) -> str:
@@ -293,6 +291,29 @@ class StudyTracker:
         """Set (or overwrite) tags on a run, e.g. ``{"lsv.pareto": "true"}`` on the Pareto front."""
         entries = [RunTag(_param_key(key), _cut(str(value), _MAX_TAG_VALUE)) for key, value in tags.items()]
         self._log_batch(run_id, tags=entries)
+
+    def trial_run(self, number: int) -> Run | None:
+        """The (last) child run of Optuna trial ``number``, or None."""
+        runs = [r for r in self.child_runs() if r.data.tags.get(TRIAL_TAG) == str(number)]
+        return runs[-1] if runs else None
+
+    def register_bundle(self, run_id: str, bundle: Path, name: str, alias: str, tags: Mapping[str, str],
+                        description: str) -> str:
+        """Log ``bundle`` under ``export/`` of run ``run_id`` and register it as a new version of the
+        registered model ``name`` (created when missing), with ``alias`` pointing at it; returns the version."""
+        self.client.log_artifacts(run_id, str(bundle), "export")
+        try:
+            self.client.create_registered_model(
+                name, tags={"lsv.study": self.study_name},
+                description=f"Quantized speaker-embedding models of study {self.study_name}")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/export"
+        version = self.client.create_model_version(name, source, run_id=run_id, tags=dict(tags),
+                                                   description=description)
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
 
     def runs_url(self, host: str = "127.0.0.1", port: int = 5000) -> str:
         """Link to the experiment's runs table in ``mlflow ui`` / ``mlflow server`` (not its GenAI overview)."""

@@ -21,32 +21,22 @@ from typing import Any
 import torch
 
 from lsv_core.quant import BitRecipe
-from lsv_core.quant.codebook import KMQATConfig
 from lsv_core.quant.msft import MsftSchedule, StageMetrics, plan_stages
-from lsv_core.workbench import DataPaths, Workbench
+from lsv_core.workbench import Workbench, WorkbenchSpec
+
+__all__ = ["layer_sensitivity", "run_trial"]
 
 _WORKBENCHES: dict[str, Workbench] = {}
 
 
-def workbench_for(spec: dict[str, Any]) -> Workbench:
-    """The worker's workbench for ``spec`` (loaded on first use, then reused by later trials)."""
+def _workbench_for(spec: dict[str, Any]) -> Workbench:
+    """The worker's workbench for ``spec`` (:meth:`WorkbenchSpec.to_dict`; loaded on first use, then
+    reused by later trials)."""
     key = json.dumps(spec, sort_keys=True)
     if key not in _WORKBENCHES:
         _WORKBENCHES.clear()  # one study per worker at a time; free the previous one's memory
-        _WORKBENCHES[key] = Workbench.load(
-            spec["checkpoint"], DataPaths(Path(spec["train"]), Path(spec["eval"]), Path(spec["trials"])),
-            cache_dir=spec["cache_dir"], max_trials=spec["max_trials"], seed=spec["subset_seed"],
-            device=spec["device"], progress=False, arch=spec.get("arch"), arch_kwargs=spec.get("arch_kwargs"),
-            codebook_dir=spec.get("codebook_dir"),
-        )
+        _WORKBENCHES[key] = Workbench.load(WorkbenchSpec.from_dict(spec), progress=False)
     return _WORKBENCHES[key]
-
-
-def schedule_from(cfg: dict[str, Any]) -> MsftSchedule:
-    kmqat = KMQATConfig(centroid_update=cfg["centroid_update"], recluster_every=cfg["recluster_every"])
-    return MsftSchedule(order=cfg["order"], total_steps=cfg["total_steps"], n_groups=cfg.get("n_groups", 4),
-                        lr=cfg["lr"], batch_size=cfg["batch_size"], stage_eval_frames=cfg.get("stage_eval_frames"),
-                        seed=cfg["seed"], kmqat=kmqat)
 
 
 def layer_sensitivity(omega: dict[str, dict[Any, float]] | None, recipe: BitRecipe) -> dict[str, float] | None:
@@ -68,10 +58,10 @@ def run_trial(config: dict[str, Any]) -> None:
     recipe = BitRecipe.from_mapping(config["recipe"])
     fault = config.get("fault")  # test hook: {"kind": "raise" | "nan" | "kill", "once_file": path}
     try:
-        bench = workbench_for(config["workbench"])
+        bench = _workbench_for(config["workbench"])
         setup_s = time.monotonic() - t0
         size = bench.size_of(recipe)
-        schedule = schedule_from(config["schedule"])
+        schedule = MsftSchedule.from_dict(config["schedule"])
         sensitivity = layer_sensitivity(config.get("sensitivity"), recipe)
         n_stages = len(plan_stages(bench.model, recipe, schedule.order, schedule.n_groups, sensitivity))
 

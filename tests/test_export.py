@@ -15,10 +15,12 @@ import optuna
 import pytest
 import torch
 
-from dashboards.pareto import TrialPoint, load_points
 from lsv_core.errors import ConfigError
+from lsv_core.export.bundle import packed_file_sizes
 from search.cli import main
-from search.export import NoTrialMeetsRule, SelectionRule, packed_file_sizes, select_trial
+from search.pareto import TrialPoint
+from search.results import load_points
+from search.selection import NoTrialMeetsRule, SelectionRule, select_trial
 from tests.conftest import study_raw_config, to_toml
 
 POINTS = [

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dashboards.pareto import (
+from search.pareto import (
     TrialPoint,
     best_eer_with_size_at_most,
     hypervolume,

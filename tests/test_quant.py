@@ -402,5 +402,5 @@ def test_resnet34_uniform_4bit_is_about_8x_smaller() -> None:
     model = build_model("ResNet34")
     full = packed_size_bytes(model, {})
     four = packed_size_bytes(model, BitRecipe.uniform(model, 4))
-    assert 26.0e6 < full < 27.0e6  # WeSpeaker: 26.5 MB in fp32 (METHOD.md)
+    assert 26.0e6 < full < 27.0e6  # WeSpeaker: 26.5 MB in fp32 (docs/method.md)
     assert 7.5 < full / four < 8.0  # ~3.35 MB at 4 bits, BatchNorm and biases in float32

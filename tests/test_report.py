@@ -14,16 +14,16 @@ import numpy as np
 import optuna
 import pytest
 
-from dashboards.pareto import TrialPoint, load_points, pareto_front, pareto_ranks, refresh_pareto_tags
 from dashboards.plots import (
     Baseline,
     bits_heatmap_figure,
     bits_token,
     pareto_figure,
-    read_hessian_traces,
     save_bits_heatmap_png,
     save_pareto_png,
 )
+from search.pareto import TrialPoint, pareto_front, pareto_ranks
+from search.results import load_points, refresh_pareto_tags
 from tests.conftest import study_raw_config, to_toml
 
 RECIPE_A = {"conv1": 8, "layer1.0.conv1": {"bits": 1, "mode": "static"}, "seg_1": 2}
@@ -71,16 +71,20 @@ def test_heatmap_and_pngs(tmp_path: Path) -> None:
     save_pareto_png([], tmp_path / "empty.png")  # an empty study still gets a (blank-axes) figure
 
 
-def test_read_hessian_traces(tmp_path: Path) -> None:
-    assert read_hessian_traces(tmp_path / "absent.json") is None
-    (tmp_path / "bad.json").write_text("{not json")
-    assert read_hessian_traces(tmp_path / "bad.json") is None
-    entries = {"k1": {"model": "aaa", "layers": ["b", "a"], "traces": {"a": 1.0, "b": 2.0}},
-               "k2": {"model": "bbb", "layers": ["a"], "traces": {"a": 5.0}}}
-    (tmp_path / "h.json").write_text(json.dumps({"version": 1, "entries": entries}))
-    assert list(read_hessian_traces(tmp_path / "h.json", model_digest="aaa").items()) == [("b", 2.0), ("a", 1.0)]
-    assert read_hessian_traces(tmp_path / "h.json") == {"a": 5.0}  # no digest: the last entry
-    assert read_hessian_traces(tmp_path / "h.json", model_digest="zzz") is None  # never another model's
+def test_study_record_round_trip_and_baseline() -> None:
+    from dashboards.report import study_baseline
+    from search.record import StudyRecord
+
+    record = StudyRecord(name="s", digest="d", config={"study": {"name": "s"}}, layers=["conv1", "seg_1"],
+                         baseline_digest="abc", fp32_bytes=640288,
+                         baseline_eval={"eer": 1.3, "eer_ci_low": 1.1, "eer_ci_high": 1.5, "n_trials": 900})
+    again = StudyRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == record and again.to_dict()["format"] == "lsv-study-record/1"
+    assert again.with_traces({"conv1": 2}).hessian_traces == {"conv1": 2.0}
+    base = study_baseline(again)
+    assert (base.size_bytes, base.eer, base.eer_ci_low, base.n_trials) == (640288, 1.3, 1.1, 900)
+    legacy = StudyRecord(name="s", digest="d", config={})  # a study made before records: size from the study
+    assert study_baseline(legacy, 1000).size_bytes == 1000 and study_baseline(legacy).eer is None
 
 
 # -- slow: one real study -------------------------------------------------------------------------------------
@@ -137,7 +141,7 @@ def test_refresh_pareto_tags_in_real_mlflow_store(real_study: dict) -> None:
             assert run.data.tags["pareto_rank"] == str(ranks[number])
 
     # The MLflow child runs tell the same story as the Optuna storage.
-    from dashboards.pareto import load_points_from_mlflow
+    from search.results import load_points_from_mlflow
 
     from_mlflow = load_points_from_mlflow(tracker)
     assert [(p.number, p.size_bytes, dict(p.recipe)) for p in from_mlflow] == \
@@ -178,16 +182,29 @@ def test_report_files_and_mlflow_artifacts(real_study: dict) -> None:
     logged = {a.path for a in tracker.client.list_artifacts(tracker.parent_run_id, "report")}
     assert "report/index.html" in logged and "report/pareto.png" in logged
 
-    # A rewrite replaces the folder whole; without the sensitivity cache the section is skipped.
-    shutil.move(config.data.cache_dir / "hessian_traces.json", real_study["root"] / "traces.json")
-    try:
-        from search.cli import main
+    # The report reads the study's record, not the baseline's files: with the checkpoint and the trace
+    # cache moved away it renders the same sections. A rewrite replaces the folder whole; a record without
+    # traces (a study that never computed them) skips the sensitivity section.
+    from search.cli import main
+    from search.record import read_record, save_record
 
+    moved = [(config.data.cache_dir / "hessian_traces.json", real_study["root"] / "traces.json"),
+             (config.model.checkpoint, real_study["root"] / "ckpt.moved")]
+    record, study = read_record(config)
+    try:
+        for src, dst in moved:
+            shutil.move(src, dst)
+        assert main(["report", str(real_study["toml"]), "--no-mlflow"]) == 0
+        assert (out / "sensitivity.png").exists() and "Layer sensitivity" in index.read_text()
+        assert record.layers and list(json.loads((out / "front.json").read_text())["front"][0]["recipe"])
+        save_record(study, None, record.__class__.from_dict({**record.to_dict(), "hessian_traces": None}))
         assert main(["report", str(real_study["toml"]), "--no-mlflow"]) == 0
         assert not (out / "sensitivity.png").exists()
         assert "Layer sensitivity" not in index.read_text()
     finally:
-        shutil.move(real_study["root"] / "traces.json", config.data.cache_dir / "hessian_traces.json")
+        save_record(study, None, record)
+        for src, dst in moved:
+            shutil.move(dst, src)
 
 
 def _chromium() -> str | None:

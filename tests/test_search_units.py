@@ -26,7 +26,7 @@ MODEL = build_model("ThinResNet", m_channels=4, first_stride=2, embed_dim=32)
 @pytest.mark.parametrize(
     ("section", "value", "expected"),
     [
-        ({"study": {"name": "x", "sampler": "cmaes"}}, "cmaes", r"study\.sampler \(got 'cmaes'\): Input should be 'tpe', 'nsga2', 'gp' or 'random'"),
+        ({"study": {"name": "x", "sampler": "cmaes"}}, "cmaes", r"study\.sampler \(got 'cmaes'\): allowed samplers are \['gp', 'nsga2', 'random', 'tpe'\]"),
         ({"study": {"name": "x"}, "space": {"bits": [1, 5]}}, "5", r"space\.bits \(got \[1, 5\]\): allowed bit widths are \[1, 2, 3, 4, 8\]"),
         ({"study": {"name": "bad name!"}}, "name", r"study\.name \(got 'bad name!'\)"),
         ({"study": {"name": "x", "n_trials": 0}}, "0", r"study\.n_trials \(got 0\): Input should be greater than or equal to 1"),
@@ -208,10 +208,8 @@ def test_layer_sensitivity_picks_each_layers_omega_at_its_bits() -> None:
 
 
 def test_evaluation_subset_does_not_follow_the_study_seed() -> None:
-    from search.study import workbench_spec
-
     base = {"study": {"name": "x"}, "data": {"max_trials": 100}}
-    specs = [workbench_spec(parse_study_config({**base, "study": {"name": "x", "seed": s}})) for s in (0, 7)]
-    assert specs[0]["subset_seed"] == specs[1]["subset_seed"] == 0  # same trials whatever the search seed
+    specs = [parse_study_config({**base, "study": {"name": "x", "seed": s}}).workbench_spec() for s in (0, 7)]
+    assert specs[0].subset_seed == specs[1].subset_seed == 0  # same trials whatever the search seed
     moved = parse_study_config({**base, "data": {"max_trials": 100, "subset_seed": 3}})
-    assert workbench_spec(moved)["subset_seed"] == 3
+    assert moved.workbench_spec().subset_seed == 3

@@ -32,12 +32,11 @@ from torch.nn.utils import parametrize
 
 from lsv_core.atomic import atomic_path
 from lsv_core.errors import CheckpointError, ConfigError
-from lsv_core.quant.binary import AdaptiveBinaryQuantizer, StaticBinaryQuantizer
 from lsv_core.quant.bitpack import pack_bits, unpack_bits
-from lsv_core.quant.codebook import CodebookQuantizer, KMQATConfig, WeightQuantizer
+from lsv_core.quant.codebook import KMQATConfig
 from lsv_core.quant.quantize import recipe_of
 from lsv_core.quant.recipe import TRAINING_ONLY_MODULES, BitRecipe, LayerSpec
-from lsv_core.quant.size import PACKED_SUFFIX, packed_layout, packed_tensors
+from lsv_core.quant.size import PACKED_SUFFIX, codebook_layout, packed_layout, packed_tensors
 
 __all__ = ["PACKED_FORMAT", "load_packed", "pack_bits", "read_packed_header", "save_packed", "unpack_bits"]
 
@@ -143,11 +142,8 @@ def load_packed(
             spec = LayerSpec(info["bits"], info["mode"])
             shape = tuple(info["shape"])
             packed = tensors.pop(f"{key}.{PACKED_SUFFIX}")
-            if spec.mode == "static":
-                alpha = tensors.pop(f"{key}.alpha").reshape(())
-                levels = torch.stack([-alpha, alpha])
-            else:
-                levels = tensors.pop(f"{key}.codebook")
+            stored = {suffix: tensors.pop(f"{key}.{suffix}") for suffix in codebook_layout(spec)}
+            levels = spec.quantizer_class.stored_levels(stored)
             index = unpack_bits(packed, spec.bits, math.prod(shape)).long().reshape(shape)
         except KeyError as err:
             raise CheckpointError(f"{path}: entry {err} of quantized layer {name!r} is missing") from None
@@ -176,12 +172,7 @@ def load_packed(
     modules = dict(model.named_modules())
     for name, (spec, levels) in codebooks.items():
         module = modules[name]
-        quantizer: WeightQuantizer
-        if spec.mode == "static":
-            quantizer = StaticBinaryQuantizer(config)
-        else:
-            cls = AdaptiveBinaryQuantizer if spec.bits == 1 else CodebookQuantizer
-            quantizer = cls(levels.to(dtype=module.weight.dtype), spec.bits, config)
+        quantizer = spec.quantizer_class.from_stored(levels.to(dtype=module.weight.dtype), spec.bits, config)
         quantizer.to(module.weight.device)
         parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
     if recipe_of(model) != header["recipe"]:

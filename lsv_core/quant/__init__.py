@@ -33,18 +33,18 @@ from lsv_core.quant.quantize import (
 )
 from lsv_core.quant.recipe import (
     ALLOWED_BITS,
-    BINARY_MODES,
     BitRecipe,
     LayerSpec,
     QuantPolicy,
     apply_policy,
+    binary_modes,
     quantizable_layers,
+    shortcut_owner,
 )
-from lsv_core.quant.size import packed_size_bytes, packed_tensors
+from lsv_core.quant.size import average_bits, packed_size_bytes, packed_tensors
 
 __all__ = [
     "ALLOWED_BITS",
-    "BINARY_MODES",
     "AdaptiveBinaryQuantizer",
     "BitRecipe",
     "CodebookQuantizer",
@@ -55,6 +55,8 @@ __all__ = [
     "StaticBinaryQuantizer",
     "WeightQuantizer",
     "apply_policy",
+    "average_bits",
+    "binary_modes",
     "dequantized_state_dict",
     "is_quantized",
     "kmeans_1d",
@@ -72,5 +74,6 @@ __all__ = [
     "quantizer_of",
     "recipe_of",
     "recluster_all",
+    "shortcut_owner",
     "unpack_bits",
 ]

@@ -1,7 +1,7 @@
 """1-bit weight quantizers: the static and the adaptive binary schemes.
 
-The paper proposes two binary schemes and reports the adaptive one as stronger (METHOD.md, "known"); its
-formulas are not public, so these are our choices (METHOD.md, "our choice"):
+The paper proposes two binary schemes and reports the adaptive one as stronger (docs/method.md, "known"); its
+formulas are not public, so these are our choices (docs/method.md, "our choice"):
 
 * :class:`StaticBinaryQuantizer` (XNOR-Net, Rastegari et al. 2016): levels ``{-a, +a}``, threshold 0,
   ``a = mean(|W|)``, the closed-form L2-optimal scale for sign(W), recomputed from the latent weights in
@@ -23,10 +23,14 @@ formulas are not public, so these are our choices (METHOD.md, "our choice"):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from lsv_core.quant.codebook import CodebookQuantizer, KMQATConfig, WeightQuantizer
+from lsv_core.quant.recipe import register_quantizer
 
 __all__ = ["AdaptiveBinaryQuantizer", "StaticBinaryQuantizer", "static_binary_scale"]
 
@@ -41,11 +45,36 @@ def static_binary_scale(latent: Tensor) -> Tensor:
     return latent.abs().to(torch.float64).mean().to(latent.dtype)
 
 
+@register_quantizer("static", token_letter="s")
 class StaticBinaryQuantizer(WeightQuantizer):
     """Levels ``{-a, +a}``, ``a = mean|W|``, threshold 0 (weights >= 0 map to ``+a``); see module docstring."""
 
     bits = 1
     mode = "static"
+    clustered = False
+
+    @classmethod
+    def initial(cls, weight: Tensor, bits: int, config: KMQATConfig, centroids: Tensor | None) -> StaticBinaryQuantizer:
+        return cls(config)
+
+    @classmethod
+    def stored_layout(cls, bits: int) -> dict[str, tuple[int, ...]]:
+        return {"alpha": (1,)}
+
+    @classmethod
+    def stored_levels(cls, stored: Mapping[str, Tensor]) -> Tensor:
+        alpha = stored["alpha"].reshape(())
+        return torch.stack([-alpha, alpha])
+
+    @classmethod
+    def from_stored(cls, levels: Tensor, bits: int, config: KMQATConfig) -> StaticBinaryQuantizer:
+        return cls(config)  # the scale is recomputed from the latent weights, which are set to +-alpha
+
+    @classmethod
+    def quantization_error(cls, weight: np.ndarray, bits: int, seed: int = 0) -> float:
+        alpha = float(np.mean(np.abs(weight)))
+        # Zero weights go to +alpha, as the forward maps weights >= 0 to +alpha.
+        return float(np.sum((weight - np.where(weight >= 0, alpha, -alpha)) ** 2))
 
     def forward(self, latent: Tensor) -> Tensor:
         scale = static_binary_scale(latent)
@@ -69,6 +98,7 @@ class StaticBinaryQuantizer(WeightQuantizer):
         return {"alpha": static_binary_scale(latent.detach()).reshape(1).to(torch.float32)}
 
 
+@register_quantizer("adaptive", token_letter="a")
 class AdaptiveBinaryQuantizer(CodebookQuantizer):
     """Two learnable levels from 2-means, threshold at their midpoint; see module docstring."""
 

@@ -15,11 +15,11 @@ own tensors (``<layer>.parametrizations.weight.0.centroids``); ``dequantized_sta
 WeSpeaker layout with the quantized weights.
 
 Multi-bit layers (this module): ``W_q = c[nearest(W)]`` with ``2^b`` centroids ``c`` from
-:func:`~lsv_core.quant.kmeans.kmeans_1d` over the layer's weights (METHOD.md, "known"). Training:
+:func:`~lsv_core.quant.kmeans.kmeans_1d` over the layer's weights (docs/method.md, "known"). Training:
 
 * latent weights get ``dL/dW_q`` unchanged (straight-through estimator); the assignment is recomputed from
   the latent weights in every forward, so weights migrate between clusters as they train;
-* centroids adapt by one of two mechanisms, switched by ``KMQATConfig.centroid_update`` (METHOD.md asks
+* centroids adapt by one of two mechanisms, switched by ``KMQATConfig.centroid_update`` (docs/method.md asks
   for both behind one switch): ``"kmeans"`` re-generates them by k-means over the latent weights every
   ``recluster_every`` optimizer steps (the abstract's "dynamically generated" centroids); ``"gradient"``
   makes them ``nn.Parameter``s trained with the shared-centroid gradient, the sum of ``dL/dW_q`` over each
@@ -28,15 +28,17 @@ Multi-bit layers (this module): ``W_q = c[nearest(W)]`` with ``2^b`` centroids `
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lsv_core.errors import ConfigError
-from lsv_core.quant.kmeans import kmeans_1d
-from lsv_core.quant.recipe import LayerSpec
+from lsv_core.quant.kmeans import kmeans_1d, kmeans_inertia
+from lsv_core.quant.recipe import KMEANS_SCHEME, LayerSpec, register_quantizer
+from lsv_core.settings import check_settings, setting
 
 __all__ = ["CodebookQuantizer", "KMQATConfig", "WeightQuantizer", "nearest_index"]
 
@@ -46,7 +48,7 @@ CENTROID_UPDATES: tuple[str, ...] = ("kmeans", "gradient", "both")
 
 @dataclass(frozen=True)
 class KMQATConfig:
-    """How quantized layers train (our choices, METHOD.md; every field is a switch to compare).
+    """How quantized layers train (our choices, docs/method.md; every field is a switch to compare).
 
     Attributes:
         centroid_update: ``"kmeans"`` (re-run k-means on the latent weights on a schedule), ``"gradient"``
@@ -57,20 +59,12 @@ class KMQATConfig:
         kmeans_max_iter: Lloyd-iteration cap per stage of :func:`kmeans_1d`.
     """
 
-    centroid_update: CentroidUpdate = "kmeans"
-    recluster_every: int = 100
-    kmeans_max_iter: int = 100
+    centroid_update: CentroidUpdate = setting("kmeans", choices=CENTROID_UPDATES)
+    recluster_every: int = setting(100, ge=0)
+    kmeans_max_iter: int = setting(100, ge=1)
 
     def __post_init__(self) -> None:
-        if self.centroid_update not in CENTROID_UPDATES:
-            raise ConfigError(
-                f"centroid_update={self.centroid_update!r} is not allowed; allowed: {list(CENTROID_UPDATES)}"
-            )
-        for field in ("recluster_every", "kmeans_max_iter"):
-            value = getattr(self, field)
-            low = 0 if field == "recluster_every" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{field}={value!r} should be an integer >= {low}")
+        check_settings(self)
 
     @property
     def learn_centroids(self) -> bool:
@@ -106,15 +100,48 @@ class WeightQuantizer(nn.Module):
     """Base of the parametrizations that map a latent weight to its quantized weight.
 
     Subclasses implement ``forward(latent) -> W_q`` (with the training gradients), ``levels()``, ``assign()``
-    and ``recluster()``; ``bits`` and ``mode`` describe the scheme as a :class:`LayerSpec`.
+    and ``recluster()``; ``bits`` and ``mode`` describe the scheme as a :class:`LayerSpec`. Each one is
+    registered for its scheme (``@register_quantizer``) and says, as class methods, how it starts from
+    a baseline weight (:meth:`initial`), what the packed file stores for it (:meth:`stored_layout`),
+    how it is rebuilt from those tensors (:meth:`from_stored`, :meth:`stored_levels`) and the error it
+    makes on a weight (:meth:`quantization_error`), so a layer spec maps to its quantizer in one place.
     """
 
     bits: int
     mode: str | None = None
+    # Whether the initial codebook comes from k-means over the weights (false for schemes in closed form).
+    clustered: bool = True
 
     def __init__(self, config: KMQATConfig) -> None:
         super().__init__()
         self.config = config
+
+    @classmethod
+    def initial(cls, weight: Tensor, bits: int, config: KMQATConfig, centroids: Tensor | None) -> WeightQuantizer:
+        """The quantizer of a layer about to be quantized; ``centroids`` is the k-means codebook of
+        ``weight`` (``2^bits`` values) when :attr:`clustered`, else None."""
+        raise NotImplementedError
+
+    @classmethod
+    def stored_layout(cls, bits: int) -> dict[str, tuple[int, ...]]:
+        """Codebook tensors the packed file stores for a layer: name suffix -> shape (all float32)."""
+        return {"codebook": (2**bits,)}
+
+    @classmethod
+    def stored_levels(cls, stored: Mapping[str, Tensor]) -> Tensor:
+        """The ascending levels from the stored codebook tensors (:meth:`stored_layout`)."""
+        return stored["codebook"]
+
+    @classmethod
+    def from_stored(cls, levels: Tensor, bits: int, config: KMQATConfig) -> WeightQuantizer:
+        """A quantizer that reproduces ``levels`` (from :meth:`stored_levels`) on a latent weight set to them."""
+        raise NotImplementedError
+
+    @classmethod
+    def quantization_error(cls, weight: np.ndarray, bits: int, seed: int = 0) -> float:
+        """``||W - Q(W)||^2`` of the initial quantizer on a flat float64 weight (the k-means inertia)."""
+        centroids, _ = kmeans_1d(weight, 2**bits, seed=seed)
+        return kmeans_inertia(weight, centroids)
 
     @property
     def spec(self) -> LayerSpec:
@@ -140,6 +167,7 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, mode={self.mode}, centroid_update={self.config.centroid_update!r}"
 
 
+@register_quantizer(KMEANS_SCHEME)
 class CodebookQuantizer(WeightQuantizer):
     """``W_q = c[nearest(W)]`` with ``2^bits`` centroids (see the module docstring for training)."""
 
@@ -162,6 +190,16 @@ class CodebookQuantizer(WeightQuantizer):
         """Centroids by k-means over ``weight`` (in its dtype and on its device)."""
         centroids, _ = kmeans_1d(weight.detach(), 2**bits, seed=seed, max_iter=config.kmeans_max_iter)
         return cls(centroids.to(dtype=weight.dtype, device=weight.device), bits, config)
+
+    @classmethod
+    def initial(cls, weight: Tensor, bits: int, config: KMQATConfig, centroids: Tensor | None) -> CodebookQuantizer:
+        if centroids is None:
+            return cls.from_weight(weight, bits, config)
+        return cls(centroids.to(dtype=weight.dtype, device=weight.device), bits, config)
+
+    @classmethod
+    def from_stored(cls, levels: Tensor, bits: int, config: KMQATConfig) -> CodebookQuantizer:
+        return cls(levels, bits, config)
 
     def forward(self, latent: Tensor) -> Tensor:
         index, _ = nearest_index(latent, self.centroids)

@@ -1,6 +1,6 @@
 """One-dimensional k-means for per-layer weight codebooks.
 
-KMQAT (METHOD.md, "known") gives every layer its own 2^b centroids from k-means over that layer's
+KMQAT (docs/method.md, "known") gives every layer its own 2^b centroids from k-means over that layer's
 weights and re-generates them during training, so this runs many times per fine-tuning job over tensors
 of up to ~1.3 M values (ResNet34's ``seg_1``). Generic k-means (scikit-learn's Lloyd/Elkan with
 k-means++) costs O(n k) per iteration and stops at a local optimum; in one dimension we can do better on

@@ -2,7 +2,7 @@
 
 The paper states that once the bits are fixed, layers are quantized and fine-tuned progressively in a
 specific order, and that this beats quantizing everything at once. The order is not published; ours
-(METHOD.md) are switches:
+(docs/method.md) are switches:
 
 * ``"bits"`` (default): one stage per distinct bit width, lowest bits first, so the most damaging
   quantization happens while the rest of the network is still float and can compensate;
@@ -33,6 +33,7 @@ from lsv_core.quant.codebook import KMQATConfig
 from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.quantize import quantize, recluster_all
 from lsv_core.quant.recipe import BitRecipe, quantizable_layers
+from lsv_core.settings import check_settings, setting
 
 Order = Literal["bits", "sensitivity", "depth", "one_shot"]
 ORDERS: tuple[str, ...] = ("bits", "sensitivity", "depth", "one_shot")
@@ -40,40 +41,43 @@ ORDERS: tuple[str, ...] = ("bits", "sensitivity", "depth", "one_shot")
 
 @dataclass(frozen=True)
 class MsftSchedule:
-    """Budget and order of the fine-tuning. ``total_steps`` is split evenly over the stages."""
+    """Budget and order of the fine-tuning. ``total_steps`` is split evenly over the stages.
 
-    order: Order = "bits"
-    total_steps: int = 300
-    n_groups: int = 4
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    final_lr: float = 0.001
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    crop_frames: int = 200
-    margin: float = 0.2
-    bn_reestimate_batches: int = 0
+    Defaults and bounds are declared here once; a study's ``[msft]`` section and ``lsv quantize`` read them.
+    """
+
+    order: Order = setting("bits", choices=ORDERS)
+    total_steps: int = setting(300, ge=0)
+    n_groups: int = setting(4, ge=1)
+    optimizer: str = setting("sgd", choices=("sgd", "adam"))
+    lr: float = setting(0.01, gt=0)
+    final_lr: float = setting(0.001, gt=0)
+    weight_decay: float = setting(1e-4, ge=0)
+    batch_size: int = setting(64, ge=1)
+    crop_frames: int = setting(200, ge=10)
+    margin: float = setting(0.2, ge=0)
+    bn_reestimate_batches: int = setting(0, ge=0)
     eval_each_stage: bool = True
     # Intermediate stages are scored on utterances cut to this many frames: their EER only steers early
     # stopping and the per-stage curves, and full-length embeddings dominate a short trial's wall time.
-    # The last stage is always scored at full length.
-    stage_eval_frames: int | None = None
-    n_boot: int = 0
+    # The last stage is always scored at full length. None: full length everywhere.
+    stage_eval_frames: int | None = setting(None, ge=10, optional=True)
+    n_boot: int = setting(0, ge=0)
     seed: int = 0
     kmqat: KMQATConfig = field(default_factory=KMQATConfig)
 
     def __post_init__(self) -> None:
-        if self.order not in ORDERS:
-            raise ConfigError(f"order={self.order!r} is not allowed; allowed: {list(ORDERS)}")
-        if self.total_steps < 0:
-            raise ConfigError(f"total_steps={self.total_steps} should be >= 0")
-        if self.n_groups < 1:
-            raise ConfigError(f"n_groups={self.n_groups} should be >= 1")
-        if self.stage_eval_frames is not None and self.stage_eval_frames < 1:
-            raise ConfigError(f"stage_eval_frames={self.stage_eval_frames} should be >= 1 (or None: full length)")
+        check_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MsftSchedule:
+        """Inverse of :meth:`to_dict` (how a schedule travels to a Ray worker)."""
+        data = dict(data)
+        kmqat = data.pop("kmqat", None)
+        return cls(**data, kmqat=KMQATConfig(**kmqat) if kmqat is not None else KMQATConfig())
 
 
 @dataclass

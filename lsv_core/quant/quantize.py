@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lsv_core.quant.binary import AdaptiveBinaryQuantizer, StaticBinaryQuantizer
-from lsv_core.quant.codebook import CodebookQuantizer, KMQATConfig, WeightQuantizer
+from lsv_core.quant.codebook import KMQATConfig, WeightQuantizer
 from lsv_core.quant.initial_codebooks import InitialCodebooks
+from lsv_core.quant.kmeans import kmeans_1d
 from lsv_core.quant.recipe import BitRecipe, LayerSpec, SpecLike
 
 __all__ = [
@@ -41,15 +41,16 @@ __all__ = [
 
 def make_quantizer(weight: Tensor, spec: LayerSpec, config: KMQATConfig, seed: int = 0, *,
                    name: str | None = None, codebooks: InitialCodebooks | None = None) -> WeightQuantizer:
-    """The quantizer for ``spec``, initialised from ``weight`` (k-means / 2-means / nothing for static);
-    with ``codebooks`` (and the layer's ``name``) the k-means result may come from that cache."""
-    if spec.bits == 1 and spec.mode == "static":
-        return StaticBinaryQuantizer(config)
-    cls = AdaptiveBinaryQuantizer if spec.bits == 1 else CodebookQuantizer
-    if codebooks is None or name is None:
-        return cls.from_weight(weight, spec.bits, config, seed=seed)
-    centroids = codebooks.centroids(name, weight, 2**spec.bits, seed=seed, max_iter=config.kmeans_max_iter)
-    return cls(centroids, spec.bits, config)
+    """The quantizer registered for ``spec``, initialised from ``weight`` (k-means / 2-means / nothing for
+    static); with ``codebooks`` (and the layer's ``name``) the k-means result may come from that cache."""
+    cls = spec.quantizer_class
+    centroids = None
+    if cls.clustered:
+        if codebooks is not None and name is not None:
+            centroids = codebooks.centroids(name, weight, spec.n_levels, seed=seed, max_iter=config.kmeans_max_iter)
+        else:
+            centroids, _ = kmeans_1d(weight.detach(), spec.n_levels, seed=seed, max_iter=config.kmeans_max_iter)
+    return cls.initial(weight, spec.bits, config, centroids)
 
 
 def quantize(

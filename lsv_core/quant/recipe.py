@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,31 +40,69 @@ except ModuleNotFoundError:  # Python 3.10: the same parser from PyPI
 
 __all__ = [
     "ALLOWED_BITS",
-    "BINARY_MODES",
     "DEFAULT_BINARY_MODE",
     "BitRecipe",
     "LayerSpec",
     "QuantPolicy",
     "apply_policy",
+    "binary_modes",
     "quantizable_layers",
+    "register_quantizer",
+    "shortcut_owner",
 ]
 
+# Multi-bit widths use the k-means codebook quantizer (any width 2..8 works); adding one here is all it takes.
 ALLOWED_BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
-BINARY_MODES: tuple[str, ...] = ("static", "adaptive")
-# A bare 1 means adaptive: the paper reports the adaptive binary scheme as the stronger one (METHOD.md).
+# A bare 1 means adaptive: the paper reports the adaptive binary scheme as the stronger one (docs/method.md).
 DEFAULT_BINARY_MODE = "adaptive"
 RECIPE_FORMAT = "lsv-bit-recipe/1"
 # Module names (any dotted component) of training-only heads, never quantized nor exported.
 TRAINING_ONLY_MODULES: tuple[str, ...] = ("projection",)
+# The scheme name of multi-bit layers in the quantizer registry; 1-bit layers use their binary mode's name.
+KMEANS_SCHEME = "kmeans"
 
 _QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _SHORTCUT_RE = re.compile(r"^(?P<block>.+)\.(?:shortcut|downsample)\.0$")
 
 BinaryMode = Literal["static", "adaptive"]
 
+# scheme -> (quantizer class, token letter for 1 bit). Filled by ``register_quantizer`` when the quantizer
+# modules are imported (``lsv_core.quant`` imports them first), as torchao registers a handler per config.
+_QUANTIZERS: dict[str, tuple[type, str]] = {}
+
+
+def register_quantizer(scheme: str, *, token_letter: str = "") -> Callable[[type], type]:
+    """Class decorator: ``scheme`` is :data:`KMEANS_SCHEME` (every multi-bit width) or a 1-bit mode name,
+    whose token is ``"1" + token_letter``. A new binary mode is one decorated class, nothing else."""
+
+    def wrap(cls: type) -> type:
+        if scheme != KMEANS_SCHEME and (len(token_letter) != 1 or not token_letter.isalpha()):
+            raise ValueError(f"binary mode {scheme!r} needs a one-letter token_letter")
+        taken = {letter: name for name, (_, letter) in _QUANTIZERS.items() if letter}
+        if token_letter and taken.get(token_letter, scheme) != scheme:
+            raise ValueError(f"token letter {token_letter!r} is taken by mode {taken[token_letter]!r}")
+        _QUANTIZERS[scheme] = (cls, token_letter)
+        return cls
+
+    return wrap
+
+
+def binary_modes() -> tuple[str, ...]:
+    """The registered 1-bit schemes (``"static"``, ``"adaptive"``), in registration order."""
+    return tuple(name for name in _QUANTIZERS if name != KMEANS_SCHEME)
+
 
 def _allowed_text() -> str:
-    return f"allowed bits: {list(ALLOWED_BITS)}; 1-bit modes: {list(BINARY_MODES)}"
+    return f"allowed bits: {list(ALLOWED_BITS)}; 1-bit modes: {list(binary_modes())}"
+
+
+def shortcut_owner(name: str, layers: Iterable[str]) -> str | None:
+    """The ``conv1`` of the block whose 1x1 projection shortcut is ``name``, when it is among ``layers``."""
+    match = _SHORTCUT_RE.match(name)
+    if match is None:
+        return None
+    owner = f"{match['block']}.conv1"
+    return owner if owner in set(layers) else None
 
 
 @dataclass(frozen=True, order=True)
@@ -84,7 +122,7 @@ class LayerSpec:
         if self.bits == 1:
             if self.mode is None:
                 object.__setattr__(self, "mode", DEFAULT_BINARY_MODE)
-            elif self.mode not in BINARY_MODES:
+            elif self.mode not in binary_modes():
                 raise ConfigError(f"mode={self.mode!r} is not allowed for 1 bit; {_allowed_text()}")
         elif self.mode is not None:
             raise ConfigError(f"mode={self.mode!r} given with bits={self.bits}; a mode only applies to 1 bit")
@@ -120,6 +158,34 @@ class LayerSpec:
     def n_levels(self) -> int:
         """Number of quantization levels, 2^bits."""
         return 2**self.bits
+
+    @property
+    def scheme(self) -> str:
+        """The quantizer registry key: :data:`KMEANS_SCHEME` for multi-bit layers, else the binary mode."""
+        return KMEANS_SCHEME if self.bits > 1 else str(self.mode)
+
+    @property
+    def quantizer_class(self) -> type:
+        """The :class:`~lsv_core.quant.codebook.WeightQuantizer` subclass registered for this spec."""
+        return _QUANTIZERS[self.scheme][0]
+
+    @property
+    def token(self) -> str:
+        """Short text form used by search params, MLflow params and plots: ``"4"``, ``"1a"``, ``"1s"``."""
+        return str(self.bits) if self.bits > 1 else "1" + _QUANTIZERS[self.scheme][1]
+
+    @classmethod
+    def from_token(cls, token: str) -> LayerSpec:
+        """Inverse of :attr:`token`; a bare ``"1"`` is the default binary mode."""
+        text = str(token)
+        if len(text) == 2 and text[0] == "1" and text[1].isalpha():
+            for name, (_, letter) in _QUANTIZERS.items():
+                if letter == text[1]:
+                    return cls(1, name)  # type: ignore[arg-type]
+        elif text.isdigit():
+            return cls(int(text))
+        raise ConfigError(f"bit token {text!r} is not valid; use one of "
+                          f"{[str(b) for b in ALLOWED_BITS if b > 1] + ['1' + letter for _, letter in _QUANTIZERS.values() if letter]}")
 
 
 # What callers may write for one layer: 4, (1, "static"), {"bits": 1, "mode": "adaptive"}, a LayerSpec,
@@ -331,7 +397,7 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def quantizable_layers(model: nn.Module) -> list[str]:
     """Names of the Conv1d/Conv2d/Linear modules of the embedding network, in definition order.
 
-    METHOD.md: every Conv/Linear weight of the embedding network is quantized, including the embedding
+    docs/method.md: every Conv/Linear weight of the embedding network is quantized, including the embedding
     Linear ``seg_1``; training-only heads (any module under a ``projection`` component) are not.
     """
     names = []
@@ -404,11 +470,10 @@ def apply_policy(
             updates[name] = policy.embedding_layers
     recipe = recipe.replace(updates)
     if policy.tie_shortcuts:
-        valid = set(layers)
         ties: dict[str, SpecLike] = {}
         for name in layers:
-            match = _SHORTCUT_RE.match(name)
-            if match and f"{match['block']}.conv1" in valid:
-                ties[name] = recipe.get(f"{match['block']}.conv1")
+            owner = shortcut_owner(name, layers)
+            if owner is not None:
+                ties[name] = recipe.get(owner)
         recipe = recipe.replace(ties)
     return recipe

@@ -1,6 +1,6 @@
 """Hessian-guided mixed precision: per-layer sensitivity and the exact bit allocation under a byte budget.
 
-METHOD.md, "Mixed precision" (our choice, after HAWQ-V2, Dong et al. 2020):
+docs/method.md, "Mixed precision" (our choice, after HAWQ-V2, Dong et al. 2020):
 
 1. :func:`hessian_traces` estimates ``Tr(H_i)``, the trace of the training loss's Hessian block of each
    quantizable layer's weight, by Hutchinson's estimator with Rademacher probes and Hessian-vector products
@@ -36,15 +36,14 @@ from torch import nn
 
 from lsv_core.atomic import write_text_atomic
 from lsv_core.errors import ConfigError
-from lsv_core.quant.kmeans import kmeans_1d, kmeans_inertia
 from lsv_core.quant.quantize import quantizer_of
 from lsv_core.quant.recipe import (
     ALLOWED_BITS,
-    BINARY_MODES,
     BinaryMode,
     BitRecipe,
     LayerSpec,
     SpecLike,
+    binary_modes,
     quantizable_layers,
 )
 from lsv_core.quant.size import packed_size_bytes
@@ -64,7 +63,7 @@ __all__ = [
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 DEFAULT_N_PROBES = 32
-DEFAULT_BIT_CHOICES: tuple[int, ...] = (1, 2, 3, 4, 8)
+DEFAULT_BIT_CHOICES: tuple[int, ...] = ALLOWED_BITS
 # Relative floor for trace estimates <= 0 (see sensitivity()).
 DEFAULT_TRACE_FLOOR_RATIO = 1e-4
 _CACHE_VERSION = 1
@@ -259,7 +258,7 @@ def quantization_errors(
     ``Q_b`` is the k-means quantizer: ``2^b`` centroids from :func:`kmeans_1d` over the layer's weights,
     each weight replaced by its nearest centroid, which is where KMQAT starts fine-tuning from. At 1 bit,
     ``binary_mode="adaptive"`` uses the same 2-means levels (threshold at their midpoint) and
-    ``binary_mode="static"`` the symmetric levels ``±mean|W|`` with threshold 0 (METHOD.md, "Binary").
+    ``binary_mode="static"`` the symmetric levels ``±mean|W|`` with threshold 0 (docs/method.md, "Binary").
     The error is 0 once ``2^b`` reaches the number of distinct weight values.
 
     Returns:
@@ -272,13 +271,8 @@ def quantization_errors(
         w = _weight_of(model, name).detach().to("cpu", torch.float64).reshape(-1).numpy()
         errs: dict[int, float] = {}
         for b in bits:
-            if b == 1 and binary_mode == "static":
-                alpha = float(np.mean(np.abs(w)))
-                # Zero weights go to +alpha, as sign(0) is taken to be +1 by the static binarizer.
-                errs[b] = float(np.sum((w - np.where(w >= 0, alpha, -alpha)) ** 2))
-            else:
-                centroids, _ = kmeans_1d(w, 2**b, seed=seed)
-                errs[b] = kmeans_inertia(w, centroids)
+            spec = LayerSpec(b, binary_mode if b == 1 else None)
+            errs[b] = spec.quantizer_class.quantization_error(w, b, seed=seed)
         out[name] = errs
     return out
 
@@ -334,7 +328,7 @@ def recipe_sensitivity(
 def trace_groups(traces: Mapping[str, float], n_groups: int = 4) -> list[list[str]]:
     """Layers sorted by trace, most sensitive first, split into ``n_groups`` groups of near-equal count.
 
-    The coarse search space of one re-implementation (METHOD.md): one bit width per group and all
+    The coarse search space of one re-implementation (docs/method.md): one bit width per group and all
     combinations enumerated. Ties keep the order of ``traces``. Groups are never empty: with fewer layers
     than ``n_groups`` there are fewer groups.
     """
@@ -568,8 +562,8 @@ def _check_bit_choices(bit_choices: Sequence[int]) -> tuple[int, ...]:
 
 
 def _check_binary_mode(binary_mode: str) -> None:
-    if binary_mode not in BINARY_MODES:
-        raise ConfigError(f"binary_mode={binary_mode!r}; allowed: {list(BINARY_MODES)}")
+    if binary_mode not in binary_modes():
+        raise ConfigError(f"binary_mode={binary_mode!r}; allowed: {list(binary_modes())}")
 
 
 def _check_int(name: str, value: object, minimum: int | None) -> None:

@@ -12,7 +12,7 @@ What is stored (and counted), per state-dict entry of the embedding network:
 * every other tensor inference needs, as float32: biases, BatchNorm weight/bias/running mean/var, the
   weights of layers left in float;
 * not stored: BatchNorm ``num_batches_tracked`` (inference uses the running statistics; it only matters
-  when training with ``momentum=None``) and training-only heads (``projection.*``, METHOD.md).
+  when training with ``momentum=None``) and training-only heads (``projection.*``, docs/method.md).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from lsv_core.errors import ConfigError
 from lsv_core.quant.bitpack import pack_bits, packed_nbytes
-from lsv_core.quant.quantize import plain_state_items, quantizer_of, recipe_of
-from lsv_core.quant.recipe import TRAINING_ONLY_MODULES, BitRecipe, LayerSpec, SpecLike
+from lsv_core.quant.quantize import latent_weight, plain_state_items, quantizer_of, recipe_of
+from lsv_core.quant.recipe import TRAINING_ONLY_MODULES, BitRecipe, LayerSpec, SpecLike, quantizable_layers
 
-__all__ = ["codebook_layout", "packed_layout", "packed_size_bytes", "packed_tensors"]
+__all__ = ["average_bits", "codebook_layout", "packed_layout", "packed_size_bytes", "packed_tensors"]
 
 PACKED_SUFFIX = "packed"
 # Buffers inference does not read (see module docstring).
@@ -37,9 +37,7 @@ _SKIPPED_LEAVES = ("num_batches_tracked",)
 
 def codebook_layout(spec: LayerSpec) -> dict[str, tuple[int, ...]]:
     """Codebook tensors stored for a layer with ``spec``: name suffix -> shape (all float32)."""
-    if spec.bits == 1 and spec.mode == "static":
-        return {"alpha": (1,)}
-    return {"codebook": (spec.n_levels,)}
+    return spec.quantizer_class.stored_layout(spec.bits)
 
 
 def packed_tensors(
@@ -121,3 +119,14 @@ def _build(model: nn.Module, recipe: BitRecipe, materialize: bool) -> dict[str, 
         for suffix, tensor in codebook.items():
             out[f"{key}.{suffix}"] = tensor.detach().to("cpu", torch.float32).contiguous()
     return out
+
+
+def average_bits(model: nn.Module, recipe: BitRecipe | Mapping[str, LayerSpec]) -> float:
+    """Weight-count-weighted mean bits over the quantizable layers (float layers count 32)."""
+    modules = dict(model.named_modules())
+    total = bits = 0
+    for name in quantizable_layers(model):
+        n = latent_weight(modules[name]).numel()
+        total += n
+        bits += n * (recipe[name].bits if name in recipe else 32)
+    return bits / max(1, total)

@@ -1,8 +1,8 @@
 """The (EER, size) trade-off of a study: Pareto front, non-dominated ranks, hypervolume, knee, queries.
 
 Both objectives are minimised: EER in percent and the packed model size in bytes. The math is pure
-functions over a sequence of points; a point is a :class:`TrialPoint` (what :func:`load_points` reads
-from a study), or a plain ``(eer, size_bytes)`` or ``(eer, size_bytes, eer_ci_low, eer_ci_high)`` tuple.
+functions over a sequence of points; a point is a :class:`TrialPoint` (what
+:func:`search.results.load_points` reads from a study), or a plain ``(eer, size_bytes)`` or ``(eer, size_bytes, eer_ci_low, eer_ci_high)`` tuple.
 Functions return *indices* into the sequence they were given, so callers keep their own objects.
 
 Conventions (the tests check each one against brute force):
@@ -24,36 +24,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import optuna
-
-    from search.config import StudyConfig
-    from search.tracking import StudyTracker
-
 __all__ = [
-    "PARETO_OPTIMAL_TAG",
-    "PARETO_RANK_TAG",
     "TrialPoint",
     "best_eer_with_size_at_most",
     "hypervolume",
     "hypervolume_history",
     "knee_point",
-    "load_points",
-    "load_points_from_mlflow",
     "pareto_front",
     "pareto_ranks",
     "reference_point",
-    "refresh_pareto_tags",
     "smallest_with_eer_at_most",
 ]
-
-# MLflow run tags: the UI filter `tags.pareto_optimal = "true"` lists the front.
-PARETO_OPTIMAL_TAG = "pareto_optimal"
-PARETO_RANK_TAG = "pareto_rank"
 
 
 @dataclass(frozen=True)
@@ -283,101 +268,3 @@ def best_eer_with_size_at_most(points: Sequence[PointLike], max_bytes: float) ->
     eer, size, _, _ = _coords(points)
     ok = [i for i in range(len(eer)) if size[i] <= max_bytes]
     return min(ok, key=lambda i: (eer[i], size[i], i)) if ok else None
-
-
-# -- loading --------------------------------------------------------------------------------------------
-def _optional_float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
-def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = True) -> list[TrialPoint]:
-    """The COMPLETE trials of a study (its Optuna storage is the source of truth), by trial number.
-
-    ``source`` is a :class:`~search.config.StudyConfig` (its study is opened read-only) or an
-    ``optuna.Study``. Memoized trials repeat their source's values; ``include_memoized=False`` drops them.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    if isinstance(source, optuna.Study):
-        study = source
-    else:
-        from search.study import open_study
-
-        study = open_study(source, create=False)
-    points = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.values is None or len(t.values) < 2:
-            continue
-        attrs = t.user_attrs
-        memo = attrs.get("memoized_from")
-        if memo is not None and not include_memoized:
-            continue
-        points.append(TrialPoint(
-            number=t.number, eer=float(t.values[0]), size_bytes=int(t.values[1]),
-            eer_ci_low=_optional_float(attrs.get("eer_ci_low")), eer_ci_high=_optional_float(attrs.get("eer_ci_high")),
-            min_dcf=_optional_float(attrs.get("min_dcf_001")),
-            compression_ratio=_optional_float(attrs.get("compression_ratio")),
-            avg_bits=_optional_float(attrs.get("avg_bits")), recipe=dict(attrs.get("recipe") or {}),
-            seed=attrs.get("seed"), memoized_from=None if memo is None else int(memo),
-            packed_path=attrs.get("packed_path"), digest=attrs.get("digest"),
-        ))
-    return sorted(points, key=lambda p: p.number)
-
-
-def load_points_from_mlflow(tracker: StudyTracker) -> list[TrialPoint]:
-    """The complete trials as MLflow's child runs record them (for stores without the Optuna database).
-
-    Recipes come from the ``bits.<layer>`` params (``"4"``, ``"1a"``/``"1s"`` for adaptive/static 1 bit).
-    """
-    from search.tracking import TRIAL_TAG
-
-    points = []
-    for run in tracker.child_runs():
-        tags, metrics = run.data.tags, run.data.metrics
-        if tags.get("lsv.state") != "complete" or "eer" not in metrics or "size_bytes" not in metrics:
-            continue
-        recipe: dict[str, Any] = {}
-        for key, value in run.data.params.items():
-            if key.startswith("bits.") and value != "32":
-                recipe[key[5:]] = ({"bits": 1, "mode": "static" if value == "1s" else "adaptive"}
-                                   if value.startswith("1") and len(value) == 2 else int(value))
-        memo = tags.get("lsv.memoized_from")
-        points.append(TrialPoint(
-            number=int(tags[TRIAL_TAG]), eer=float(metrics["eer"]), size_bytes=int(metrics["size_bytes"]),
-            eer_ci_low=metrics.get("eer_ci_low"), eer_ci_high=metrics.get("eer_ci_high"),
-            min_dcf=metrics.get("min_dcf"), compression_ratio=metrics.get("compression_ratio"),
-            avg_bits=metrics.get("avg_bits"), recipe=recipe,
-            memoized_from=None if memo is None else int(memo), digest=tags.get("lsv.config_hash"),
-        ))
-    return sorted(points, key=lambda p: p.number)
-
-
-# -- MLflow tags ----------------------------------------------------------------------------------------
-def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[TrialPoint]) -> int:
-    """Tag every trial run: ``pareto_optimal`` ("true"/"false") and, for complete trials, ``pareto_rank``.
-
-    ``study`` is the Optuna study (read through :func:`load_points`) or points already loaded. Only tags
-    whose value changed are written, so calling this after every few trials costs one run search plus
-    a store call per changed run. Runs of failed/pruned trials get ``pareto_optimal=false`` and no rank.
-    Returns the number of runs whose tags were written.
-    """
-    from search.tracking import TRIAL_TAG
-
-    points = list(study) if isinstance(study, Sequence) else load_points(study)
-    ranks = dict(zip((p.number for p in points), pareto_ranks(points), strict=True))
-    changed = 0
-    for run in tracker.child_runs():
-        number = int(run.data.tags.get(TRIAL_TAG, "-1"))
-        rank = ranks.get(number)
-        want = {PARETO_OPTIMAL_TAG: "true" if rank == 0 else "false"}
-        if rank is not None:
-            want[PARETO_RANK_TAG] = str(rank)
-        if any(run.data.tags.get(k) != v for k, v in want.items()):
-            tracker.set_tags(run.info.run_id, want)
-            changed += 1
-    return changed

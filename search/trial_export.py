@@ -1,0 +1,311 @@
+"""Export one trial of a study as a deployable, verified, registered model, in four steps.
+
+``export_trial(config, SelectionRule(...), out_dir)``:
+
+1. **select** the trial (:mod:`search.selection`);
+2. **verify** it (:func:`verify_trial`), before anything is written: the trial's packed file (on this
+   machine, else the copy logged with its MLflow run) holds exactly the logged ``size_bytes`` of tensors
+   and loads with the logged recipe, and re-evaluated on the study's trials (same data, ``max_trials``
+   subset, seed, bootstrap replicates and torch threads as the workers) it gives the logged EER within
+   :data:`EER_TOLERANCE` points. Evaluation is deterministic on one machine, so the difference is 0.0 in
+   practice; the tolerance only absorbs float reordering between BLAS builds or devices;
+3. **write** the bundle (:func:`lsv_core.export.bundle.stage_bundle`: packed copy, WeSpeaker state dict,
+   ONNX, recipe with provenance, model card), staged beside ``out_dir``;
+4. **register** it in the MLflow Model Registry of the study's tracking store
+   (:meth:`~search.tracking.StudyTracker.register_bundle`: files under ``export/`` of the trial's run, a
+   new version of ``lsv-<study>``, the alias (default ``chosen``) pointing at it; load it with
+   ``models:/lsv-<study>@chosen``), then move the bundle into place.
+
+Every refusal is an :class:`~lsv_core.errors.LsvError` (CLI exit 2); nothing is written before step 3.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lsv_core.atomic import RefuseOverwrite
+from lsv_core.errors import ConfigError, LsvError
+from lsv_core.export.bundle import PACKED_NAME, Accuracy, BundleFacts, packed_file_sizes, stage_bundle
+from search.pareto import TrialPoint
+from search.selection import SelectionRule, select_trial
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from torch import nn
+
+    from lsv_core.evaluate import EvalResult
+    from search.config import StudyConfig
+    from search.record import StudyRecord
+    from search.tracking import StudyTracker
+
+__all__ = ["EER_TOLERANCE", "ExportMismatch", "ExportOptions", "ExportResult", "VerifiedTrial", "export_trial",
+           "verify_trial"]
+
+EER_TOLERANCE = 0.05  # EER points (percent, absolute); see the module docstring
+TRIAL_N_BOOT = 200  # bootstrap replicates a search worker uses (search/trial.py), so the CI matches too
+DEFAULT_ALIAS = "chosen"
+
+
+class ExportMismatch(LsvError):
+    """The trial's files do not reproduce what the study logged (size, recipe or EER)."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: replace an existing ``out_dir`` (``force``), register in MLflow (``register``) under
+    ``model_name`` (default ``lsv-<study>``) with ``alias``, and the EER tolerance of the verification."""
+
+    force: bool = False
+    register: bool = True
+    eer_tolerance: float = EER_TOLERANCE
+    alias: str = DEFAULT_ALIAS
+    model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.eer_tolerance >= 0:
+            raise ConfigError(f"eer_tolerance={self.eer_tolerance!r} should be >= 0 (EER points)")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_trial` wrote and checked (EER in percent, sizes in bytes)."""
+
+    out_dir: Path
+    trial: int
+    source_trial: int  # the trial whose files were exported (differs for a memoized trial)
+    eer_logged: float
+    eer_reevaluated: float
+    size_bytes: int
+    file_bytes: int
+    onnx_max_abs_diff: float
+    files: dict[str, Path] = field(default_factory=dict)
+    run_id: str | None = None
+    registered_model: str | None = None
+    model_version: str | None = None
+    alias: str | None = None
+    notes: list[str] = field(default_factory=list)  # warnings that did not stop the export
+
+    def line(self) -> str:
+        reg = (f"; registered {self.registered_model} v{self.model_version} (@{self.alias})"
+               if self.model_version else "")
+        return (f"trial {self.trial}: EER {self.eer_logged:.2f} % (re-evaluated {self.eer_reevaluated:.2f} %), "
+                f"{self.size_bytes:,} bytes -> {self.out_dir}{reg}")
+
+
+@dataclass
+class VerifiedTrial:
+    """A trial whose packed file reproduced the study's record (step 2)."""
+
+    chosen: TrialPoint
+    source: TrialPoint  # whose files these are (a memoized trial repeats an earlier one)
+    model: nn.Module
+    packed_file: Path
+    reeval: EvalResult
+    n_eval_trials: int
+    run: Run | None
+
+
+# -- the four steps ------------------------------------------------------------------------------------------
+def export_trial(config: StudyConfig, rule: SelectionRule, out_dir: str | os.PathLike[str],
+                 options: ExportOptions = ExportOptions()) -> ExportResult:
+    """Select, verify, write and register one trial (module docstring); returns what was written.
+
+    Raises:
+        RefuseOverwrite: ``out_dir`` exists and ``options.force`` is False (checked first and again at the end).
+        NoTrialMeetsRule: no complete trial satisfies ``rule``.
+        ExportMismatch: the packed file or the re-evaluation disagrees with the study's record.
+        StudyNotRun: the study was never run; ConfigError: the trial has no MLflow run to register.
+    """
+    from search.record import read_record
+    from search.results import load_points
+    from search.tracking import StudyTracker
+
+    out = Path(out_dir)
+    if out.exists() and not options.force:
+        raise RefuseOverwrite(f"{out} exists; pass --force to replace it")
+    record, study = read_record(config)
+    notes: list[str] = []
+    if record.digest != config.digest():
+        # Not a refusal: a new config field with a default changes the digest too. The re-evaluation
+        # below is the real check that the data and the model still give the logged result.
+        notes.append(f"the study was made with config digest {record.digest}, this config has {config.digest()}")
+    points = load_points(study)
+    chosen = select_trial(points, rule)
+    tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=config.study_dir / "mlartifacts")
+    with tempfile.TemporaryDirectory(prefix="lsv-export-") as scratch:
+        checked = verify_trial(config, chosen, points, tracker, Path(scratch), options.eer_tolerance, notes)
+        if options.register and checked.run is None:
+            raise ConfigError(f"trial {checked.source.number} has no MLflow run in {config.mlflow_uri}; cannot "
+                              "register it (pass --no-register to export without the registry)")
+        model_name = options.model_name or f"lsv-{config.study.name}"
+        facts = _bundle_facts(config, record, study, checked, rule, len(points), options, model_name)
+        with stage_bundle(checked.model, checked.packed_file, facts, near=out) as staged:
+            version = None
+            if options.register:
+                assert checked.run is not None
+                version = tracker.register_bundle(
+                    checked.run.info.run_id, staged.dir, model_name, options.alias,
+                    tags={"lsv.study": config.study.name, "lsv.optuna_trial": str(chosen.number),
+                          "lsv.config_digest": str(record.digest), "lsv.recipe_digest": str(chosen.digest),
+                          "lsv.version": str(facts.provenance["lsv_version"]),
+                          "lsv.git_commit": str(facts.provenance["git_commit"]),
+                          "eer": f"{chosen.eer:.4f}", "size_bytes": str(chosen.size_bytes)},
+                    description=f"trial {chosen.number}: EER {chosen.eer:.2f} %, {chosen.size_bytes:,} bytes "
+                                f"({rule.describe()})")
+            staged.commit(out, overwrite=options.force)
+    files = {p.name: out / p.name for p in sorted(out.iterdir())}
+    return ExportResult(out_dir=out, trial=chosen.number, source_trial=checked.source.number, eer_logged=chosen.eer,
+                        eer_reevaluated=checked.reeval.eer, size_bytes=chosen.size_bytes, file_bytes=staged.file_bytes,
+                        onnx_max_abs_diff=staged.onnx_max_abs_diff, files=files,
+                        run_id=checked.run.info.run_id if checked.run else None,
+                        registered_model=model_name if options.register else None, model_version=version,
+                        alias=options.alias if options.register else None, notes=notes)
+
+
+def verify_trial(config: StudyConfig, chosen: TrialPoint, points: list[TrialPoint], tracker: StudyTracker,
+                 scratch: Path, eer_tolerance: float = EER_TOLERANCE, notes: list[str] | None = None) -> VerifiedTrial:
+    """Step 2: the trial's packed file reproduces its logged size, recipe and EER (module docstring)."""
+    from lsv_core.export.packed import load_packed
+    from lsv_core.quant import BitRecipe, packed_size_bytes, recipe_of
+
+    source = chosen
+    if chosen.memoized_from is not None:  # a repeat of an earlier trial: its files are the earlier one's
+        source = next((p for p in points if p.number == chosen.memoized_from), chosen)
+    run = tracker.trial_run(source.number)
+    packed = _packed_source(source, run, tracker, scratch)
+    file_bytes, header_bytes = packed_file_sizes(packed)
+    if file_bytes - header_bytes != chosen.size_bytes:
+        raise ExportMismatch(
+            f"trial {chosen.number}: {packed} holds {file_bytes - header_bytes:,} bytes of tensors "
+            f"({file_bytes:,} - {header_bytes:,} header), the study logged size_bytes={chosen.size_bytes:,}")
+    model = load_packed(packed)
+    recipe = BitRecipe.from_mapping(dict(chosen.recipe))
+    if recipe_of(model) != recipe:
+        raise ExportMismatch(f"trial {chosen.number}: {packed} holds recipe {recipe_of(model).to_dict()}, "
+                             f"the study logged {recipe.to_dict()}")
+    if packed_size_bytes(model) != chosen.size_bytes:
+        raise ExportMismatch(f"trial {chosen.number}: the loaded model packs to {packed_size_bytes(model):,} "
+                             f"bytes, the study logged {chosen.size_bytes:,}")
+    reeval, n_eval = _reevaluate(config, model)
+    if not abs(reeval.eer - chosen.eer) <= eer_tolerance:
+        raise ExportMismatch(
+            f"trial {chosen.number}: re-evaluating {packed} gives EER {reeval.eer:.4f} %, the study logged "
+            f"{chosen.eer:.4f} % (tolerance {eer_tolerance:g} points); the model or the evaluation data changed"
+            + "".join(f"; note: {n}" for n in notes or []))
+    return VerifiedTrial(chosen, source, model, packed, reeval, n_eval, run)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked: VerifiedTrial,
+                  rule: SelectionRule, n_complete: int, options: ExportOptions, model_name: str) -> BundleFacts:
+    from lsv_core import __version__
+    from lsv_core.quant import average_bits, recipe_of
+    from search.storage import redacted
+
+    chosen = checked.chosen
+    commit, dirty = _git_commit()
+    provenance: dict[str, Any] = {
+        "study": config.study.name,
+        "study_dir": str(config.study_dir),
+        "optuna_storage": redacted(config.optuna_url),
+        "optuna_trial": chosen.number,
+        "memoized_from": chosen.memoized_from,
+        "selection_rule": rule.describe(),
+        "config_digest": record.digest,
+        "export_config_digest": config.digest(),
+        "recipe_digest": chosen.digest,
+        "baseline_checkpoint": str(config.model.checkpoint.resolve()),
+        "mlflow_tracking_uri": redacted(config.mlflow_uri),
+        "mlflow_run_id": checked.run.info.run_id if checked.run is not None else None,
+        "ray_trial_id": study.trials[checked.source.number].user_attrs.get("ray_trial_id"),
+        "registered_model": f"{model_name}@{options.alias}" if options.register else None,
+        "lsv_version": __version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    fp32 = int(record.fp32_bytes or study.user_attrs.get("fp32_bytes") or 0) or round(
+        chosen.size_bytes * (chosen.compression_ratio or 1))
+    reeval = checked.reeval
+    accuracy = Accuracy(eer=chosen.eer, eer_ci_low=chosen.eer_ci_low, eer_ci_high=chosen.eer_ci_high,
+                        min_dcf_001=chosen.min_dcf, reeval_eer=reeval.eer, reeval_min_dcf_001=reeval.min_dcf_001,
+                        eer_tolerance=options.eer_tolerance, n_eval_trials=checked.n_eval_trials)
+    metrics = {"eer": chosen.eer, "eer_ci_low": chosen.eer_ci_low, "eer_ci_high": chosen.eer_ci_high,
+               "min_dcf_001": chosen.min_dcf, "eer_reevaluated": reeval.eer,
+               "min_dcf_001_reevaluated": reeval.min_dcf_001, "n_eval_trials": checked.n_eval_trials,
+               "compression_ratio": chosen.compression_ratio}
+    title = (f"{config.study.name}, trial {chosen.number}: {checked.model.arch['name']} at "
+             f"{average_bits(checked.model, recipe_of(checked.model)):.2f} bits/weight")
+    return BundleFacts(title=title, accuracy=accuracy, fp32_bytes=fp32, provenance=provenance,
+                       how_found=_how_found(config, chosen, rule, n_complete), metrics=metrics)
+
+
+def _how_found(config: StudyConfig, chosen: TrialPoint, rule: SelectionRule, n_complete: int) -> list[str]:
+    origin = (f"an enqueued seed trial ({chosen.seed})" if chosen.seed
+              else f"proposed by Optuna's {config.study.sampler} sampler")
+    msft = config.msft
+    return [
+        f"Study `{config.study.name}`: {n_complete} complete trials, each quantizing the fp32 baseline "
+        f"`{config.model.checkpoint}` with a per-{config.space.granularity} bit assignment from "
+        f"{config.space.bits} (1-bit modes {config.space.binary_modes}).",
+        f"Trial {chosen.number} was {origin}"
+        + (f"; its result repeats trial {chosen.memoized_from} (same recipe, memoized)" if chosen.memoized_from
+           is not None else "") + ".",
+        f"Each trial: k-means codebooks per layer, then multi-stage fine-tuning (order `{msft.order}`, "
+        f"{msft.total_steps} steps, lr {msft.lr:g}, centroids by `{msft.centroid_update}`), scored by cosine "
+        f"EER on {config.data.max_trials or 'all'} trials (subset seed {config.data.subset_seed}).",
+        f"Selected by the rule: {rule.describe()}; objectives minimised together: EER and packed bytes"
+        + (f" (size budget {config.size_budget_bytes:,} bytes)" if config.size_budget_bytes else "") + ".",
+    ]
+
+
+def _git_commit() -> tuple[str, bool | None]:
+    """``(commit, dirty)`` of the checkout this code runs from; ``("unknown", None)`` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown", None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip(), bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def _reevaluate(config: StudyConfig, model: nn.Module) -> tuple[EvalResult, int]:
+    """EER of ``model`` on the study's trial subset, computed as a search worker computes it."""
+    from lsv_core.evaluate import evaluate
+    from lsv_core.workbench import Workbench
+
+    bench = Workbench.load(config.workbench_spec().replace(device="cpu", codebook_dir=None), progress=False)
+    threads = torch.get_num_threads()
+    # The workers ran with resources.cpu threads; the same count keeps float reductions in the same order.
+    torch.set_num_threads(max(1, int(config.resources.cpu)))
+    try:
+        result = evaluate(model, bench.eval_store, bench.trials, n_boot=TRIAL_N_BOOT, seed=config.study.seed)
+    finally:
+        torch.set_num_threads(threads)
+    return result, len(bench.trials)
+
+
+def _packed_source(point: TrialPoint, run: Run | None, tracker: StudyTracker, scratch: Path) -> Path:
+    """The trial's packed file: where the worker wrote it, else the copy logged with its MLflow run."""
+    if point.packed_path and Path(point.packed_path).is_file():
+        return Path(point.packed_path)
+    if run is not None:
+        try:
+            return Path(tracker.client.download_artifacts(run.info.run_id, PACKED_NAME, str(scratch)))
+        except Exception as err:  # MLflow raises several types for a missing artifact
+            raise ExportMismatch(f"trial {point.number}: packed file {point.packed_path!r} is gone and its MLflow "
+                                 f"run {run.info.run_id} has no {PACKED_NAME} artifact ({err})") from None
+    raise ExportMismatch(f"trial {point.number}: packed file {point.packed_path!r} does not exist and no MLflow "
+                         "run holds a copy")
