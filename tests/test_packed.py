@@ -178,3 +178,50 @@ def test_header_layers_describe_unpacking(tmp_path) -> None:
         "seg_1": {"shape": list(model.seg_1.weight.shape), "bits": 1, "mode": "static"},
     }
     assert json.loads(json.dumps(layers)) == layers
+
+
+# ------------------------------------------------------------------------------------- scheme registry
+
+
+def test_a_new_binary_mode_is_one_registered_class(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The registry is the only place a layer spec meets its quantizer: one decorated class adds a mode
+    that tokens, recipes, quantize, sizes, the packed file and the search space all accept."""
+    from lsv_core.quant import recipe as recipe_module
+    from lsv_core.quant.binary import StaticBinaryQuantizer
+    from lsv_core.quant.recipe import LayerSpec, binary_modes, register_quantizer
+    from search.config import SpaceSection
+    from search.space import SearchSpace
+
+    monkeypatch.setattr(recipe_module, "_QUANTIZERS", dict(recipe_module._QUANTIZERS))  # undone after the test
+
+    @register_quantizer("median", token_letter="m")
+    class MedianScale(StaticBinaryQuantizer):  # levels +-median|W|: a toy scheme, stored like the static one
+        mode = "median"
+
+        def forward(self, latent: torch.Tensor) -> torch.Tensor:
+            sign = torch.where(latent >= 0, 1.0, -1.0).to(latent.dtype)
+            return latent.abs().median() * sign
+
+        def levels(self, latent: torch.Tensor) -> torch.Tensor:
+            m = latent.detach().abs().median()
+            return torch.stack([-m, m])
+
+        def packed_codebook(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"alpha": latent.detach().abs().median().reshape(1).float()}
+
+    assert "median" in binary_modes() and LayerSpec(1, "median").token == "1m"
+    assert LayerSpec.from_token("1m") == LayerSpec(1, "median")
+    assert LayerSpec(1, "median").quantizer_class is MedianScale
+    model = build_model("ThinResNet", m_channels=4, embed_dim=16)
+    layer = quantizable_layers(model)[1]
+    recipe = BitRecipe({layer: {"bits": 1, "mode": "median"}})
+    quantize(model, recipe)
+    assert recipe_of(model) == recipe
+    path = save_packed(model, tmp_path / "m.safetensors")
+    again = load_packed(path)
+    x = torch.randn(2, 50, 80)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model.eval()(x))
+    assert packed_size_bytes(model) == packed_size_bytes(build_model("ThinResNet", m_channels=4, embed_dim=16), recipe)
+    space = SearchSpace.build(model, SpaceSection(bits=[1, 4], binary_modes=["median"], granularity="stage"))
+    assert space.choices == ("1m", "4")
