@@ -157,11 +157,13 @@ def _completed(url: str, name: str) -> set[int]:
 
 
 def test_driver_sigkill_resume_and_second_driver_against_postgres(
-        tiny_study_inputs: dict[str, Path], postgres, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_study_inputs: dict[str, Path], postgres, mlflow_server, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     from search.cli import main
 
     url = postgres.create_database("crash_study")
-    raw = study_raw_config(tiny_study_inputs, tmp_path, name="pgcrash", storage={"optuna": url},
+    raw = study_raw_config(tiny_study_inputs, tmp_path, name="pgcrash",
+                           storage={"optuna": url, "mlflow": mlflow_server.uri},
                            study={"n_trials": 8, "concurrency": 1})
     toml = tmp_path / "pgcrash.toml"
     toml.write_text(to_toml(raw))

@@ -52,8 +52,12 @@ def test_lease_in_sqlite(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_lease_in_postgres(postgres) -> None:
+def test_lease_in_postgres(postgres, monkeypatch: pytest.MonkeyPatch) -> None:
     _lease_semantics(postgres.create_database("lease_semantics"))
+    # The password may also come from PGPASSWORD (or ~/.pgpass) instead of the URL.
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    study = _study(postgres.url("lease_semantics", password=False), "leased")
+    assert study.user_attrs[LEASE_ATTR]["released"]
 
 
 def test_a_dead_local_driver_is_taken_over_at_once(tmp_path: Path) -> None:
