@@ -119,7 +119,7 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
 def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record: StudyRecord,
                 tracker: StudyTracker, remaining: int | None, address: str | None, progress: bool,
                 fault_plan: dict[int, dict[str, Any]] | None, on_status: Callable[[StudyStatus], None] | None,
-                stopped: threading.Event) -> None:
+                stopped: _StopEvent) -> None:
     import ray
 
     from lsv_core.quant import packed_size_bytes
@@ -130,6 +130,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     assert pre.baseline is not None and pre.space is not None
     model, space = pre.baseline.model, pre.space
     started_here = cluster.connect(config, address)
+    stopped.install()  # Ray's core worker installs its own SIGTERM handler (it aborts the process)
     writer = TrackingThread()
     searcher: AskTellSearcher | None = None
     try:
@@ -180,12 +181,21 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         _log_missing(study, tracker)
 
 
+class _StopEvent(threading.Event):
+    """Set by SIGINT/SIGTERM; ``install()`` (re-)installs the handlers (``ray.init`` replaces them)."""
+
+    signum: int = signal.SIGINT
+
+    def install(self) -> None:
+        return None
+
+
 @contextmanager
-def _stop_signals() -> Iterator[threading.Event]:
+def _stop_signals() -> Iterator[_StopEvent]:
     """SIGINT and SIGTERM raise KeyboardInterrupt in the driver (Ray Tune's own SIGINT handler, which would
     wait for the running trials, is turned off): the running trials are re-queued, MLflow is flushed, the
     lease released and :class:`StudyInterrupted` raised. Handlers are restored afterwards."""
-    stopped = threading.Event()
+    stopped = _StopEvent()
     if threading.current_thread() is not threading.main_thread():
         yield stopped
         return
@@ -193,19 +203,25 @@ def _stop_signals() -> Iterator[threading.Event]:
     def handler(signum: int, frame: Any) -> None:
         if stopped.is_set():
             return  # already stopping: let the clean-up finish
-        stopped.signum = signum  # type: ignore[attr-defined]
+        stopped.signum = signum
         stopped.set()
         console.print(f"[yellow]{signal.Signals(signum).name}: stopping the study (running trials are "
                       "re-queued) ...[/]")
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def install() -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, handler)
+
+    stopped.install = install  # type: ignore[method-assign]
     tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         yield stopped
     except KeyboardInterrupt:
-        raise StudyInterrupted(int(getattr(stopped, "signum", signal.SIGINT))) from None
+        raise StudyInterrupted(stopped.signum) from None
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

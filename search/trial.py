@@ -133,7 +133,10 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
             "node_id": _node_id(), "device": spec["device"],
         })
     except Exception as exc:  # recorded as a failed trial with its reason; the study goes on
-        tune.report({"final": True, "error": f"{type(exc).__name__}: {exc}"[:500],
+        # A failure in a Ray call (e.g. the driver's disk full while the sink writes) arrives wrapped in a
+        # RayTaskError whose text starts with a remote traceback: report the exception itself.
+        cause = getattr(exc, "cause", None) or exc
+        tune.report({"final": True, "error": f"{type(cause).__name__}: {cause}"[:500],
                      "optuna_trial": config["optuna_trial"], "trial_wall_s": time.monotonic() - t0})
 
 
