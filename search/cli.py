@@ -152,6 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     console.print(f"[green]study {config.study.name}[/] {'resumed' if result.resumed else 'created'} in "
                   f"{result.wall_s:.0f} s -> {result.study_dir}")
     console.print(st.line())
+    console.print(st.cost.line())
     tracker = StudyTracker(config.mlflow_uri, config.study.name)
     if config.mlflow_uri.startswith("sqlite:"):
         console.print(f"browse: mlflow ui --backend-store-uri {config.mlflow_uri} --host 127.0.0.1, then "
@@ -180,6 +181,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(st), indent=2))
     else:
         print(st.line())
+        print(st.cost.line())
         for p in st.pareto:
             print(f"  trial {p['number']:4d}: EER {p['eer']:.2f} %  {p['size_bytes']} bytes")
     return 0

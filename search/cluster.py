@@ -152,7 +152,8 @@ def make_trial_config(config: StudyConfig, sink_name: str, omega: dict | None,
 
     def make(recipe: Any, number: int) -> dict[str, Any]:
         cfg = {"recipe": recipe.to_dict(), "optuna_trial": number, "workbench": spec, "schedule": schedule,
-               "threads": threads, "artifact_sink": sink_name, "trials_dir": str(config.study_dir / "trials")}
+               "threads": threads, "gpu": config.resources.gpu, "artifact_sink": sink_name,
+               "trials_dir": str(config.study_dir / "trials")}
         if omega is not None:
             cfg["sensitivity"] = omega
         if fault_plan and number in fault_plan:

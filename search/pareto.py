@@ -67,6 +67,8 @@ class TrialPoint:
     # EER (percent) on the study's shared bootstrap replicates (lsv_core.metrics.paired): lets any two
     # points of a study, or a point and the fp32 control, be compared by a paired bootstrap.
     eer_boot: tuple[float, ...] | None = field(default=None, repr=False)
+    cost_fte: float | None = None  # what this trial cost, in full-trial equivalents (memoized: 0)
+    found_after_fte: float | None = None  # the study's total cost when this trial finished (trial order)
 
 
 PointLike = TrialPoint | Sequence[float]

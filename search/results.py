@@ -24,12 +24,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NOT_COUNTED",
+    "CostSummary",
     "PARETO_OPTIMAL_TAG",
     "PARETO_RANK_TAG",
     "StudyStatus",
     "load_points",
     "load_points_from_mlflow",
     "refresh_pareto_tags",
+    "study_cost",
     "study_status",
 ]
 
@@ -41,6 +43,52 @@ PARETO_RANK_TAG = "pareto_rank"
 # -- study-level numbers, shared by `lsv run`'s progress line and `lsv status` ------------------------------
 # Failed trials that are not failures of the search: re-queued after a driver stopped, or asked again.
 NOT_COUNTED = ("interrupted (driver stopped)", "duplicate of a running trial")
+
+
+@dataclass
+class CostSummary:
+    """What a study's trials cost: full-trial equivalents (one trial at the study's full schedule = 1), the
+    workers' wall, CPU and GPU seconds, fine-tuning samples and evaluated utterances, and what memoization
+    (a repeated recipe costs nothing: 1 FTE saved each) and early stopping (1 - the share run) saved."""
+
+    total_fte: float = 0.0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
+    finetune_samples: float = 0.0
+    eval_utterances: float = 0.0
+    n_trained: int = 0
+    n_memoized: int = 0
+    n_pruned: int = 0
+    saved_by_memo_fte: float = 0.0
+    saved_by_early_stop_fte: float = 0.0
+
+    def line(self) -> str:
+        return (f"cost {self.total_fte:.1f} full-trial equivalents ({self.wall_s / 3600:.2f} worker-hours, "
+                f"{self.cpu_s / 3600:.2f} CPU-hours, {self.gpu_s / 3600:.2f} GPU-hours); saved "
+                f"{self.saved_by_memo_fte:.1f} by memoization, {self.saved_by_early_stop_fte:.1f} by early stopping")
+
+
+def study_cost(trials: list[optuna.trial.FrozenTrial]) -> CostSummary:
+    c = CostSummary()
+    for t in trials:
+        cost = t.user_attrs.get("cost") or {}
+        if "memoized_from" in t.user_attrs:
+            c.n_memoized += 1
+            c.saved_by_memo_fte += 1.0
+            continue
+        c.total_fte += float(cost.get("fte", 0.0))
+        c.wall_s += float(cost.get("wall_s", 0.0))
+        c.cpu_s += float(cost.get("cpu_s", 0.0))
+        c.gpu_s += float(cost.get("gpu_s", 0.0))
+        c.finetune_samples += float(cost.get("finetune_samples", 0.0))
+        c.eval_utterances += float(cost.get("eval_utterances", 0.0))
+        if t.state == TrialState.PRUNED and cost:
+            c.n_pruned += 1
+            c.saved_by_early_stop_fte += max(0.0, 1.0 - float(cost.get("fte", 1.0)))
+        elif cost:
+            c.n_trained += 1
+    return c
 
 
 @dataclass
@@ -57,6 +105,7 @@ class StudyStatus:
     budget_bytes: int | None = None
     pareto: list[dict[str, Any]] = field(default_factory=list)
     failure_reasons: dict[str, int] = field(default_factory=dict)  # reason -> trials
+    cost: CostSummary = field(default_factory=CostSummary)
 
     def line(self) -> str:
         best = "-" if self.best_eer_under_budget is None else f"{self.best_eer_under_budget:.2f} %"
@@ -79,6 +128,7 @@ def study_status(study: optuna.Study, budget_bytes: int | None = None) -> StudyS
         reason = str(t.user_attrs.get("reason") or "unknown")[:200]
         st.failure_reasons[reason] = st.failure_reasons.get(reason, 0) + 1
     st.n_running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    st.cost = study_cost(trials)
     if complete:
         front = {t.number: t for t in study.best_trials}
         st.pareto_size = len({tuple(t.values) for t in front.values()})
@@ -113,6 +163,10 @@ def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = 
 
         study = open_study(source, create=False)
     points = []
+    spent, found_after = 0.0, {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        spent += float((t.user_attrs.get("cost") or {}).get("fte", 0.0))
+        found_after[t.number] = spent
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.values is None or len(t.values) < 2:
             continue
@@ -128,6 +182,8 @@ def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = 
             avg_bits=_optional_float(attrs.get("avg_bits")), recipe=dict(attrs.get("recipe") or {}),
             seed=attrs.get("seed"), memoized_from=None if memo is None else int(memo),
             packed_path=attrs.get("packed_path"), digest=attrs.get("digest"),
+            eer_boot=tuple(attrs["eer_boot"]) if attrs.get("eer_boot") else None,
+            cost_fte=_optional_float((attrs.get("cost") or {}).get("fte")), found_after_fte=found_after[t.number],
         ))
     return sorted(points, key=lambda p: p.number)
 

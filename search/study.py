@@ -42,6 +42,7 @@ from lsv_core.quant import BitRecipe, LayerSpec
 from search.config import StudyConfig
 from search.lease import DriverLease
 from search.preflight import Preflight, preflight_study
+from search.progress import ProgressBoard
 from search.record import StudyRecord, save_record, stored_record
 from search.results import NOT_COUNTED, StudyStatus, refresh_pareto_tags, study_status
 from search.space import SearchSpace
@@ -110,8 +111,12 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
                         on_status, stopped)
         refresh_pareto_tags(tracker, study)
         status = study_status(study, config.size_budget_bytes)
+        cost = status.cost
         tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
-                              "n_pruned": status.n_pruned, "pareto_size": status.pareto_size})
+                              "n_pruned": status.n_pruned, "pareto_size": status.pareto_size,
+                              "cost_total_fte": cost.total_fte, "cost_wall_s": cost.wall_s, "cost_cpu_s": cost.cpu_s,
+                              "cost_gpu_s": cost.gpu_s, "cost_saved_by_memo_fte": cost.saved_by_memo_fte,
+                              "cost_saved_by_early_stop_fte": cost.saved_by_early_stop_fte})
         write_text_atomic(study_dir / "status.json", json.dumps(asdict(status), indent=2), overwrite=True)
     return RunResult(status, study_dir, time.monotonic() - t0, resumed)
 
@@ -149,6 +154,8 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         sink_name = f"lsv-sink-{config.study.name}-{uuid.uuid4().hex[:8]}"
         sink = start_sink(config.study_dir, sink_name)
         logged = [0]
+        board = ProgressBoard(config.study.name, n_trials=config.study.n_trials, timeout_s=config.study.timeout_s,
+                              console=console, live=None if progress else False)
 
         def on_record(rec: TrialRecord) -> None:
             writer.submit(tracker.log_trial, rec)
@@ -157,7 +164,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                 writer.submit(refresh_pareto_tags, tracker, study)
             st = study_status(study, config.size_budget_bytes)
             if progress:
-                console.print(st.line(), soft_wrap=True)
+                board.finished(rec, st)
             if on_status is not None:
                 on_status(st)
 
@@ -165,8 +172,9 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                                          omega if config.msft.order == "sensitivity" else None, fault_plan)
         searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
                                    budget_bytes=config.size_budget_bytes, make_config=make, sink=on_record,
-                                   max_trials=remaining)
-        cluster.run_trials(config, searcher, shared, excluded, sink_name)
+                                   max_trials=remaining, on_progress=board.update)
+        with board:
+            cluster.run_trials(config, searcher, shared, excluded, sink_name)
         ray.kill(sink)
     except KeyboardInterrupt:  # SIGINT/SIGTERM (see _stop_signals): the trials still running go back in the queue
         if searcher is not None:

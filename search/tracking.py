@@ -90,6 +90,7 @@ class TrialRecord:
     wall_s: float | None = None
     memoized_from: int | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)  # fte, finetune_samples, wall_s, cpu_s, ... (metrics cost_*)
 
     def __post_init__(self) -> None:
         if self.state not in TRIAL_STATES:
@@ -507,6 +508,7 @@ def _trial_metrics(record: TrialRecord, timestamp: int) -> list[Metric]:
         "avg_bits": record.avg_bits,
         "wall_s": record.wall_s,
     }
+    values.update({f"cost_{k}": v for k, v in record.cost.items()})
     metrics = [Metric(key, float(value), timestamp, 0) for key, value in values.items() if value is not None]
     metrics += [
         Metric("stage_eer", float(eer), timestamp, step) for step, eer in enumerate(record.stage_eers)

@@ -97,6 +97,7 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
     from ray import tune
 
     t0 = time.monotonic()
+    meter = _CostMeter()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     recipe = BitRecipe.from_mapping(config["recipe"])
     fault = config.get("fault")  # test hook: {"kind": "raise" | "nan" | "kill", "once_file": path}
@@ -110,12 +111,15 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
         schedule = MsftSchedule.from_dict(config["schedule"])
         sensitivity = layer_sensitivity(config.get("sensitivity"), recipe)
         n_stages = len(plan_stages(bench.model, recipe, schedule.order, schedule.n_groups, sensitivity))
+        meter.gpu_share = float(config.get("gpu", 0)) if spec["device"].startswith("cuda") else 0.0
+        n_eval = len(bench.trials.utterances)
 
         def on_stage(stage: int, m: StageMetrics) -> bool:
             _inject_fault(fault, stage)
+            meter.add(m.steps * schedule.batch_size, n_eval if m.eer is not None else 0)
             tune.report({"stage": stage, "eer": m.eer if m.eer is not None else math.nan,
                          "size_bytes": size, "n_stages": n_stages, "final": False,
-                         "optuna_trial": config["optuna_trial"]})
+                         "optuna_trial": config["optuna_trial"], **meter.report()})
             return False
 
         outcome = bench.run(recipe, schedule, callback=on_stage, sensitivity=sensitivity,
@@ -131,13 +135,38 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
             "final": True, "packed_path": str(packed), "setup_s": setup_s,
             "trial_wall_s": time.monotonic() - t0, "optuna_trial": config["optuna_trial"],
             "node_id": _node_id(), "device": spec["device"],
+            **meter.report(),
         })
     except Exception as exc:  # recorded as a failed trial with its reason; the study goes on
         # A failure in a Ray call (e.g. the driver's disk full while the sink writes) arrives wrapped in a
         # RayTaskError whose text starts with a remote traceback: report the exception itself.
         cause = getattr(exc, "cause", None) or exc
         tune.report({"final": True, "error": f"{type(cause).__name__}: {cause}"[:500],
-                     "optuna_trial": config["optuna_trial"], "trial_wall_s": time.monotonic() - t0})
+                     "optuna_trial": config["optuna_trial"], "trial_wall_s": time.monotonic() - t0,
+                     **meter.report()})
+
+
+class _CostMeter:
+    """What a trial has cost so far: fine-tuning samples, evaluated utterances, wall, CPU and GPU seconds.
+
+    Reported with every stage, so a trial stopped early still tells what it spent (the driver turns the
+    samples into full-trial equivalents, :func:`search.results.trial_fte`)."""
+
+    def __init__(self) -> None:
+        self.wall0, self.cpu0 = time.monotonic(), time.process_time()
+        self.samples = 0
+        self.eval_utts = 0
+        self.gpu_share = 0.0
+
+    def add(self, samples: int, eval_utts: int) -> None:
+        self.samples += samples
+        self.eval_utts += eval_utts
+
+    def report(self) -> dict[str, float]:
+        wall = time.monotonic() - self.wall0
+        return {"cost_finetune_samples": float(self.samples), "cost_eval_utterances": float(self.eval_utts),
+                "cost_wall_s": wall, "cost_cpu_s": time.process_time() - self.cpu0,
+                "cost_gpu_s": wall * self.gpu_share}
 
 
 def _keep_packed(model: Any, config: dict[str, Any], eer: float) -> str:
