@@ -16,27 +16,34 @@ import optuna
 from optuna.trial import TrialState
 
 from lsv_core.quant.recipe import LayerSpec
-from search.pareto import TrialPoint, pareto_ranks
+from search.pareto import TrialPoint, paired_front, pareto_ranks
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
     from search.tracking import StudyTracker
 
 __all__ = [
+    "CONTROL_ATTR",
     "NOT_COUNTED",
+    "control_delta",
+    "refresh_control_deltas",
     "CostSummary",
+    "PARETO_OPTIMAL_CI_TAG",
     "PARETO_OPTIMAL_TAG",
     "PARETO_RANK_TAG",
     "StudyStatus",
     "load_points",
+    "load_control",
     "load_points_from_mlflow",
     "refresh_pareto_tags",
     "study_cost",
     "study_status",
 ]
 
-# MLflow run tags: the UI filter `tags.pareto_optimal = "true"` lists the front.
+# MLflow run tags: the UI filter `tags.pareto_optimal = "true"` lists the front; `pareto_optimal_ci` the
+# CI-aware front (points no smaller point beats beyond the evaluation noise, paired bootstrap).
 PARETO_OPTIMAL_TAG = "pareto_optimal"
+PARETO_OPTIMAL_CI_TAG = "pareto_optimal_ci"
 PARETO_RANK_TAG = "pareto_rank"
 
 
@@ -226,14 +233,67 @@ def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[Tr
 
     points = list(study) if isinstance(study, Sequence) else load_points(study)
     ranks = dict(zip((p.number for p in points), pareto_ranks(points), strict=True))
+    ci_front = {points[i].number for i in paired_front(points)}
     changed = 0
     for run in tracker.child_runs():
         number = int(run.data.tags.get(TRIAL_TAG, "-1"))
         rank = ranks.get(number)
-        want = {PARETO_OPTIMAL_TAG: "true" if rank == 0 else "false"}
+        want = {PARETO_OPTIMAL_TAG: "true" if rank == 0 else "false",
+                PARETO_OPTIMAL_CI_TAG: "true" if number in ci_front else "false"}
         if rank is not None:
             want[PARETO_RANK_TAG] = str(rank)
         if any(run.data.tags.get(k) != v for k, v in want.items()):
             tracker.set_tags(run.info.run_id, want)
             changed += 1
     return changed
+
+
+# -- the fp32 control ----------------------------------------------------------------------------------------
+CONTROL_ATTR = "lsv.control"
+
+
+def load_control(study: optuna.Study) -> TrialPoint | None:
+    """The study's fp32 control (the baseline fine-tuned with the trials' schedule, nothing quantized) as a
+    point of number -1 at the fp32 size, or None when the study has none yet."""
+    c = study.user_attrs.get(CONTROL_ATTR)
+    if not isinstance(c, dict) or c.get("eer") is None:
+        return None
+    return TrialPoint(number=-1, eer=float(c["eer"]), size_bytes=int(c.get("size_bytes") or 0),
+                      eer_ci_low=_optional_float(c.get("eer_ci_low")), eer_ci_high=_optional_float(c.get("eer_ci_high")),
+                      min_dcf=_optional_float(c.get("min_dcf_001")), seed="control",
+                      eer_boot=tuple(c["eer_boot"]) if c.get("eer_boot") else None,
+                      cost_fte=_optional_float((c.get("cost") or {}).get("fte")))
+
+
+def control_delta(point: TrialPoint, control: TrialPoint | None, level: float = 0.95) -> tuple[float, float, float] | None:
+    """``(EER - EER_control, low, high)``: the paired bootstrap difference in EER points (None without vectors)."""
+    if control is None or point.eer_boot is None or control.eer_boot is None:
+        return None
+    if len(point.eer_boot) != len(control.eer_boot):
+        return None
+    from lsv_core.metrics.paired import paired_delta
+
+    d = paired_delta(point.eer, point.eer_boot, control.eer, control.eer_boot, level=level)
+    return d.delta, d.low, d.high
+
+
+def refresh_control_deltas(tracker: StudyTracker, study: optuna.Study) -> int:
+    """Log ``eer_delta_control[_low|_high]`` on every complete trial run that lacks them (trials that
+    finished before the control did); returns how many runs were updated."""
+    from search.tracking import CONTROL_DELTA_METRICS, TRIAL_TAG
+
+    control = load_control(study)
+    if control is None:
+        return 0
+    points = {p.number: p for p in load_points(study)}
+    changed = 0
+    for run in tracker.child_runs():
+        point = points.get(int(run.data.tags.get(TRIAL_TAG, "-1")))
+        if point is None or CONTROL_DELTA_METRICS[0] in run.data.metrics:
+            continue
+        delta = control_delta(point, control)
+        if delta is not None:
+            tracker.log_metrics(run.info.run_id, dict(zip(CONTROL_DELTA_METRICS, delta, strict=True)))
+            changed += 1
+    return changed
+

@@ -240,7 +240,7 @@ class AskTellSearcher(Searcher):
             return
         attrs = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes",
                                         "compression_ratio", "avg_bits", "stage_eers", "trial_wall_s",
-                                        "packed_path", "setup_s", "node_id") if k in result}
+                                        "packed_path", "setup_s", "node_id", "eer_boot") if k in result}
         attrs.update(ray_id)
         attrs["cost"] = trial_cost(result, live.full_samples, "complete")
         for k, v in attrs.items():
@@ -279,4 +279,5 @@ def record_from(number: int, state: str, recipe: BitRecipe | dict[str, Any], att
         stage_eers=[e for e in (attrs.get("stage_eers") or []) if e is not None],
         wall_s=attrs.get("trial_wall_s"), memoized_from=memoized_from, artifacts=artifacts,
         cost={k: float(v) for k, v in (attrs.get("cost") or {}).items()},
+        eer_boot=tuple(attrs["eer_boot"]) if attrs.get("eer_boot") else None,
     )

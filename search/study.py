@@ -44,7 +44,16 @@ from search.lease import DriverLease
 from search.preflight import Preflight, preflight_study
 from search.progress import ProgressBoard
 from search.record import StudyRecord, save_record, stored_record
-from search.results import NOT_COUNTED, StudyStatus, refresh_pareto_tags, study_status
+from search.results import (
+    CONTROL_ATTR,
+    NOT_COUNTED,
+    StudyStatus,
+    control_delta,
+    load_control,
+    refresh_control_deltas,
+    refresh_pareto_tags,
+    study_status,
+)
 from search.space import SearchSpace
 from search.storage import open_study, redacted
 from search.tracking import StudyTracker, TrackingThread, TrialRecord
@@ -76,12 +85,13 @@ class RunResult:
 # -- the run ---------------------------------------------------------------------------------------------
 def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = False, progress: bool = True,
               fault_plan: dict[int, dict[str, Any]] | None = None,
-              on_status: Callable[[StudyStatus], None] | None = None) -> RunResult:
+              on_status: Callable[[StudyStatus], None] | None = None, control_only: bool = False) -> RunResult:
     """Run (or resume) the study described by ``config``; returns its status when no trials remain.
 
     Raises :class:`~search.preflight.PreflightFailed` (nothing written) for bad input,
     :class:`~search.lease.StudyBusy` when another driver runs the study, :class:`StudyInterrupted` after a
     clean stop on SIGINT/SIGTERM. ``fault_plan`` maps Optuna trial numbers to injected faults (fault tests).
+    ``control_only`` runs only the study's fp32 control (a study made before controls existed), no trials.
     """
     t0 = time.monotonic()
     address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
@@ -106,7 +116,9 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
         done = sum(1 for t in study.get_trials(deepcopy=False)
                    if t.state.is_finished() and t.user_attrs.get("reason") not in NOT_COUNTED)
         remaining = None if config.study.n_trials is None else max(0, config.study.n_trials - done)
-        if remaining != 0:
+        if control_only:
+            remaining = 0
+        if remaining != 0 or load_control(study) is None:
             _run_trials(config, study, pre, record, tracker, remaining, address, progress, fault_plan,
                         on_status, stopped)
         refresh_pareto_tags(tracker, study)
@@ -151,6 +163,12 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                 study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
             study.set_user_attr("seeded", True)
             study.set_user_attr("fp32_bytes", record.fp32_bytes)
+        control = _Control(config, study, tracker, writer, record)
+        if control.point is None:  # the fp32 control runs beside the first trials (one trial's resources)
+            control.ref = cluster.submit_recipe(config, shared_ref, {}, excluded=excluded)
+        if remaining == 0:  # only the control was missing (e.g. `lsv run --control-only`)
+            control.wait()
+            return
         sink_name = f"lsv-sink-{config.study.name}-{uuid.uuid4().hex[:8]}"
         sink = start_sink(config.study_dir, sink_name)
         logged = [0]
@@ -158,6 +176,12 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                               console=console, live=None if progress else False)
 
         def on_record(rec: TrialRecord) -> None:
+            control.poll()
+            if control.point is not None and rec.eer_boot is not None and rec.eer is not None:
+                from search.pareto import TrialPoint
+
+                rec.control_delta = control_delta(TrialPoint(rec.number, rec.eer, int(rec.size_bytes or 0),
+                                                             eer_boot=rec.eer_boot), control.point)
             writer.submit(tracker.log_trial, rec)
             logged[0] += 1
             if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
@@ -176,6 +200,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         with board:
             cluster.run_trials(config, searcher, shared, excluded, sink_name)
         ray.kill(sink)
+        control.wait()
     except KeyboardInterrupt:  # SIGINT/SIGTERM (see _stop_signals): the trials still running go back in the queue
         if searcher is not None:
             searcher.abandon_live(INTERRUPTED)
@@ -187,6 +212,51 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     if failed:  # Optuna has every result: log what MLflow is missing now (a resumed run would too)
         console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({failed[0]}); retrying[/]")
         _log_missing(study, tracker)
+
+
+class _Control:
+    """The study's fp32 control: the baseline fine-tuned with the trials' schedule, nothing quantized,
+    scored like a trial (also on the shared bootstrap replicates, so every trial's EER difference to it
+    has a paired interval). Runs once per study as a Ray task; kept in the study's storage
+    (``lsv.control``) and as an MLflow run tagged ``lsv.role = control``; a study stopped before it finished
+    runs it again on resume."""
+
+    def __init__(self, config: StudyConfig, study: optuna.Study, tracker: StudyTracker, writer: TrackingThread,
+                 record: StudyRecord) -> None:
+        self.study, self.tracker, self.writer, self.record = study, tracker, writer, record
+        self.point = load_control(study)
+        self.ref: Any = None
+
+    def poll(self) -> None:
+        import ray
+
+        if self.ref is not None and ray.wait([self.ref], timeout=0)[0]:
+            self._store()
+
+    def wait(self) -> None:
+        if self.ref is not None:
+            console.print("waiting for the fp32 control run ...")
+            self._store()
+
+    def _store(self) -> None:
+        import ray
+
+        ref, self.ref = self.ref, None
+        try:
+            result = ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - the study goes on; the next run tries again
+            console.print(f"[yellow]the fp32 control run failed ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}); "
+                          "`lsv run` again retries it[/]", soft_wrap=True)
+            return
+        result["size_bytes"] = self.record.fp32_bytes
+        result["cost"] = {"fte": 1.0, **{k[5:]: v for k, v in result.items() if k.startswith("cost_")}}
+        self.study.set_user_attr(CONTROL_ATTR, result)
+        self.point = load_control(self.study)
+        console.print(f"fp32 control (same fine-tuning, nothing quantized): EER {result['eer']:.2f} % "
+                      f"[{result['eer_ci_low']:.2f}, {result['eer_ci_high']:.2f}]", soft_wrap=True)
+        self.writer.submit(_log_control, self.study, self.tracker)
+        self.writer.submit(refresh_control_deltas, self.tracker, self.study)
 
 
 class _StopEvent(threading.Event):
@@ -394,10 +464,22 @@ def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
     _log_missing(study, tracker)
 
 
+def _log_control(study: optuna.Study, tracker: StudyTracker) -> None:
+    """The control's MLflow run (``lsv.role = control``), once: logging it again finds the existing one."""
+    result = study.user_attrs.get(CONTROL_ATTR)
+    if not isinstance(result, dict):
+        return
+    metrics = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes") if k in result}
+    metrics.update({f"cost_{k}": v for k, v in (result.get("cost") or {}).items()})
+    tracker.log_side_run("control", "control-fp32", metrics, tags={"lsv.state": "complete"}, key="control")
+
+
 def _log_missing(study: optuna.Study, tracker: StudyTracker) -> None:
-    """Log the finished Optuna trials that have no MLflow run yet (Optuna is the source of truth)."""
+    """Log the finished Optuna trials (and the control) that have no MLflow run yet (Optuna is the source
+    of truth)."""
     from search.searcher import record_from
 
+    _log_control(study, tracker)
     logged = tracker.logged_trials()
     state_names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
     for t in study.get_trials(deepcopy=False):

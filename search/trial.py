@@ -33,7 +33,7 @@ from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.msft import MsftSchedule, StageMetrics, plan_stages
 from lsv_core.workbench import Workbench, WorkbenchSpec
 
-__all__ = ["SharedInputs", "hessian_task", "layer_sensitivity", "run_trial", "trial_device"]
+__all__ = ["SharedInputs", "hessian_task", "layer_sensitivity", "recipe_task", "run_trial", "trial_device"]
 
 _WORKBENCHES: dict[str, Workbench] = {}
 
@@ -72,6 +72,28 @@ def _workbench_for(spec: dict[str, Any], shared: SharedInputs | None) -> Workben
                                                baseline=Baseline.from_weights(shared.baseline),
                                                codebooks=shared.codebooks)
     return _WORKBENCHES[key]
+
+
+def recipe_task(spec: dict[str, Any], shared: SharedInputs, recipe: dict[str, Any], schedule: dict[str, Any],
+                n_boot: int, paired_boot: tuple[int, int], threads: int = 1,
+                omega: dict[str, dict[Any, float]] | None = None) -> dict[str, Any]:
+    """Ray task: one recipe at one schedule, scored like a trial (the study's fp32 control is the empty
+    recipe; ``lsv verify`` re-runs front recipes with other seeds and longer fine-tunes)."""
+    import ray
+
+    torch.set_num_threads(max(1, threads))
+    meter = _CostMeter()
+    spec = {**spec, "device": trial_device(spec.get("device", "auto"), ray.get_gpu_ids())}
+    bench = _workbench_for(spec, shared)
+    sched = MsftSchedule.from_dict(schedule)
+    rec = BitRecipe.from_mapping(recipe)
+    outcome = bench.run(rec, sched, n_boot=n_boot, paired_boot=tuple(paired_boot),
+                        sensitivity=layer_sensitivity(omega, rec))
+    meter.add(sum(s.steps for s in outcome.stages) * sched.batch_size, len(bench.trials.utterances))
+    return {"eer": outcome.eer, "eer_ci_low": outcome.eer_ci_low, "eer_ci_high": outcome.eer_ci_high,
+            "min_dcf_001": outcome.min_dcf_001, "eer_boot": list(outcome.eer_boot or ()),
+            "size_bytes": outcome.size_bytes, "n_trials": len(bench.trials), "seed": sched.seed,
+            "total_steps": sched.total_steps, "node_id": _node_id(), **meter.report()}
 
 
 def hessian_task(spec: dict[str, Any], shared: SharedInputs, cache_path: str, seed: int) -> dict[str, float]:
@@ -122,8 +144,9 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
                          "optuna_trial": config["optuna_trial"], **meter.report()})
             return False
 
+        paired = config.get("paired_boot")
         outcome = bench.run(recipe, schedule, callback=on_stage, sensitivity=sensitivity,
-                            n_boot=int(config.get("n_boot", 200)))
+                            n_boot=int(config.get("n_boot", 200)), paired_boot=tuple(paired) if paired else None)
         if not math.isfinite(outcome.eer):
             raise FloatingPointError(f"EER is {outcome.eer}")
         packed = _keep_packed(outcome.model, config, outcome.eer)
@@ -135,6 +158,7 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
             "final": True, "packed_path": str(packed), "setup_s": setup_s,
             "trial_wall_s": time.monotonic() - t0, "optuna_trial": config["optuna_trial"],
             "node_id": _node_id(), "device": spec["device"],
+            **({"eer_boot": list(outcome.eer_boot)} if outcome.eer_boot is not None else {}),
             **meter.report(),
         })
     except Exception as exc:  # recorded as a failed trial with its reason; the study goes on

@@ -68,6 +68,7 @@ class ExportOptions:
     eer_tolerance: float = EER_TOLERANCE
     alias: str = DEFAULT_ALIAS
     model_name: str | None = None
+    require_verified: bool = False  # refuse a trial `lsv verify` has not re-run
 
     def __post_init__(self) -> None:
         if not self.eer_tolerance >= 0:
@@ -125,8 +126,9 @@ def export_trial(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
         StudyNotRun: the study was never run; ConfigError: the trial has no MLflow run to register.
     """
     from search.record import read_record
-    from search.results import load_points
+    from search.results import load_control, load_points
     from search.tracking import StudyTracker
+    from search.verify import NoControl, verification_of
 
     out = Path(out_dir)
     if out.exists() and not options.force:
@@ -138,7 +140,14 @@ def export_trial(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
         # below is the real check that the data and the model still give the logged result.
         notes.append(f"the study was made with config digest {record.digest}, this config has {config.digest()}")
     points = load_points(study)
-    chosen = select_trial(points, rule)
+    control = load_control(study)
+    if rule.needs_control and control is None:
+        raise NoControl(config.study.name)
+    chosen = select_trial(points, rule, control)
+    verification = verification_of(study, chosen.number)
+    if options.require_verified and verification is None:
+        raise LsvError(f"trial {chosen.number} has not been verified (--require-verified); run "
+                       f"`lsv verify STUDY.toml --trials {chosen.number}` first")
     tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=config.study_dir / "mlartifacts")
     with tempfile.TemporaryDirectory(prefix="lsv-export-") as scratch:
         checked = verify_trial(config, chosen, points, tracker, Path(scratch), options.eer_tolerance, notes)
@@ -146,7 +155,8 @@ def export_trial(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
             raise ConfigError(f"trial {checked.source.number} has no MLflow run in {config.mlflow_uri}; cannot "
                               "register it (pass --no-register to export without the registry)")
         model_name = options.model_name or f"lsv-{config.study.name}"
-        facts = _bundle_facts(config, record, study, checked, rule, len(points), options, model_name)
+        facts = _bundle_facts(config, record, study, checked, rule, len(points), options, model_name,
+                              verification)
         with stage_bundle(checked.model, checked.packed_file, facts, near=out) as staged:
             version = None
             if options.register:
@@ -205,7 +215,8 @@ def verify_trial(config: StudyConfig, chosen: TrialPoint, points: list[TrialPoin
 
 # -- helpers -------------------------------------------------------------------------------------------------
 def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked: VerifiedTrial,
-                  rule: SelectionRule, n_complete: int, options: ExportOptions, model_name: str) -> BundleFacts:
+                  rule: SelectionRule, n_complete: int, options: ExportOptions, model_name: str,
+                  verification: dict[str, Any] | None = None) -> BundleFacts:
     from lsv_core import __version__
     from lsv_core.quant import average_bits, recipe_of
     from search.storage import redacted
@@ -231,6 +242,7 @@ def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked:
         "git_commit": commit,
         "git_dirty": dirty,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "verification": _verification_text(verification),
     }
     fp32 = int(record.fp32_bytes or study.user_attrs.get("fp32_bytes") or 0) or round(
         chosen.size_bytes * (chosen.compression_ratio or 1))
@@ -246,6 +258,19 @@ def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked:
              f"{average_bits(checked.model, recipe_of(checked.model)):.2f} bits/weight")
     return BundleFacts(title=title, accuracy=accuracy, fp32_bytes=fp32, provenance=provenance,
                        how_found=_how_found(config, chosen, rule, n_complete), metrics=metrics)
+
+
+def _verification_text(verification: dict[str, Any] | None) -> str:
+    """``lsv verify``'s re-runs of the trial, in one line (or that there were none)."""
+    if not verification:
+        return "not verified (lsv verify re-runs a recipe with other seeds and a longer fine-tune)"
+    runs = verification["runs"]
+    eers = [r["eer"] for r in runs]
+    mean = sum(eers) / len(eers)
+    sd = (sum((e - mean) ** 2 for e in eers) / (len(eers) - 1)) ** 0.5 if len(eers) > 1 else 0.0
+    steps = sorted({r["total_steps"] for r in runs})
+    return (f"{len(runs)} re-runs (seeds {sorted(r['seed'] for r in runs)}, {'/'.join(map(str, steps))} steps): "
+            f"EER {mean:.2f} ± {sd:.2f} %")
 
 
 def _how_found(config: StudyConfig, chosen: TrialPoint, rule: SelectionRule, n_complete: int) -> list[str]:
