@@ -61,7 +61,6 @@ from search.tracking import StudyTracker, TrackingThread, TrialRecord
 __all__ = ["RunResult", "StudyInterrupted", "run_study"]
 
 console = Console(stderr=True)
-OBJECTIVES = ("eer", "size_bytes")
 INTERRUPTED = "interrupted (driver stopped)"
 
 
