@@ -319,6 +319,17 @@ def test_verify_reruns_the_knee_and_export_requires_it(real_study: dict, tmp_pat
     assert len(tracker._search("tags.\"lsv.role\" = 'verification'")) == 2
     assert main(["verify", toml, "--trials", "999"]) == 2
     assert "trial 999 is not a complete trial" in capsys.readouterr().err.replace("\n", " ")
+    # A study made before studies had a control: verify and the control selectors say how to add one.
+    kept_control = study.user_attrs["lsv.control"]
+    study.set_user_attr("lsv.control", None)
+    try:
+        assert main(["verify", toml, "--knee"]) == 2
+        assert "--control-only" in capsys.readouterr().err.replace("\n", " ")
+        assert main(["export", toml, "--not-worse-than-control", "--out", str(tmp_path / "nc"), "--no-register"]) == 2
+        assert "--control-only" in capsys.readouterr().err.replace("\n", " ")
+        assert not (tmp_path / "nc").exists()
+    finally:
+        study.set_user_attr("lsv.control", kept_control)
     out = tmp_path / "verified"
     assert main(["export", toml, "--trial", str(knee), "--out", str(out), "--require-verified",
                  "--no-register"]) == 0
