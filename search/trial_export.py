@@ -105,7 +105,7 @@ class ExportResult:
     eer_logged: float
     eer_reevaluated: float
     size_bytes: int  # model.onnx, the deployable file (the size objective)
-    tensor_bytes: int  # the packed tensors it holds
+    tensor_bytes: int  # the packed tensors (model.packed.safetensors without its header)
     packed_file_bytes: int  # model.packed.safetensors
     onnx_max_abs_diff: float
     onnx_min_cosine: float

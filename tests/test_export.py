@@ -133,19 +133,20 @@ def test_export_round_trips_and_registers(real_study: dict, capsys: pytest.Captu
     assert total - header == packed_tensor_bytes(packed) == result["tensor_bytes"]
     assert size <= 1.05 * result["tensor_bytes"] + 10_000  # the graph: ~4 kB + ~300 B per quantized layer
 
-    # model.onnx keeps the codebooks: the packed file's index bytes and codebooks, and BatchNorm nodes.
+    # model.onnx keeps the codebooks: the packed file's index bytes and codebooks; BatchNorm is folded.
     proto = onnx.load(str(out / "model.onnx"))
     inits = {t.name: t for t in proto.graph.initializer}
     layers = graph_template(packed).layers
     with safe_open(str(out / "model.packed.safetensors"), framework="np") as f:
         for layer, spec in recipe.items():
-            name = layers[layer][0]
+            name = layers[layer].name
             assert name not in inits  # the float weight is computed in the graph, not stored
             assert inits[f"{name}p"].raw_data == f.get_tensor(f"{layer}.weight.packed").tobytes()
             stored = "alpha" if spec.mode == "static" else "codebook"
             assert np.array_equal(onnx.numpy_helper.to_array(inits[f"{name}{stored[0]}"]).ravel(),
                                   f.get_tensor(f"{layer}.weight.{stored}"))
-    assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) > 0
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    assert all(f"{layers[layer].name}s" in inits for layer in recipe if layers[layer].fold is not None)
     assert result["onnx_min_cosine"] >= 0.9999 and abs(result["onnx_eer"] - result["eer_reevaluated"]) <= 0.05
 
     # WeSpeaker layout: a strict load into a fresh network, and our loader, give the packed model's outputs.
@@ -175,7 +176,7 @@ def test_export_round_trips_and_registers(real_study: dict, capsys: pytest.Captu
 
     card = (out / "model_card.md").read_text()
     assert f"{size:,} bytes" in card and f"{trial.values[0]:.2f} %" in card and "| `conv1` |" in card
-    assert "python infer.py score" in card and "BatchNorm is kept" in card
+    assert "python infer.py score" in card and "BatchNorm is folded" in card
 
     # Registered: the alias points at a version whose source is the bundle logged with the trial's run.
     version = client.get_model_version_by_alias("lsv-exp", "chosen")

@@ -120,7 +120,7 @@ class StagedBundle:
 
     dir: Path
     size_bytes: int  # model.onnx: the deployable file and the size objective
-    tensor_bytes: int  # the packed tensors inside it (and inside the packed file)
+    tensor_bytes: int  # the packed tensors (model.packed.safetensors without its header)
     packed_file_bytes: int  # model.packed.safetensors with its header
     onnx_max_abs_diff: float
     onnx_min_cosine: float
@@ -320,10 +320,10 @@ def _write(model: nn.Module, packed_file: Path, facts: BundleFacts, tmp: Path, f
                "onnx_min_cosine": check.min_cosine, "onnx_eer": check.eer}
     (tmp / "recipe.json").write_text(json.dumps(
         {**json.loads(recipe.to_json()), "provenance": dict(facts.provenance), "metrics": metrics}, indent=2) + "\n")
-    names = graph_template(model).layers
+    slots = graph_template(model).layers
     modules = dict(model.named_modules())
     rows = [LayerRow(name, tuple(latent_weight(modules[name]).shape), recipe[name].token if name in recipe else "fp32",
-                     names[name][0]) for name in quantizable_layers(model)]
+                     slots[name].name) for name in quantizable_layers(model)]
     files = sorted([p.name for p in tmp.iterdir()] + ["model_card.md"])
     acc = facts.accuracy
     card = ModelCard(

@@ -60,7 +60,7 @@ class ModelCard:
     eer_tolerance: float
     n_eval_trials: int
     size_bytes: int  # model.onnx: the deployable file, the search objective
-    tensor_bytes: int  # the packed tensors it holds
+    tensor_bytes: int  # the packed tensors (model.packed.safetensors without its header)
     packed_file_bytes: int  # model.packed.safetensors with its header
     fp32_bytes: int  # the float model.onnx of the same architecture
     avg_bits: float
@@ -95,12 +95,12 @@ def _size_lines(card: ModelCard) -> list[str]:
     ratio = card.fp32_bytes / card.size_bytes if card.size_bytes else float("nan")
     return [
         f"* **`model.onnx`: {card.size_bytes:,} bytes** ({card.size_bytes / 1e6:.4f} MB): the file you ship and "
-        "the size the search minimised (graph, header and metadata included). It holds "
-        f"{card.tensor_bytes:,} bytes of tensors (bit-packed indices, codebooks, float BatchNorm and biases) "
-        f"and {card.size_bytes - card.tensor_bytes:,} bytes of graph.",
+        "the size the search minimised (graph, header and metadata included).",
+        f"* The packed tensors (bit-packed indices, codebooks, float BatchNorm statistics and biases) are "
+        f"{card.tensor_bytes:,} bytes; `model.packed.safetensors` holds them for lsv-quant in "
+        f"{card.packed_file_bytes:,} bytes.",
         f"* fp32 baseline as the same kind of file: {card.fp32_bytes:,} bytes; compression **{ratio:.2f}x**; "
         f"{card.avg_bits:.3f} bits per weight on average (float layers count 32).",
-        f"* `model.packed.safetensors` (the same tensors for lsv-quant): {card.packed_file_bytes:,} bytes.",
         "",
         "| layer | weight shape | weights | bits | in `model.onnx` |",
         "|---|---|---:|---:|---|",
@@ -111,10 +111,10 @@ def _size_lines(card: ModelCard) -> list[str]:
         "a, levels -a and +a) binary; `fp32` = not quantized. In `model.onnx` a quantized weight `w<j>` is "
         "rebuilt from `w<j>p` (its indices, bit-packed into uint8, least significant bit first) and `w<j>c` "
         "(its codebook) or `w<j>a` (its static scale) by standard ONNX ops (BitShift, BitwiseAnd, Cast, "
-        "Gather, Reshape). BatchNorm is kept as BatchNormalization nodes with float statistics (not folded "
-        "into the weights, which would turn the codebooks into per-channel values); onnxruntime folds the "
-        "dequantization into constants and each BatchNorm into its Conv when it creates a session, so "
-        "inference runs the plain float graph.",
+        "Gather, Reshape). BatchNorm is folded into the convolution before it: the conv gets the bias "
+        "`w<j>b`, and a quantized weight is multiplied by the per-channel scale `w<j>s` after the lookup, so "
+        "the codebooks are the quantized model's own. onnxruntime turns the dequantization into constant "
+        "weights once, when it creates a session, so inference runs the plain float graph.",
     ]
 
 
