@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# Wheels of the four packages an exported infer.py needs: the test that runs it in a fresh venv
+	# installs them from here, offline (tests run inside loopback-only).
+	$(BIN)/pip download -q -d $(VENV)/wheels-infer $$($(BIN)/python -c \
+		"from lsv_core.export.inference import INFER_REQUIREMENTS as r; print(' '.join(r))")
 	touch $(STAMP)
 
 test: $(STAMP)

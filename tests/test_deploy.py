@@ -139,9 +139,9 @@ def test_every_bit_width_runs_in_onnxruntime_with_the_torch_embeddings(all_width
         path = save_codebook_onnx(model, tmp_path / f"{bits}.onnx", overwrite=True)
         size, tensors = path.stat().st_size, packed_tensor_bytes(model)
         assert size == packed_size_bytes(model)
-        # The target: within 5 % of the packed tensors plus the graph (about 4.3 kB for the network,
-        # 0.1-0.6 kB per quantized layer of unpacking nodes).
-        assert size <= 1.05 * tensors + 4_500 + 600 * len(recipe), (bits, size, tensors)
+        # Within 5 % of the packed tensors plus a fixed 4 kB of graph (BatchNorm folding saves 2 floats per
+        # channel, which pays for most of the unpacking nodes; ResNet34 files are smaller than their tensors).
+        assert size <= 1.05 * tensors + 4_000, (bits, size, tensors)
         session = onnx_session(path)
         for x in [*feats, torch.randn(3, 250, 80, generator=torch.Generator().manual_seed(3))]:
             with torch.no_grad():

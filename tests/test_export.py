@@ -131,7 +131,7 @@ def test_export_round_trips_and_registers(real_study: dict, capsys: pytest.Captu
     assert recipe_of(packed) == recipe and packed_size_bytes(packed) == size
     total, header = packed_file_sizes(out / "model.packed.safetensors")
     assert total - header == packed_tensor_bytes(packed) == result["tensor_bytes"]
-    assert size <= 1.05 * result["tensor_bytes"] + 10_000  # the graph: ~4 kB + ~300 B per quantized layer
+    assert size <= 1.05 * result["tensor_bytes"] + 4_000  # the graph (BatchNorm folding pays for part of it)
 
     # model.onnx keeps the codebooks: the packed file's index bytes and codebooks; BatchNorm is folded.
     proto = onnx.load(str(out / "model.onnx"))
