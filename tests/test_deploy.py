@@ -47,7 +47,8 @@ def _trained_bn(model: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics, so the float tensors matter too."""
     model.train()
     with torch.no_grad():
-        model(torch.randn(4, 120, int(model.arch["kwargs"].get("feat_dim", 80)), generator=torch.Generator().manual_seed(9)))
+        feat_dim = int(model.arch["kwargs"].get("feat_dim", 80))
+        model(torch.randn(4, 120, feat_dim, generator=torch.Generator().manual_seed(9)))
     return model.eval()
 
 
@@ -91,6 +92,24 @@ def test_predicted_size_is_the_written_file_to_the_byte(arch: tuple[str, dict], 
             assert _cosines(got, want).min() >= 0.9999
         path.unlink()
     assert len(sizes) == 20  # twenty different recipes, twenty different sizes
+
+
+@pytest.mark.parametrize("kwargs", [{"two_emb_layer": True}, {"pooling_func": "ASTP"}, {"pooling_func": "TAP"},
+                                    {"pooling_func": "TSDP", "feat_dim": 40}])
+def test_architecture_variants(kwargs: dict, tmp_path: Path) -> None:
+    """Heads and poolings that add BatchNorms not after a conv (kept as nodes) or attention convs."""
+    torch.manual_seed(0)
+    model = _trained_bn(build_model("ThinResNet", **kwargs))
+    recipe = _random_recipes(model, 1, seed=5)[0]
+    predicted = packed_size_bytes(build_model("ThinResNet", **kwargs), recipe)
+    quantize(model, recipe, config=KMQATConfig(kmeans_max_iter=5))
+    model.eval()
+    path = save_codebook_onnx(model, tmp_path / "m.onnx")
+    assert path.stat().st_size == predicted
+    x = torch.randn(2, 150, model.arch["kwargs"]["feat_dim"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert _cosines(onnx_session(path).run(["embedding"], {"fbank": x.numpy()})[0], want).min() >= 0.9999
 
 
 def test_size_query_needs_an_architecture() -> None:
