@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lsv_core.errors import ConfigError
 from lsv_core.export.onnx_codebook import INPUT_NAME, OUTPUT_NAME
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def infer_settings(model_file: str, fbank: FbankConfig, thresholds: Mapping[str,
     ``evaluated_on`` says on what (study, number of trials, EER), for the card and for people.
     """
     if fbank.resample:
-        raise ValueError("infer.py does not resample; export with FbankConfig(resample=False)")
+        raise ConfigError("FbankConfig(resample=True): infer.py does not resample; its input must be "
+                          f"{fbank.sample_rate} Hz audio, so export with resample=False")
     return {
         "format": INFER_FORMAT,
         "model": model_file,
