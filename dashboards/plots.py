@@ -55,7 +55,7 @@ _BIT_LEVELS = (*ALLOWED_BITS, 32)
 
 @dataclass(frozen=True)
 class Baseline:
-    """The float (fp32) baseline as a reference point: packed fp32 bytes, and its EER when known.
+    """The float (fp32) baseline as a reference point: its model.onnx bytes, and its EER when known.
 
     ``n_trials`` says which evaluation the EER comes from (the checkpoint's training-time evaluation may
     use more trials than the study's ``data.max_trials`` subset).
@@ -138,7 +138,7 @@ def _staircase(points: Sequence[TrialPoint], front: Sequence[int]) -> tuple[list
 # -- plotly -------------------------------------------------------------------------------------------------
 def pareto_figure(points: Sequence[TrialPoint], *, baseline: Baseline | None = None,
                   layer_order: Sequence[str] | None = None, knee: int | None = None,
-                  title: str = "EER vs packed size", control: Baseline | None = None,
+                  title: str = "EER vs model size", control: Baseline | None = None,
                   ci_front: Sequence[int] = ()) -> go.Figure:
     """Interactive size (bytes, log axis) vs EER (percent) scatter of ``points``; see the module docstring.
 
@@ -209,7 +209,7 @@ def pareto_figure(points: Sequence[TrialPoint], *, baseline: Baseline | None = N
     elif baseline is not None:
         fig.add_vline(x=baseline.size_bytes, line={"color": BASELINE_COLOR, "dash": "dash"},
                       annotation_text="fp32 size")
-    fig.update_layout(title=title, xaxis_title="packed size (bytes, log scale)", yaxis_title="EER (%)",
+    fig.update_layout(title=title, xaxis_title="model.onnx size (bytes, log scale)", yaxis_title="EER (%)",
                       xaxis_type="log", template="plotly_white", hovermode="closest", height=560,
                       legend={"orientation": "h", "y": -0.18})
     return fig
@@ -302,7 +302,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def save_pareto_png(points: Sequence[TrialPoint], path: str | Path, *, baseline: Baseline | None = None,
-                    knee: int | None = None, title: str = "EER vs packed size", control: Baseline | None = None,
+                    knee: int | None = None, title: str = "EER vs model size", control: Baseline | None = None,
                     ci_front: Sequence[int] = ()) -> Path:
     """The PNG counterpart of :func:`pareto_figure` (no hover; front points labelled by trial number)."""
     fig = _new_figure(8, 5.2)
@@ -345,7 +345,7 @@ def save_pareto_png(points: Sequence[TrialPoint], path: str | Path, *, baseline:
     elif baseline is not None:
         ax.axvline(baseline.size_bytes, color=BASELINE_COLOR, ls="--", label="fp32 size")
     ax.set_xscale("log")
-    ax.set_xlabel("packed size (bytes, log scale)")
+    ax.set_xlabel("model.onnx size (bytes, log scale)")
     ax.set_ylabel("EER (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 
 def study_baseline(record: StudyRecord, fp32_fallback: int | None = None) -> Baseline:
-    """The fp32 reference of a study, from its record: packed fp32 bytes (what the size objective is
+    """The fp32 reference of a study, from its record: its model.onnx bytes (what the size objective is
     measured against) and the checkpoint's own evaluation (``lsv train`` stores it; a WeSpeaker ``.pt``
     has none), which may use more trials than the study's ``data.max_trials`` subset (``n_trials``)."""
     ev = record.baseline_eval or {}
@@ -117,7 +117,7 @@ def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: 
     ranks = pareto_ranks(points)
     knee = knee_point(points)
     hv = hypervolume(points, ref, size_scale=size_scale)
-    title = f"{config.study.name}: EER vs packed size"
+    title = f"{config.study.name}: EER vs model size"
 
     sections: list[str] = []
     figures = []

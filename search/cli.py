@@ -247,7 +247,8 @@ def _export(args: argparse.Namespace) -> int:
                          knee_ci=args.knee_ci, not_worse_than_control=args.not_worse_than_control,
                          within_pp=args.within_pp)
     options = ExportOptions(force=args.force, register=not args.no_register, eer_tolerance=args.eer_tolerance,
-                            alias=args.alias, require_verified=args.require_verified)
+                            alias=args.alias, require_verified=args.require_verified,
+                            float_onnx=args.float_onnx)
     result = export_trial(config, rule, args.out, options)
     for note in result.notes:
         console.print(f"[yellow]warning:[/] {note}")
@@ -370,11 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_verify)
     st.set_defaults(func=_status)
 
-    ex = sub.add_parser("export", help="verify one trial and export it (packed, WeSpeaker .pt, ONNX, model card)")
+    ex = sub.add_parser("export", help="verify one trial and export it (model.onnx with codebooks, torch-free "
+                                       "infer.py, packed model, WeSpeaker .pt, model card)")
     ex.add_argument("study", type=Path, help="study config (.toml)")
     pick = ex.add_mutually_exclusive_group(required=True)
     pick.add_argument("--trial", type=int, help="this Optuna trial number")
-    pick.add_argument("--max-size-mb", type=float, help="lowest EER with packed size <= X MB (1e6 bytes)")
+    pick.add_argument("--max-size-mb", type=float, help="lowest EER with model size <= X MB (1e6 bytes of model.onnx)")
     pick.add_argument("--max-eer", type=float, help="smallest model with EER <= Y percent")
     pick.add_argument("--knee", action="store_true", help="the knee of the Pareto front")
     pick.add_argument("--knee-ci", action="store_true",
@@ -385,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--require-verified", action="store_true",
                     help="refuse a trial `lsv verify` has not re-run")
     ex.add_argument("--out", required=True, type=Path, help="folder to create")
-    ex.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    ex.add_argument("--force", action="store_true",
+                    help="replace an existing --out folder, only if it is a bundle lsv export wrote")
+    ex.add_argument("--float-onnx", action="store_true",
+                    help="also write model.float.onnx, the dequantized float network (for runtimes that want it)")
     ex.add_argument("--no-register", action="store_true", help="skip the MLflow Model Registry")
     ex.add_argument("--alias", default=default_of(ExportOptions, "alias"),
                     help="registry alias to point at the new version")

@@ -1,7 +1,7 @@
 """The (EER, size) trade-off of a study: Pareto front, non-dominated ranks, hypervolume, knee, queries.
 
-Both objectives are minimised: EER in percent and the packed model size in bytes. The math is pure
-functions over a sequence of points; a point is a :class:`TrialPoint` (what
+Both objectives are minimised: EER in percent and the deployable model size in bytes (``model.onnx``). The
+math is pure functions over a sequence of points; a point is a :class:`TrialPoint` (what
 :func:`search.results.load_points` reads from a study), or a plain ``(eer, size_bytes)`` or ``(eer, size_bytes, eer_ci_low, eer_ci_high)`` tuple.
 Functions return *indices* into the sequence they were given, so callers keep their own objects.
 
@@ -49,7 +49,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrialPoint:
-    """One finished trial of a study. EERs are in percent, sizes in bytes (packed tensors, no header)."""
+    """One finished trial of a study. EERs are in percent, sizes in bytes (the deployable ``model.onnx``,
+    :func:`lsv_core.quant.packed_size_bytes`)."""
 
     number: int
     eer: float

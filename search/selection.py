@@ -35,7 +35,7 @@ class SelectionRule:
     """Which trial to pick; give exactly one field.
 
     * ``trial``: that Optuna trial number;
-    * ``max_size_mb``: the lowest EER among trials of at most this many MB (10^6 bytes);
+    * ``max_size_mb``: the lowest EER among trials of at most this many MB (10^6 bytes of ``model.onnx``);
     * ``max_eer``: the smallest trial with an EER of at most this many percent points;
     * ``knee``: the knee of the Pareto front (:func:`search.pareto.knee_point`);
     * ``knee_ci``: the smallest trial not significantly worse than the knee (:func:`search.pareto.ci_knee_point`);
