@@ -373,6 +373,12 @@ def _open_record(config: StudyConfig, study: optuna.Study, pre: Preflight) -> tu
         raise ConfigError(f"{config.study_dir} holds study {config.study.name!r} made with a different config "
                           f"(digest {made_with} != {config.digest()}); rerun with --fresh to start over "
                           "(the old study is moved aside, not deleted), or use another study.name")
+    from lsv_core.export import CODEBOOK_ONNX_FORMAT
+
+    if (record is None or record.size_format != CODEBOOK_ONNX_FORMAT) and study.get_trials(deepcopy=False):
+        raise ConfigError(f"study {config.study.name!r} was made when sizes counted the packed tensors only; today "
+                          f"they are the bytes of model.onnx ({CODEBOOK_ONNX_FORMAT}) and one front cannot mix the two: "
+                          "rerun with --fresh (the old study is moved aside) or use another study.name")
     if record is None or record.layers is None:
         assert pre.baseline is not None
         record = _new_record(config, pre.baseline.model, pre.baseline.meta)
@@ -383,13 +389,14 @@ def _open_record(config: StudyConfig, study: optuna.Study, pre: Preflight) -> tu
 def _new_record(config: StudyConfig, model: Any, meta: dict[str, Any]) -> StudyRecord:
     """The record of a study about to be created from ``config`` and its loaded baseline."""
     from lsv_core import __version__
+    from lsv_core.export import CODEBOOK_ONNX_FORMAT
     from lsv_core.quant import packed_size_bytes, quantizable_layers
     from lsv_core.quant.sensitivity import state_dict_digest
 
     return StudyRecord(name=config.study.name, digest=config.digest(), config=config.public_dump(),
                        layers=quantizable_layers(model), baseline_digest=state_dict_digest(model),
                        fp32_bytes=packed_size_bytes(model, BitRecipe({})), baseline_eval=meta.get("eval") or None,
-                       lsv_version=__version__)
+                       lsv_version=__version__, size_format=CODEBOOK_ONNX_FORMAT)
 
 
 def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord, pre: Preflight, shared_ref: Any,
