@@ -88,6 +88,9 @@ class AskTellSearcher(Searcher):
         self.objectives = objectives
         self.live: dict[str, _LiveTrial] = {}
         self.on_progress = on_progress
+        # Set when the driver is stopping (SIGINT/SIGTERM): Tune then ends the trials it runs, and they are
+        # re-queued, not told as stopped early.
+        self.stopping: Any = None
         self.memo = _finished_results(study)
         # Optuna trials this run may still create (trained, memoized or over budget alike); None = no limit.
         self.trials_left = max_trials
@@ -213,6 +216,9 @@ class AskTellSearcher(Searcher):
         if live is None:
             return
         ot, result = live.trial, result or {}
+        if self.stopping is not None and self.stopping.is_set() and not result.get("final"):
+            self.live[trial_id] = live  # abandon_live re-queues it
+            return
         if self.study._storage.get_trial(ot._trial_id).state != TrialState.RUNNING:
             log.warning("trial %d was finished by another driver meanwhile; this result is dropped", ot.number)
             return

@@ -196,13 +196,25 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
                                    budget_bytes=config.size_budget_bytes, make_config=make, sink=on_record,
                                    max_trials=remaining, on_progress=board.update)
+        searcher.stopping = stopped
         with board:
-            cluster.run_trials(config, searcher, shared, excluded, sink_name)
+            stopped.in_tune = True
+            try:
+                cluster.run_trials(config, searcher, shared, excluded, sink_name)
+            finally:
+                stopped.in_tune = False
+        if stopped.is_set():  # Tune ended its loop on our SIGINT/SIGTERM: close up like an interrupt
+            raise KeyboardInterrupt  # (before any other Ray call: a signal to the group may have hit Ray too)
         ray.kill(sink)
         control.wait()
     except KeyboardInterrupt:  # SIGINT/SIGTERM (see _stop_signals): the trials still running go back in the queue
         if searcher is not None:
             searcher.abandon_live(INTERRUPTED)
+        # The signal may land between Optuna's ask and the searcher's bookkeeping: every trial still RUNNING
+        # is this driver's (it holds the lease), so all of them go back in the queue. A storage transaction
+        # the interrupt cut short is rolled back first (SQLite would otherwise stay locked by it).
+        _end_interrupted_session(study)
+        _requeue_running(study)
         raise
     finally:
         failed = writer.close()
@@ -259,9 +271,11 @@ class _Control:
 
 
 class _StopEvent(threading.Event):
-    """Set by SIGINT/SIGTERM; ``install()`` (re-)installs the handlers (``ray.init`` replaces them)."""
+    """Set by SIGINT/SIGTERM; ``install()`` (re-)installs the handlers (``ray.init`` replaces them);
+    ``in_tune`` is true while Ray Tune runs the trials (then the stop goes through Tune, see below)."""
 
     signum: int = signal.SIGINT
+    in_tune: bool = False
 
     def install(self) -> None:
         return None
@@ -269,9 +283,10 @@ class _StopEvent(threading.Event):
 
 @contextmanager
 def _stop_signals() -> Iterator[_StopEvent]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt in the driver (Ray Tune's own SIGINT handler, which would
-    wait for the running trials, is turned off): the running trials are re-queued, MLflow is flushed, the
-    lease released and :class:`StudyInterrupted` raised. Handlers are restored afterwards."""
+    """SIGINT and SIGTERM stop the study cleanly: the running trials are re-queued, MLflow is flushed, the
+    lease released and :class:`StudyInterrupted` raised. While Ray Tune runs, the stop is handed to Tune's
+    own interrupt (SIGUSR1: it ends its loop and stops the trials), so no exception ever lands in the middle
+    of a storage transaction; elsewhere KeyboardInterrupt is raised. Handlers are restored afterwards."""
     stopped = _StopEvent()
     if threading.current_thread() is not threading.main_thread():
         yield stopped
@@ -284,6 +299,9 @@ def _stop_signals() -> Iterator[_StopEvent]:
         stopped.set()
         console.print(f"[yellow]{signal.Signals(signum).name}: stopping the study (running trials are "
                       "re-queued) ...[/]")
+        if stopped.in_tune:
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's interrupt handler, installed while it runs
+            return
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -463,11 +481,27 @@ def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
     """Close trials a dead driver left RUNNING (re-queue them) and log finished ones MLflow lacks.
 
     Only called while holding the study's lease, so no live driver owns those trials."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
-        study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    _requeue_running(study)
     _log_missing(study, tracker)
+
+
+def _end_interrupted_session(study: optuna.Study) -> None:
+    backend = getattr(study._storage, "_backend", study._storage)
+    session = getattr(backend, "scoped_session", None)
+    if session is not None:
+        session.remove()
+
+
+def _requeue_running(study: optuna.Study) -> None:
+    """Close every RUNNING trial as failed ("interrupted") and enqueue its assignment again."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # finished meanwhile
+            continue
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
 
 
 def _log_control(study: optuna.Study, tracker: StudyTracker) -> None:

@@ -82,7 +82,10 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_study_resumes(tiny_study_inputs
         proc = _driver(["run", str(toml)], log)
         _wait(proc, log, lambda n=after: _count(cfg.optuna_url, "stops", "COMPLETE") >= n
               and _count(cfg.optuna_url, "stops", "RUNNING") >= 1, f"trial {after} running")
-        os.killpg(proc.pid, signum)  # as Ctrl-C does: the whole foreground group
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)  # as Ctrl-C does: the whole foreground group
+        else:
+            os.kill(proc.pid, signum)  # as `kill PID` does
         assert proc.wait(timeout=120) == code, log.read_text()[-3000:]
         kill_ray_processes(rf"session_[\d_-]+_{proc.pid}(?!\d)")
         text = log.read_text()
