@@ -121,8 +121,9 @@ def read_kaldi_dir(data_dir: str | Path) -> DataSet:
     return DataSet(data_dir, utts)
 
 
-def read_voxceleb_dir(root: str | Path, *, ext: str = ".wav") -> DataSet:
-    """Read a VoxCeleb folder ``<spk>/<video>/<n>.wav``; utterance ids are ``<spk>/<video>/<n>.wav``.
+def read_voxceleb_dir(root: str | Path, *, ext: str | None = None) -> DataSet:
+    """Read a VoxCeleb folder ``<spk>/<video>/<n>.wav`` (or ``.m4a``, VoxCeleb2's; ``ext`` picks one);
+    utterance ids are ``<spk>/<video>/<n>.<ext>``.
 
     That id form is the one VoxCeleb trial lists use, so they match without a mapping file.
     """
@@ -130,12 +131,13 @@ def read_voxceleb_dir(root: str | Path, *, ext: str = ".wav") -> DataSet:
     if not root.is_dir():
         raise DataError(f"VoxCeleb folder {root} does not exist")
     utts: dict[str, Utterance] = {}
-    for path in sorted(root.glob(f"*/*/*{ext}")):
+    paths = root.glob(f"*/*/*{ext}") if ext else (p for p in root.glob("*/*/*") if p.suffix in (".wav", ".m4a"))
+    for path in sorted(paths):
         rel = path.relative_to(root).as_posix()
         spk = rel.split("/", 1)[0]
         utts[rel] = Utterance(rel, spk, path)
     if not utts:
-        raise DataError(f"VoxCeleb folder {root} holds no <spk>/<video>/<n>{ext} files")
+        raise DataError(f"VoxCeleb folder {root} holds no <spk>/<video>/<n>{ext or '.wav/.m4a'} files")
     return DataSet(root, utts)
 
 
