@@ -53,8 +53,8 @@ def read_header(path: str | Path) -> AudioHeader:
         if not container.streams.audio:
             raise ValueError("no audio stream")
         stream = container.streams.audio[0]
-        frames = stream.frames
-        if not frames and stream.duration is not None and stream.time_base is not None:
+        frames = 0  # (stream.frames counts packets, not samples)
+        if stream.duration is not None and stream.time_base is not None:
             frames = int(stream.duration * stream.time_base * stream.rate)
         if not frames and container.duration:  # microseconds
             frames = int(container.duration * stream.rate / 1_000_000)

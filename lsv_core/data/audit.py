@@ -92,7 +92,8 @@ def audit_audio(data: DataSet, *, utts: list[str] | None = None, cache_dir: str 
     keys = passed = store = None
     if cache_dir is not None:
         # Missing and unreadable files cannot be fingerprinted: audit them (uncached) and the rest by content.
-        present = [i for i, u in enumerate(utts) if os.access(data.utterances[u].path, os.R_OK)]
+        present = [i for i, u in enumerate(utts)
+                   if os.path.isfile(data.utterances[u].path) and os.access(data.utterances[u].path, os.R_OK)]
         manifest = manifest_of(data, [utts[i] for i in present], cache_dir=cache_dir, workers=workers,
                                progress=progress)
         keys = entry_keys(manifest)
