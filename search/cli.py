@@ -145,7 +145,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if eval_dir is None or trials is None:
         raise LsvError("quantize needs evaluation data: --corpus DIR, or --eval DIR and --trials FILE")
     schedule = MsftSchedule(order=args.msft, total_steps=args.steps, lr=args.lr, seed=args.seed,
-                            kmqat=KMQATConfig(centroid_update=args.centroids))
+                            batch_size=args.batch_size, kmqat=KMQATConfig(centroid_update=args.centroids))
     spec = WorkbenchSpec(checkpoint=args.model, data=DataPaths(train_dir, eval_dir, trials), cache_dir=args.cache,
                          max_trials=args.max_trials, subset_seed=args.seed, device=args.device, arch=args.arch,
                          arch_kwargs=json.loads(args.arch_kwargs) if args.arch_kwargs else {},
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=default_of(MsftSchedule, "total_steps"),
                    help="total fine-tuning steps (0: k-means only)")
     q.add_argument("--lr", type=float, default=default_of(MsftSchedule, "lr"))
+    q.add_argument("--batch-size", type=int, default=default_of(MsftSchedule, "batch_size"),
+                   help="fine-tuning batch size (crops per step)")
     q.add_argument("--centroids", choices=CENTROID_UPDATES, default=default_of(KMQATConfig, "centroid_update"),
                    help="how centroids adapt during fine-tuning")
     q.add_argument("--corpus", help="corpus root holding train/, eval/ and eval/trials")
