@@ -175,10 +175,11 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))
 
     dirs = {n: make_data_dir(args.corpus, args.work / f"data{n}", n) for n in sizes}
-    cache = args.work / "cache"
+    # One cache folder per size: a shared one would make the small runs read the big stores' indices too.
+    caches = {n: args.work / f"cache{n}" for n in sizes}
     if "build" not in skip:
         for n in sizes:
-            r = in_subprocess("build_cache", data_dir=dirs[n], cache=cache, workers=2)
+            r = in_subprocess("build_cache", data_dir=dirs[n], cache=caches[n], workers=2)
             print(f"cache {n:>7} utts: {r}", flush=True)
             results.setdefault("cache_build", {})[str(n)] = r
             save()
@@ -186,11 +187,11 @@ def main() -> None:
         runs: dict[str, list[dict]] = {}
         for rep in range(args.repeats):
             for n in sizes:
-                r = in_subprocess("run_finetune", data_dir=dirs[n], cache=cache, mode="store", steps=args.steps,
+                r = in_subprocess("run_finetune", data_dir=dirs[n], cache=caches[n], mode="store", steps=args.steps,
                                   batch=args.batch, workers=0)
                 print(f"fine-tune {n:>7} utts (store, rep {rep}): {r}", flush=True)
                 runs.setdefault(str(n), []).append(r)
-            r = in_subprocess("run_finetune", data_dir=dirs[sizes[0]], cache=cache, mode="memory",
+            r = in_subprocess("run_finetune", data_dir=dirs[sizes[0]], cache=caches[sizes[0]], mode="memory",
                               steps=args.steps, batch=args.batch, workers=0)
             print(f"fine-tune {sizes[0]:>7} utts (memory, rep {rep}): {r}", flush=True)
             runs.setdefault(f"{sizes[0]}-memory", []).append(r)
@@ -205,7 +206,7 @@ def main() -> None:
         print(f"targets: {results['targets']}", flush=True)
         save()
     if "eval" not in skip:
-        r = in_subprocess("run_eval", data_dir=dirs[sizes[0]], cache=cache, n_trials=args.eval_trials)
+        r = in_subprocess("run_eval", data_dir=dirs[sizes[0]], cache=caches[sizes[0]], n_trials=args.eval_trials)
         print(f"evaluate {args.eval_trials} trials over {sizes[0]} utterances: {r}", flush=True)
         results["evaluate"] = r
         save()

@@ -100,7 +100,7 @@ class FeatureStore:
 
 def _compute(data: DataSet, utts: list[str], config: FbankConfig, workers: int | None,
              progress: bool) -> list[np.ndarray]:
-    items = [(u, str(data.utterances[u].path), config) for u in utts]
+    items = [(u, data.utterances[u].location, config) for u in utts]
     workers = workers or min(len(os.sched_getaffinity(0)), 8)
     from tqdm import tqdm
 

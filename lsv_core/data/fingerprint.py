@@ -66,7 +66,7 @@ class Manifest:
         return int(self.sizes.sum())
 
 
-def _stat(item: tuple[str, Path]) -> tuple[int, int]:
+def _stat(item: tuple[str, str]) -> tuple[int, int]:
     utt, path = item
     try:
         st = os.stat(path)
@@ -79,7 +79,7 @@ def _index_file(cache_dir: Path, data: DataSet, utts: list[str]) -> Path:
     """This node's digest index for exactly these utterances of this data set (path-keyed: it is local)."""
     h = hashlib.sha256(str(data.root.resolve()).encode())
     for u in utts:
-        h.update(f"\n{u}\0{data.utterances[u].path}".encode())
+        h.update(f"\n{u}\0{data.utterances[u].location}".encode())
     return cache_dir / "digests" / f"{h.hexdigest()[:24]}.npz"
 
 
@@ -105,7 +105,7 @@ def manifest_of(data: DataSet, utts: list[str] | None = None, *, cache_dir: str 
     from tqdm import tqdm
 
     utts = list(data.utterances) if utts is None else list(utts)
-    items = [(u, data.utterances[u].path) for u in utts]
+    items = [(u, data.utterances[u].location) for u in utts]
     workers = workers or min(2 * len(os.sched_getaffinity(0)), 16)
     with ThreadPoolExecutor(workers) as pool:
         stats = np.array(list(pool.map(_stat, items, chunksize=256)), dtype=np.int64).reshape(-1, 2)

@@ -103,7 +103,7 @@ class AudioFeatures:
 
     def __init__(self, data: DataSet, utts: list[str], config: FbankConfig = FbankConfig()) -> None:
         self.utts = list(utts)
-        self._paths = [str(data.utterances[u].path) for u in self.utts]
+        self._paths = [data.utterances[u].location for u in self.utts]
         self.config = config
         self._index: dict[str, int] | None = None
         self._frames: dict[int, int] = {}
@@ -156,9 +156,10 @@ def estimated_feature_bytes(data: DataSet, utts: list[str], sizes: np.ndarray | 
     """Float32 fbank bytes of ``utts`` estimated from their file sizes (``sizes``, or stat'ed here)."""
     total = 0.0
     for k, u in enumerate(utts):
-        path = data.utterances[u].path
-        size = int(sizes[k]) if sizes is not None else path.stat().st_size
-        total += size * _FEATURE_BYTES_PER_FILE_BYTE.get(path.suffix.lower(), _COMPRESSED_FACTOR)
+        location = data.utterances[u].location
+        size = int(sizes[k]) if sizes is not None else os.stat(location).st_size
+        suffix = os.path.splitext(location)[1].lower()
+        total += size * _FEATURE_BYTES_PER_FILE_BYTE.get(suffix, _COMPRESSED_FACTOR)
     return int(total)
 
 

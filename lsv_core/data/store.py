@@ -187,7 +187,7 @@ def build_store(data: DataSet, manifest: Manifest, cache_dir: str | Path, *, fba
     if len(todo) == 0:
         return 0
     workers = workers or min(len(os.sched_getaffinity(0)), 8)
-    items = [(manifest.utts[i], str(data.utterances[manifest.utts[i]].path), fbank) for i in todo]
+    items = [(manifest.utts[i], data.utterances[manifest.utts[i]].location, fbank) for i in todo]
     bar = tqdm(total=len(items), desc=f"features {data.root.name}", unit="utt", disable=not progress)
     pending_keys: list[bytes] = []
     pending: list[np.ndarray] = []
