@@ -239,3 +239,24 @@ def test_workbench_fine_tunes_a_subset_from_the_store(tiny_study_inputs: dict[st
         assert bench.speakers[u] == all_speakers.index(full.utterances[u].speaker)
     out = bench.run(BitRecipe.uniform(bench.model, 4), MsftSchedule(total_steps=3, batch_size=8), n_boot=0)
     assert np.isfinite(out.eer) and out.stages[-1].steps == 3
+
+
+def test_study_config_data_fields_reach_the_workbench_and_keep_old_digests(tmp_path: Path) -> None:
+    from search.config import parse_study_config
+
+    base = {"study": {"name": "s", "out_dir": str(tmp_path)}, "data": {"corpus": str(tmp_path / "c")}}
+    plain = parse_study_config(base)
+    explicit = parse_study_config({**base, "data": {**base["data"], "features": "auto", "feature_dtype": "float16",
+                                                    "train_speakers": None, "train_subset_seed": 0}})
+    assert explicit.digest() == plain.digest()  # studies made before these fields keep their digest
+    sub = parse_study_config({**base, "data": {**base["data"], "features": "store", "train_speakers": 50,
+                                               "train_utts_per_speaker": 20, "train_subset_seed": 4,
+                                               "loader_workers": 2}})
+    assert sub.digest() != plain.digest()
+    spec = sub.workbench_spec()
+    assert spec.loading == DataLoading(features="store", loader_workers=2)
+    assert spec.train_subset == TrainingSubset(50, 20, 4)
+    with pytest.raises(ConfigError, match=r"data\.train_utts_per_speaker \(got 0\)"):
+        parse_study_config({**base, "data": {**base["data"], "train_utts_per_speaker": 0}})
+    with pytest.raises(ConfigError, match=r"data\.features \(got 'disk'\)"):
+        parse_study_config({**base, "data": {**base["data"], "features": "disk"}})
