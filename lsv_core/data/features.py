@@ -11,12 +11,16 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import kaldi_native_fbank as knf
 import numpy as np
 
 from lsv_core.data.audio import SAMPLE_RATE, read_audio
 from lsv_core.data.manifest import DataSet
+
+if TYPE_CHECKING:
+    from lsv_core.data.fingerprint import Manifest
 from lsv_core.errors import DataError
 
 
@@ -66,7 +70,10 @@ def _features_of(item: tuple[str, str, FbankConfig]) -> np.ndarray:
 
 
 class FeatureStore:
-    """Features of a data set held in memory in one float32 array; ``store[utt]`` is a (frames, bins) view."""
+    """Features of a data set held in memory in one array; ``store[utt]`` is a (frames, bins) view.
+
+    The array is float32 when computed here and the on-disk store's dtype (float16 by default: half the
+    memory) when read from it; consumers convert the crops and batches they take to float32."""
 
     def __init__(self, utts: list[str], feats: np.ndarray, offsets: np.ndarray) -> None:
         self.utts = utts
@@ -128,28 +135,35 @@ def extract_features(
     workers: int | None = None,
     progress: bool = True,
     dtype: str = "float16",
+    manifest: Manifest | None = None,
 ) -> FeatureStore:
-    """The features of ``utts`` (default: all) of ``data``, in memory as float32.
+    """The features of ``utts`` (default: all) of ``data``, in memory.
 
     With ``cache_dir`` they come from (and missing ones go to) the sharded store there
-    (:mod:`lsv_core.data.store`), keyed by each file's content, so a changed file is recomputed and an
-    unchanged one, wherever it lies, never is. ``dtype`` is the store's (float16 or float32).
+    (:mod:`lsv_core.data.store`, rows of ``dtype``), keyed by each file's content, so a changed file is
+    recomputed and an unchanged one, wherever it lies, never is; ``manifest`` (of ``utts``) saves
+    fingerprinting again when the caller has it. Without ``cache_dir`` they are computed, as float32.
     """
     utts = list(data.utterances) if utts is None else list(utts)
     if not utts:
         raise DataError(f"{data.root}: no utterances to extract features from")
     if cache_dir is None:
         feats = _compute(data, utts, config, workers, progress)
-    else:
-        from lsv_core.data.fingerprint import manifest_of
-        from lsv_core.data.store import StoreConfig, build_store, open_store
+        offsets = np.zeros(len(feats) + 1, dtype=np.int64)
+        np.cumsum([len(f) for f in feats], out=offsets[1:])
+        return FeatureStore(utts, np.concatenate(feats), offsets)
+    from lsv_core.data.fingerprint import manifest_of
+    from lsv_core.data.store import StoreConfig, build_store, open_store
 
+    if manifest is None or manifest.utts != utts:
         manifest = manifest_of(data, utts, cache_dir=cache_dir, progress=progress)
-        store_cfg = StoreConfig(dtype=dtype)
-        build_store(data, manifest, cache_dir, fbank=config, store=store_cfg, workers=workers, progress=progress)
-        stored = open_store(manifest, cache_dir, fbank=config, store=store_cfg)
-        feats = [stored.read(i, 0, int(n)) for i, n in enumerate(stored.lengths)]
-        stored.close()
-    offsets = np.zeros(len(feats) + 1, dtype=np.int64)
-    np.cumsum([len(f) for f in feats], out=offsets[1:])
-    return FeatureStore(utts, np.concatenate(feats), offsets)
+    store_cfg = StoreConfig(dtype=dtype)
+    build_store(data, manifest, cache_dir, fbank=config, store=store_cfg, workers=workers, progress=progress)
+    stored = open_store(manifest, cache_dir, fbank=config, store=store_cfg)
+    offsets = np.zeros(len(utts) + 1, dtype=np.int64)
+    np.cumsum(stored.lengths, out=offsets[1:])
+    rows = np.empty((int(offsets[-1]), stored.bins), dtype=stored.dtype)
+    for i in range(len(utts)):  # straight into place: no per-utterance arrays, no concatenation
+        stored.read_into(i, rows[offsets[i] : offsets[i + 1]])
+    stored.close()
+    return FeatureStore(utts, rows, offsets)

@@ -190,7 +190,8 @@ def open_features(data: DataSet, utts: list[str] | None = None, *, loading: Data
     log.info("%s features of %s (%d utterances): %s (%s)", role, data.root, len(utts), mode, why)
     if mode == "memory":
         source: FeatureSource = extract_features(data, utts=utts, config=config, cache_dir=cache_dir,
-                                                 workers=workers, progress=progress, dtype=loading.dtype)
+                                                 workers=workers, progress=progress, dtype=loading.dtype,
+                                                 manifest=manifest)
     elif mode == "store":
         assert manifest is not None and cache_dir is not None
         store = StoreConfig(dtype=loading.dtype)

@@ -278,6 +278,17 @@ class ShardedFeatures:
                             "delete it and rebuild the cache (`lsv data cache`)")
         return np.frombuffer(buf, dtype=self.dtype).reshape(n, self.bins).astype(np.float32)
 
+    def read_into(self, i: int, out: np.ndarray) -> None:
+        """All rows of utterance ``i`` straight into ``out`` (C-contiguous, the store's dtype and shape)."""
+        shard = int(self._shard[i])
+        want = int(self._frames[i]) * self._row_bytes
+        if out.dtype != self.dtype or out.nbytes != want or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous {self.dtype} array of {want} bytes")
+        offset = self._headers[shard] + int(self._row[i]) * self._row_bytes
+        if os.preadv(self._fd(shard), [memoryview(out).cast("B")], offset) != want:
+            raise DataError(f"feature shard {self._paths[shard]} is shorter than its index says; "
+                            "delete it and rebuild the cache (`lsv data cache`)")
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
