@@ -224,7 +224,7 @@ def _page(title: str, body: str) -> str:
 def _log_to_mlflow(config: StudyConfig, points: list[TrialPoint], out: Path) -> None:
     from search.tracking import StudyTracker
 
-    tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=config.study_dir / "mlartifacts")
+    tracker = StudyTracker(config.mlflow_uri, config.study.name)
     try:
         _ = tracker.parent_run_id  # the study's parent run; absent when the study never reached MLflow
     except RuntimeError as err:

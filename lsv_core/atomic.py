@@ -7,10 +7,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from lsv_core.errors import LsvError
+
+T = TypeVar("T")
 
 
 class RefuseOverwrite(LsvError, FileExistsError):
@@ -71,3 +74,26 @@ def replace_dir(new: str | os.PathLike[str], target: str | os.PathLike[str], *, 
         else:
             old.unlink()
     return target
+
+
+def build_dir(target: str | os.PathLike[str], build: Callable[[Path], T]) -> T:
+    """Run ``build(tmp)`` in a fresh sibling folder of ``target`` and rename it onto ``target`` when it returns.
+
+    ``target`` must not exist. An interrupted build leaves only ``.<name>.partial-*`` folders, never a
+    half-built ``target``; they are removed by the next build of the same target.
+    """
+    target = Path(target)
+    if target.exists():
+        raise RefuseOverwrite(f"{target} exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        result = build(tmp)
+        tmp.chmod(0o755)
+        os.replace(tmp, target)
+        return result
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

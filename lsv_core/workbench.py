@@ -27,7 +27,8 @@ from lsv_core.data.trials import Trials, read_trials
 from lsv_core.device import pick_device
 from lsv_core.errors import CheckpointError, ConfigError
 from lsv_core.evaluate import EvalResult, evaluate
-from lsv_core.models import AAMSoftmax, load_checkpoint
+from lsv_core.models import AAMSoftmax
+from lsv_core.models.baseline import Baseline, read_baseline
 from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.msft import FineTuneData, MsftSchedule, StageMetrics, msft
 from lsv_core.quant.quantize import latent_weight
@@ -158,7 +159,7 @@ class Workbench:
 
     def __init__(self, model: nn.Module, head: nn.Module, train: FeatureSource, speakers: Mapping[str, int],
                  eval_store: FeatureSource, trials: Trials, codebook_dir: str | Path | None = None,
-                 loader_workers: int = 0) -> None:
+                 codebooks: InitialCodebooks | None = None, loader_workers: int = 0) -> None:
         self.model = model.eval()
         self.head = head
         self.train = train
@@ -169,29 +170,23 @@ class Workbench:
         self.fp32_bytes = packed_size_bytes(model, BitRecipe({}))
         modules = dict(model.named_modules())
         # Every recipe's first MSFT stage clusters baseline weights: those codebooks are computed once.
-        self.codebooks = InitialCodebooks({n: latent_weight(modules[n]) for n in quantizable_layers(model)},
-                                          directory=codebook_dir)
+        self.codebooks = codebooks if codebooks is not None else InitialCodebooks(
+            {n: latent_weight(modules[n]) for n in quantizable_layers(model)}, directory=codebook_dir)
 
     @classmethod
-    def load(cls, spec: WorkbenchSpec, *, progress: bool = True) -> Workbench:
+    def load(cls, spec: WorkbenchSpec, *, baseline: Baseline | None = None,
+             codebooks: InitialCodebooks | None = None, progress: bool = True) -> Workbench:
         """Load the baseline and the data ``spec`` names (see :class:`WorkbenchSpec`).
 
-        The head's classes must be the training speakers in sorted order (as ``lsv train`` and WeSpeaker's
-        spk2id make them).
+        ``baseline`` (already read, e.g. received through Ray's object store) replaces reading
+        ``spec.checkpoint``; ``codebooks`` replaces the baseline's initial codebooks cache. The head's classes
+        must be the training speakers in sorted order (as ``lsv train`` and WeSpeaker's spk2id make them).
         """
-        checkpoint, paths, arch = spec.checkpoint, spec.data, spec.arch
+        checkpoint, paths = spec.checkpoint, spec.data
         dev = pick_device(spec.device)
-        if Path(checkpoint).suffix in (".pt", ".pth"):
-            from lsv_core.models import build_model, load_state_strict, read_wespeaker_state_dict
-
-            if arch is None:
-                raise ConfigError(f"{checkpoint} is a WeSpeaker state dict: give its architecture (model.arch)")
-            backbone, head_state = read_wespeaker_state_dict(checkpoint)
-            model = build_model(arch, **dict(spec.arch_kwargs))
-            load_state_strict(model, backbone, str(checkpoint))
-        else:
-            model, meta = load_checkpoint(checkpoint, with_extra=True)
-            head_state = meta.get("extra_tensors") or {}
+        if baseline is None:
+            baseline = read_baseline(checkpoint, spec.arch, spec.arch_kwargs)
+        model, head_state = copy.deepcopy(baseline.model), baseline.head
         if "weight" not in head_state:
             raise CheckpointError(f"{checkpoint} holds no AAM head (projection.*); fine-tuning needs one: "
                                   "train the baseline with `lsv train`")
@@ -214,7 +209,7 @@ class Workbench:
         eval_store, _ = open_features(eval_data, trials.utterances, loading=spec.loading, cache_dir=spec.cache_dir,
                                       progress=progress, role="eval")
         return cls(model.to(dev), head.to(dev), train, speakers, eval_store, trials, codebook_dir=spec.codebook_dir,
-                   loader_workers=spec.loading.workers_for(mode, dev))
+                   codebooks=codebooks, loader_workers=spec.loading.workers_for(mode, dev))
 
     @property
     def device(self) -> torch.device:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -19,9 +20,15 @@ from rich.console import Console
 from lsv_core.atomic import RefuseOverwrite, write_text_atomic
 from lsv_core.errors import LsvError
 
-__all__ = ["COMMAND_GROUP", "build_parser", "main"]
+__all__ = ["COMMAND_GROUP", "EXIT_BAD_INPUT", "EXIT_FAILED_TRIALS", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
 
 console = Console(stderr=True, soft_wrap=True)
+# Exit statuses of every command (README, "Exit codes").
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_FAILED_TRIALS = 3  # `lsv run`: the study ended, but some trials failed (their reasons are printed)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) after a clean stop: running trials re-queued, nothing lost
+EXIT_SIGTERM = 143
 # Other packages add subcommands through this entry-point group: ``f(subparsers)`` adds a parser whose
 # ``func(args) -> int`` runs it. The dashboards package adds ``report`` so that search never imports it.
 COMMAND_GROUP = "lsv.commands"
@@ -181,19 +188,32 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from search.config import load_study_config
-    from search.study import run_study
+    from search.storage import redacted
+    from search.study import StudyInterrupted, run_study
+    from search.tracking import StudyTracker
 
     config = load_study_config(args.study, n_trials=args.n_trials)
-    result = run_study(config, address=args.address, fresh=args.fresh)
+    try:
+        result = run_study(config, address=args.address, fresh=args.fresh)
+    except StudyInterrupted as exc:
+        console.print(f"[yellow]study {config.study.name} {exc}[/]")
+        return EXIT_SIGTERM if exc.signum == signal.SIGTERM else EXIT_INTERRUPTED
     st = result.status
     console.print(f"[green]study {config.study.name}[/] {'resumed' if result.resumed else 'created'} in "
                   f"{result.wall_s:.0f} s -> {result.study_dir}")
     console.print(st.line())
-    from search.tracking import StudyTracker
-
-    url = StudyTracker(config.mlflow_uri, config.study.name).runs_url()
-    console.print(f"browse: mlflow ui --backend-store-uri {config.mlflow_uri} --host 127.0.0.1, then {url}")
-    return 0
+    tracker = StudyTracker(config.mlflow_uri, config.study.name)
+    if config.mlflow_uri.startswith("sqlite:"):
+        console.print(f"browse: mlflow ui --backend-store-uri {config.mlflow_uri} --host 127.0.0.1, then "
+                      f"{tracker.runs_url()}")
+    else:
+        console.print(f"browse: {redacted(config.mlflow_uri).rstrip('/')}/#/experiments/{tracker.experiment_id}/runs")
+    if st.n_failed:
+        console.print(f"[red]{st.n_failed} trial(s) failed[/]:")
+        for reason, n in sorted(st.failure_reasons.items(), key=lambda kv: -kv[1]):
+            console.print(f"  {n} x {reason}", soft_wrap=True)
+        return EXIT_FAILED_TRIALS
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -417,7 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except LsvError as exc:
         console.print(f"[bold red]error:[/] {exc}")
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

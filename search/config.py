@@ -11,7 +11,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -24,7 +24,7 @@ from lsv_core.quant.msft import MsftSchedule, Order
 from lsv_core.quant.recipe import ALLOWED_BITS, binary_modes
 from lsv_core.settings import bounds_of, default_of
 from lsv_core.workbench import DataPaths, WorkbenchSpec
-from search.storage import SAMPLERS
+from search.storage import SAMPLERS, redacted
 
 __all__ = ["StudyConfig", "load_study_config", "parse_study_config"]
 
@@ -32,7 +32,15 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "1", true or 1.0 for an integer (or "yes" for a bool) is an error, not a silent coercion.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# Paths are the one coercion allowed: TOML has no path type, so they come as strings.
+PathValue = Annotated[Path, Field(strict=False)]
+DEFAULT_CORPUS = Path("data/corpus")
+DEFAULT_CHECKPOINT = Path("runs/baseline/model.safetensors")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def _library(cls: type, name: str, **extra: Any) -> Any:
@@ -43,7 +51,7 @@ def _library(cls: type, name: str, **extra: Any) -> Any:
 
 class StudySection(_Section):
     name: str
-    out_dir: Path = Path("runs")
+    out_dir: PathValue = Path("runs")
     seed: int = 0
     n_trials: int | None = Field(default=16, ge=1)
     timeout_s: float | None = Field(default=None, gt=0)
@@ -72,9 +80,13 @@ class StudySection(_Section):
 
 
 class ModelSection(_Section):
-    """The float baseline: a checkpoint from ``lsv train``, trained first when missing and ``train_if_missing``."""
+    """The float baseline: a checkpoint from ``lsv train``, or a WeSpeaker ``avg_model.pt`` with ``arch``.
 
-    checkpoint: Path = Path("runs/baseline/model.safetensors")
+    ``train_if_missing`` trains the default baseline only at the default path (the quickstart's); any other
+    path that does not exist is an error, never a reason to train for minutes.
+    """
+
+    checkpoint: PathValue = DEFAULT_CHECKPOINT
     arch: str | None = None  # for a WeSpeaker avg_model.pt, e.g. "ResNet34"
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     train_if_missing: bool = True
@@ -90,12 +102,14 @@ class DataSection(_Section):
     / ``train_utts_per_speaker`` fine-tune on a subset drawn with ``train_subset_seed``
     (lsv_core.data.subset); defaults and bounds are the library's."""
 
-    corpus: Path | None = Path("data/corpus")
+    corpus: PathValue | None = DEFAULT_CORPUS
+    # Synthesizes the embedded corpus only at its default path (the quickstart's); a corpus path that was
+    # typed and does not exist is an error.
     synthesize_if_missing: bool = True
-    train: Path | None = None
-    eval: Path | None = None
-    trials: Path | None = None
-    cache_dir: Path = Path("runs/cache")
+    train: PathValue | None = None
+    eval: PathValue | None = None
+    trials: PathValue | None = None
+    cache_dir: PathValue = Path("runs/cache")
     max_trials: int | None = Field(default=None, ge=10)
     # Its own seed, not study.seed: studies that differ only in their search seed score on the same trials.
     subset_seed: int = 0
@@ -196,16 +210,48 @@ class EarlyStopSection(_Section):
 
 
 class ResourcesSection(_Section):
+    """What one trial gets from Ray (``cpu``, ``gpu``: fractions share a GPU), where it runs, and what the
+    driver does with a node that fails the preflight (``bad_nodes``: ``"stop"`` the study, or ``"skip"``
+    the node). ``device``: ``"auto"`` is the GPU Ray assigned the trial, else the CPU (a trial with ``gpu =
+    0`` never touches a GPU, even on a GPU node). ``hessian``: where the baseline's Hessian traces are
+    computed, on the ``"driver"`` or on a ``"worker"`` (a Ray task with one trial's resources)."""
+
     cpu: float = Field(default=1, gt=0)
     gpu: float = Field(default=0, ge=0)
     max_failures: int = Field(default=1, ge=0)
     device: str = "auto"
+    bad_nodes: Literal["stop", "skip"] = "stop"
+    hessian: Literal["driver", "worker"] = "driver"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_RE.match(v):
+            raise ValueError("allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_for_cuda(self) -> ResourcesSection:
+        if self.device.startswith("cuda") and self.gpu <= 0:
+            raise ValueError(f"device={self.device!r} needs gpu > 0: trials only use the GPUs Ray assigns them")
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ValueError(f"gpu={self.gpu} should be a fraction of one GPU (<= 1) or a whole number")
+        return self
 
 
 class StorageSection(_Section):
+    """Where a study keeps its state. ``optuna``: an RDB URL (default SQLite in the study folder;
+    PostgreSQL for clusters, password from the URL, ``PGPASSWORD`` or ``~/.pgpass``); ``mlflow``: a
+    tracking URI (default SQLite in the study folder; ``http(s)://`` for an ``mlflow server``, credentials
+    from ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``); ``ray_address``; ``ray_storage``: Ray
+    Tune's own folder (default ``<study>/ray`` on the driver; a shared path or ``s3://...`` for clusters);
+    ``lease_timeout_s``: a driver whose heartbeat is older than this is taken to be dead."""
+
     optuna: str | None = None
     mlflow: str | None = None
     ray_address: str | None = None
+    ray_storage: str | None = None
+    lease_timeout_s: float = Field(default=120.0, ge=5)
 
     @field_validator("optuna")
     @classmethod
@@ -288,13 +334,23 @@ class StudyConfig(_Section):
         for k in ("n_trials", "timeout_s", "concurrency"):
             d["study"].pop(k, None)
         d.pop("storage", None)
-        d["resources"].pop("max_failures", None)
+        for k in ("max_failures", "bad_nodes", "hessian"):  # where things run, not what they compute
+            d["resources"].pop(k, None)
         # Fields added to [data] later enter the digest only when set away from their defaults, so a study
         # made before them keeps its digest (and resumes).
         for k in _DATA_FIELDS_SINCE_V2:
             if d["data"].get(k) == DataSection.model_fields[k].default:
                 d["data"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as JSON-ready data with every password in the storage URLs replaced by ``***``: what
+        records, MLflow params, ``config.json`` artifacts and logs may show."""
+        d = self.model_dump(mode="json")
+        for key in ("optuna", "mlflow", "ray_address", "ray_storage"):
+            if d["storage"].get(key):
+                d["storage"][key] = redacted(d["storage"][key])
+        return d
 
     def with_overrides(self, **study_fields: Any) -> StudyConfig:
         data = self.model_dump()
@@ -318,12 +374,18 @@ def _format_error(err: ValidationError, source: str) -> str:
 def load_study_config(path: str | Path, **overrides: Any) -> StudyConfig:
     """Read and validate a study TOML; relative paths in it are resolved against the current directory."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.toml"))[:5]
+        raise ConfigError(f"study config {path} is a folder; give a study .toml file"
+                          + (f" such as {path / found[0]} (there: {', '.join(found)})" if found else ""))
     if not path.is_file():
         raise ConfigError(f"study config {path} does not exist")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"study config {path} cannot be read: {exc}") from exc
     return parse_study_config(raw, source=str(path), **overrides)
 
 

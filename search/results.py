@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from search.tracking import StudyTracker
 
 __all__ = [
+    "NOT_COUNTED",
     "PARETO_OPTIMAL_TAG",
     "PARETO_RANK_TAG",
     "StudyStatus",
@@ -38,6 +39,10 @@ PARETO_RANK_TAG = "pareto_rank"
 
 
 # -- study-level numbers, shared by `lsv run`'s progress line and `lsv status` ------------------------------
+# Failed trials that are not failures of the search: re-queued after a driver stopped, or asked again.
+NOT_COUNTED = ("interrupted (driver stopped)", "duplicate of a running trial")
+
+
 @dataclass
 class StudyStatus:
     name: str
@@ -51,6 +56,7 @@ class StudyStatus:
     smallest_bytes: int | None = None
     budget_bytes: int | None = None
     pareto: list[dict[str, Any]] = field(default_factory=list)
+    failure_reasons: dict[str, int] = field(default_factory=dict)  # reason -> trials
 
     def line(self) -> str:
         best = "-" if self.best_eer_under_budget is None else f"{self.best_eer_under_budget:.2f} %"
@@ -66,8 +72,12 @@ def study_status(study: optuna.Study, budget_bytes: int | None = None) -> StudyS
     st.n_complete = len(complete)
     st.n_memoized = sum(1 for t in complete if "memoized_from" in t.user_attrs)
     st.n_pruned = sum(1 for t in trials if t.state == TrialState.PRUNED
-                      and t.user_attrs.get("reason") != "duplicate of a running trial")
-    st.n_failed = sum(1 for t in trials if t.state == TrialState.FAIL)
+                      and t.user_attrs.get("reason") not in NOT_COUNTED)
+    failed = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("reason") not in NOT_COUNTED]
+    st.n_failed = len(failed)
+    for t in failed:
+        reason = str(t.user_attrs.get("reason") or "unknown")[:200]
+        st.failure_reasons[reason] = st.failure_reasons.get(reason, 0) + 1
     st.n_running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     if complete:
         front = {t.number: t for t in study.best_trials}

@@ -14,6 +14,7 @@ sampler only ever learns from finished MSFT runs.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from search.tracking import TrialRecord
 __all__ = ["AskTellSearcher", "record_from"]
 
 RecordSink = Callable[[TrialRecord], None]
+log = logging.getLogger(__name__)
 _MAX_ASKS = 200
 
 
@@ -124,6 +126,36 @@ class AskTellSearcher(Searcher):
             return self.make_config(recipe, ot.number)
         return None
 
+    def abandon_live(self, reason: str) -> None:
+        """The driver is stopping: close the trials still running as failed with ``reason`` and put their
+        assignments back in the queue, so the next run trains them (nothing lost, nothing doubled)."""
+        for live in list(self.live.values()):
+            ot = live.trial
+            try:
+                ot.set_user_attr("reason", reason)
+                self.study.tell(ot, state=TrialState.FAIL)
+                self.study.enqueue_trial(dict(ot.params), user_attrs={"retry_of": ot.number})
+            except Exception as err:  # noqa: BLE001 - the next run's recovery re-queues it anyway
+                log.warning("could not re-queue trial %d: %s", ot.number, err)
+        self.live.clear()
+
+    def _tell(self, ot: optuna.trial.Trial, values: list[float] | None = None,
+              state: TrialState | None = None) -> bool:
+        """``study.tell``, but a trial already finished elsewhere (another driver took over the study and
+        closed it) is reported and skipped instead of crashing the driver; returns whether it was told."""
+        try:
+            if values is not None:
+                self.study.tell(ot, values)
+            else:
+                self.study.tell(ot, state=state)
+            return True
+        except (RuntimeError, ValueError) as err:
+            if "finished" not in str(err) and "Cannot tell" not in str(err):
+                raise
+            log.warning("trial %d was already finished by another driver; its result here is dropped (%s)",
+                        ot.number, err)
+            return False
+
     def _tell_memoized(self, ot: optuna.trial.Trial, recipe: BitRecipe, digest: str) -> None:
         source, values = self.memo[digest]
         src = self.study.get_trials(deepcopy=False)[source]
@@ -131,13 +163,14 @@ class AskTellSearcher(Searcher):
         for k, v in src.user_attrs.items():
             if k not in ("digest", "recipe", "repaired"):
                 ot.set_user_attr(k, v)
-        self.study.tell(ot, values)
+        if not self._tell(ot, values):
+            return
         self.sink(self._record(ot.number, "complete", recipe, src.user_attrs, memoized_from=source))
 
     def _tell_failed(self, ot: optuna.trial.Trial, params: dict[str, str], reason: str) -> None:
         ot.set_user_attr("reason", reason)
-        self.study.tell(ot, state=TrialState.FAIL)
-        self.sink(TrialRecord(number=ot.number, state="failed", recipe={}, reason=reason))
+        if self._tell(ot, state=TrialState.FAIL):
+            self.sink(TrialRecord(number=ot.number, state="failed", recipe={}, reason=reason))
 
     # -- results ---------------------------------------------------------------------------------------
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -149,18 +182,23 @@ class AskTellSearcher(Searcher):
         if live is None:
             return
         ot, result = live.trial, result or {}
+        if self.study._storage.get_trial(ot._trial_id).state != TrialState.RUNNING:
+            log.warning("trial %d was finished by another driver meanwhile; this result is dropped", ot.number)
+            return
         ray_id = {"ray_trial_id": trial_id}
         if error or result.get("error"):
             reason = result.get("error") or "the Ray worker failed (see the trial's error file under ray/)"
             ot.set_user_attr("reason", reason)
-            self.study.tell(ot, state=TrialState.FAIL)
+            if not self._tell(ot, state=TrialState.FAIL):
+                return
             self.sink(self._record(ot.number, "failed", live.recipe, {**ray_id, "reason": reason}))
             return
         if not result.get("final"):
             reason = f"stopped after MSFT stage {result.get('stage')} (dominated at that stage)"
             ot.set_user_attr("reason", reason)
             ot.set_user_attr("stage_eers", [result.get("eer")])
-            self.study.tell(ot, state=TrialState.PRUNED)
+            if not self._tell(ot, state=TrialState.PRUNED):
+                return
             self.sink(self._record(ot.number, "pruned", live.recipe, {**ray_id, "reason": reason,
                                                                       "stage_eers": [result.get("eer")]}))
             return
@@ -173,10 +211,12 @@ class AskTellSearcher(Searcher):
         values = [float(result[k] if k != "min_dcf" else result["min_dcf_001"]) for k in self.objectives]
         if not all(math.isfinite(v) for v in values):
             ot.set_user_attr("reason", f"non-finite objective values {values}")
-            self.study.tell(ot, state=TrialState.FAIL)
+            if not self._tell(ot, state=TrialState.FAIL):
+                return
             self.sink(self._record(ot.number, "failed", live.recipe, {**attrs, "reason": "non-finite result"}))
             return
-        self.study.tell(ot, values)
+        if not self._tell(ot, values):
+            return
         self.memo[live.digest] = (ot.number, values)
         self.sink(self._record(ot.number, "complete", live.recipe, attrs))
 

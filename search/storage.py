@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,12 @@ from lsv_core.errors import ConfigError
 if TYPE_CHECKING:
     from search.config import StudyConfig
 
-__all__ = ["SAMPLERS", "make_sampler", "open_study", "redacted", "scrub", "sqlite_file"]
+__all__ = ["SAMPLERS", "check_mlflow_uri", "check_optuna_url", "make_sampler", "open_study", "redacted", "scrub",
+           "sqlite_file"]
+
+CONNECT_TIMEOUT_S = 10
+DRIVER_HINT = {"postgresql": "psycopg (pip install 'psycopg[binary]'; `make install` brings it)",
+               "mysql": "a MySQL driver (pip install pymysql, and use mysql+pymysql://)"}
 
 
 def redacted(url: str) -> str:
@@ -82,3 +88,75 @@ SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
 def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
     """The sampler ``study.sampler`` names (see :data:`SAMPLERS`), seeded with ``study.seed``."""
     return SAMPLERS[config.study.sampler](config.study.seed)
+
+
+def _sqlite_problems(db: Path, study_dir: Path) -> list[str]:
+    db = db.expanduser().resolve()
+    if db.exists():
+        return [] if os.access(db, os.R_OK | os.W_OK) else [f"{db} is not writable"]
+    folder = db.parent
+    inside_study = folder == study_dir or study_dir in folder.parents
+    if not folder.is_dir() and not inside_study:
+        return [f"folder {folder} of the SQLite file does not exist (create it, or leave the field out to keep "
+                "the database in the study folder)"]
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        return [f"folder {folder} is not writable"]
+    return []
+
+
+def check_optuna_url(url: str, study_dir: Path) -> list[str]:
+    """Problems opening ``url`` for Optuna, found without creating anything: a SQLite file that cannot be
+    made, a missing database driver, or a server that does not answer within ``CONNECT_TIMEOUT_S``."""
+    db = sqlite_file(url)
+    if db is not None:
+        return _sqlite_problems(db, study_dir)
+    if url.startswith("sqlite"):
+        return []
+    from sqlalchemy import create_engine, text
+
+    scheme = urlsplit(url).scheme.split("+")[0]
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S} if scheme == "postgresql"
+                               else {})
+    except (ImportError, ModuleNotFoundError) as err:
+        return [f"{redacted(url)}: no database driver for {scheme} ({err}); install "
+                f"{DRIVER_HINT.get(scheme, 'its SQLAlchemy driver')}"]
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises ArgumentError and others for a bad URL
+        return [f"{redacted(url)} is not a usable database URL ({scrub(str(err), url)})"]
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except (ImportError, ModuleNotFoundError) as err:
+        return [f"{redacted(url)}: no database driver for {scheme} ({err}); install "
+                f"{DRIVER_HINT.get(scheme, 'its SQLAlchemy driver')}"]
+    except Exception as err:  # noqa: BLE001 - OperationalError etc.: the message says why
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()
+        return [f"cannot connect to {redacted(url)} ({scrub(reason[0] if reason else type(err).__name__, url)})"]
+    finally:
+        engine.dispose()
+    return []
+
+
+def check_mlflow_uri(uri: str, study_dir: Path) -> list[str]:
+    """Problems with an MLflow tracking URI: a SQLite file that cannot be made, or a server that does not
+    answer ``/health``."""
+    db = sqlite_file(uri)
+    if db is not None:
+        return _sqlite_problems(db, study_dir)
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        url = uri.rstrip("/") + "/health"
+        parts = urlsplit(url)
+        if parts.password is not None:  # credentials belong in MLFLOW_TRACKING_USERNAME/PASSWORD
+            url = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+        try:
+            with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S):
+                return []
+        except urllib.error.HTTPError:
+            return []  # something answers (auth, proxy): MLflow will talk to it
+        except (urllib.error.URLError, OSError) as err:
+            return [f"no MLflow server answers at {redacted(uri)} ({getattr(err, 'reason', err)}); start it with "
+                    "`mlflow server --host ... --port ...` or fix the URI"]
+    return []

@@ -1,22 +1,33 @@
-"""Running a study: validate, prepare the baseline, then Ray Tune trials steered by an Optuna study.
+"""Running a study: check everything, prepare the baseline, then Ray Tune trials steered by an Optuna study.
 
-Everything lives under ``runs/<study>/``: ``optuna.db`` (the source of truth for trials and the study
-record, :mod:`search.record`), ``mlflow.db`` and ``mlartifacts/`` (a parent run for the study, a child
-run per trial), ``trials/`` (packed models), ``ray/`` (Ray Tune's trial folders) and ``study.json`` (a
-copy of the record).
+Everything lives under ``runs/<study>/`` on the driver: ``optuna.db`` (the source of truth for trials and
+the study record, :mod:`search.record`), ``mlflow.db`` and ``mlartifacts/`` (a parent run for the study, a
+child run per trial; on a tracking server, in the server's stores), ``trials/`` (packed models, sent by
+the workers through Ray), ``codebooks/``, ``ray/`` (Ray Tune's folders) and ``study.json`` (a copy of the
+record). Nothing needs a filesystem shared with the worker nodes (:mod:`search.cluster`).
+
+Order: the preflight (:mod:`search.preflight`) checks config, storage, data, checkpoint, space and budget
+and raises before anything is written; the corpus / default baseline are made if planned; the study is
+created or resumed under a driver lease (:mod:`search.lease`: one live driver per study); every Ray node
+is checked; then the trials run.
 
 Resuming: running a study that exists continues it. Trials left RUNNING by a driver that died are
 marked failed ("interrupted") and their assignments re-queued; finished trials missing from MLflow
 (the driver died between Optuna's tell and the MLflow write) are logged then, so nothing is lost
-and nothing is logged twice. ``fresh=True`` moves the old folder aside (never deletes it).
+and nothing is logged twice. Ctrl-C (SIGINT) or SIGTERM stops the trials, re-queues the running ones
+and raises :class:`StudyInterrupted`. ``fresh=True`` moves the old folder aside (never deletes it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,67 +36,293 @@ import optuna
 from optuna.trial import TrialState
 from rich.console import Console
 
-from lsv_core.atomic import write_text_atomic
-from lsv_core.errors import ConfigError
+from lsv_core.atomic import build_dir, write_text_atomic
+from lsv_core.errors import ConfigError, LsvError
 from lsv_core.quant import BitRecipe, LayerSpec
 from search.config import StudyConfig
+from search.lease import DriverLease
+from search.preflight import Preflight, preflight_study
 from search.record import StudyRecord, save_record, stored_record
-from search.results import StudyStatus, refresh_pareto_tags, study_status
+from search.results import NOT_COUNTED, StudyStatus, refresh_pareto_tags, study_status
 from search.space import SearchSpace
-from search.storage import open_study
+from search.storage import open_study, redacted
 from search.tracking import StudyTracker, TrackingThread, TrialRecord
 
-__all__ = ["RunResult", "run_study"]
+__all__ = ["RunResult", "StudyInterrupted", "run_study"]
 
 console = Console(stderr=True)
 OBJECTIVES = ("eer", "size_bytes")
+INTERRUPTED = "interrupted (driver stopped)"
 
 
-# -- preparation (driver side, before any worker starts) --------------------------------------------------
-def _prepare_inputs(config: StudyConfig, *, progress: bool = True) -> None:
-    """Make sure the corpus and the baseline exist (synthesize/train them when the config allows)."""
-    from lsv_core.data.manifest import read_data
-    from lsv_core.data.trials import read_trials
+class StudyInterrupted(LsvError):
+    """The driver was stopped by SIGINT/SIGTERM; running trials were re-queued and nothing was lost."""
 
-    paths = config.data_paths()
-    train, eval_dir, trials = paths.train, paths.eval, paths.trials
-    corpus = config.data.corpus
-    if config.data.train is None and corpus is not None and not (corpus / "corpus.json").exists():
-        if not config.data.synthesize_if_missing:
-            raise ConfigError(f"data.corpus={str(corpus)!r} has no corpus.json and synthesize_if_missing is false")
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}; the running trials were re-queued: `lsv run` again resumes the study")
+
+
+@dataclass
+class RunResult:
+    status: StudyStatus
+    study_dir: Path
+    wall_s: float
+    resumed: bool
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = False, progress: bool = True,
+              fault_plan: dict[int, dict[str, Any]] | None = None,
+              on_status: Callable[[StudyStatus], None] | None = None) -> RunResult:
+    """Run (or resume) the study described by ``config``; returns its status when no trials remain.
+
+    Raises :class:`~search.preflight.PreflightFailed` (nothing written) for bad input,
+    :class:`~search.lease.StudyBusy` when another driver runs the study, :class:`StudyInterrupted` after a
+    clean stop on SIGINT/SIGTERM. ``fault_plan`` maps Optuna trial numbers to injected faults (fault tests).
+    """
+    t0 = time.monotonic()
+    address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
+    pre = preflight_study(config, address=address)
+    _make_planned_inputs(config, pre, progress)
+    study_dir = config.study_dir
+    if fresh:
+        _move_aside(config)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    study = open_study(config, create=True)
+    with _stop_signals() as stopped, DriverLease(study, config.storage.lease_timeout_s) as lease:
+        if lease.taken_over is not None:
+            console.print(f"taking over the study from a driver that stopped ({lease.taken_over.describe()})",
+                          soft_wrap=True)
+        record, resumed = _open_record(config, study, pre)
+        tracker = StudyTracker(config.mlflow_uri, config.study.name)
+        baseline = {"baseline_size_bytes": float(record.fp32_bytes or 0)}
+        if (record.baseline_eval or {}).get("eer") is not None:
+            baseline["baseline_eer"] = float(record.baseline_eval["eer"])
+        tracker.start_study(config.public_dump(), config.digest(), baseline)
+        _recover(study, tracker)
+        done = sum(1 for t in study.get_trials(deepcopy=False)
+                   if t.state.is_finished() and t.user_attrs.get("reason") not in NOT_COUNTED)
+        remaining = None if config.study.n_trials is None else max(0, config.study.n_trials - done)
+        if remaining != 0:
+            _run_trials(config, study, pre, record, tracker, remaining, address, progress, fault_plan,
+                        on_status, stopped)
+        refresh_pareto_tags(tracker, study)
+        status = study_status(study, config.size_budget_bytes)
+        tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
+                              "n_pruned": status.n_pruned, "pareto_size": status.pareto_size})
+        write_text_atomic(study_dir / "status.json", json.dumps(asdict(status), indent=2), overwrite=True)
+    return RunResult(status, study_dir, time.monotonic() - t0, resumed)
+
+
+def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record: StudyRecord,
+                tracker: StudyTracker, remaining: int | None, address: str | None, progress: bool,
+                fault_plan: dict[int, dict[str, Any]] | None, on_status: Callable[[StudyStatus], None] | None,
+                stopped: threading.Event) -> None:
+    import ray
+
+    from lsv_core.quant import packed_size_bytes
+    from search import cluster
+    from search.artifacts import start_sink
+    from search.searcher import AskTellSearcher
+
+    assert pre.baseline is not None and pre.space is not None
+    model, space = pre.baseline.model, pre.space
+    started_here = cluster.connect(config, address)
+    writer = TrackingThread()
+    searcher: AskTellSearcher | None = None
+    try:
+        shared = cluster.shared_inputs(config, pre.baseline, space, record.baseline_digest or "", progress)
+        shared_ref = ray.put(shared)
+        excluded = cluster.preflight_nodes(config, record, ray.put(shared.baseline))
+        omega = None
+        seeded = "seeded" in study.user_attrs
+        if config.msft.order == "sensitivity" or (not seeded and config.seeds.allocator_fractions):
+            omega = _sensitivities(config, study, record, pre, shared_ref, excluded)
+        if not seeded:
+            for label, recipe in _seed_recipes(config, space, model, omega):
+                study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
+            study.set_user_attr("seeded", True)
+            study.set_user_attr("fp32_bytes", record.fp32_bytes)
+        sink_name = f"lsv-sink-{config.study.name}-{uuid.uuid4().hex[:8]}"
+        sink = start_sink(config.study_dir, sink_name)
+        logged = [0]
+
+        def on_record(rec: TrialRecord) -> None:
+            writer.submit(tracker.log_trial, rec)
+            logged[0] += 1
+            if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
+                writer.submit(refresh_pareto_tags, tracker, study)
+            st = study_status(study, config.size_budget_bytes)
+            if progress:
+                console.print(st.line(), soft_wrap=True)
+            if on_status is not None:
+                on_status(st)
+
+        make = cluster.make_trial_config(config, sink_name,
+                                         omega if config.msft.order == "sensitivity" else None, fault_plan)
+        searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
+                                   budget_bytes=config.size_budget_bytes, make_config=make, sink=on_record,
+                                   max_trials=remaining)
+        cluster.run_trials(config, searcher, shared, excluded, sink_name)
+        ray.kill(sink)
+    except KeyboardInterrupt:  # SIGINT/SIGTERM (see _stop_signals): the trials still running go back in the queue
+        if searcher is not None:
+            searcher.abandon_live(INTERRUPTED)
+        raise
+    finally:
+        failed = writer.close()
+        if started_here:
+            ray.shutdown()
+    if failed:  # Optuna has every result: log what MLflow is missing now (a resumed run would too)
+        console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({failed[0]}); retrying[/]")
+        _log_missing(study, tracker)
+
+
+@contextmanager
+def _stop_signals() -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the driver (Ray Tune's own SIGINT handler, which would
+    wait for the running trials, is turned off): the running trials are re-queued, MLflow is flushed, the
+    lease released and :class:`StudyInterrupted` raised. Handlers are restored afterwards."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stopped.is_set():
+            return  # already stopping: let the clean-up finish
+        stopped.signum = signum  # type: ignore[attr-defined]
+        stopped.set()
+        console.print(f"[yellow]{signal.Signals(signum).name}: stopping the study (running trials are "
+                      "re-queued) ...[/]")
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield stopped
+    except KeyboardInterrupt:
+        raise StudyInterrupted(int(getattr(stopped, "signum", signal.SIGINT))) from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if tune_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_handler
+
+
+# -- preparation -------------------------------------------------------------------------------------------
+def _make_planned_inputs(config: StudyConfig, pre: Preflight, progress: bool) -> None:
+    """Synthesize the default corpus / train the default baseline when the preflight planned it (each
+    built aside and moved into place, so an interrupted build is never taken as done), then check them."""
+    from search.preflight import PreflightFailed, Problem, check_space
+
+    for line in pre.plan:
+        console.print(f"about to {line}", soft_wrap=True)
+    if pre.synthesize_corpus:
         from lsv_core.data.synth import SynthConfig, synthesize_corpus
 
-        console.print(f"synthesizing the embedded corpus into {corpus} ...")
-        synthesize_corpus(corpus, SynthConfig(seed=config.study.seed), progress=progress)
-    eval_data = read_data(eval_dir)
-    read_trials(trials, eval_data)  # validated before any worker starts
-    read_data(train).check_audio()
-    eval_data.check_audio()
-    ckpt = config.model.checkpoint
-    if not ckpt.exists():
-        if not config.model.train_if_missing:
-            raise ConfigError(f"model.checkpoint={str(ckpt)!r} does not exist and train_if_missing is false")
+        assert config.data.corpus is not None
+        build_dir(config.data.corpus, lambda tmp: synthesize_corpus(
+            tmp, SynthConfig(seed=config.study.seed), progress=progress, overwrite=True))
+    if pre.train_baseline:
         from lsv_core.train import TrainConfig, train_baseline
 
-        tc = TrainConfig(seed=config.study.seed, device=config.resources.device)
+        paths = config.data_paths()
+        tc = TrainConfig(seed=config.study.seed, device="auto" if config.resources.device == "auto" else "cpu")
         if config.model.train_steps:
             tc.steps = config.model.train_steps
-        console.print(f"training the default baseline into {ckpt} ...")
-        train_baseline(tc, train, out=ckpt, eval_dir=eval_dir, trials=trials, cache_dir=config.data.cache_dir,
-                       progress=progress)
+        train_baseline(tc, paths.train, out=config.model.checkpoint, eval_dir=paths.eval, trials=paths.trials,
+                       cache_dir=config.data.cache_dir, progress=progress)
+    if pre.synthesize_corpus or pre.train_baseline:
+        fresh = preflight_study(config)  # what was just made, checked like everything else
+        pre.baseline, pre.space, pre.train, pre.eval, pre.trials = (fresh.baseline, fresh.space, fresh.train,
+                                                                    fresh.eval, fresh.trials)
+    if pre.baseline is None or pre.space is None:  # cannot happen after a passing preflight
+        problems: list[Problem] = []
+        check_space(config, pre, problems)
+        raise PreflightFailed(problems or [Problem("model.checkpoint", "the baseline could not be read")])
 
 
-def _load_baseline(config: StudyConfig) -> tuple[Any, dict[str, Any]]:
-    """The float baseline (our checkpoint or a WeSpeaker .pt) and its metadata, on the CPU."""
-    from lsv_core.models import load_checkpoint, load_pretrained
+def _move_aside(config: StudyConfig) -> None:
+    """``--fresh``: the study folder (and its SQLite stores) is renamed to a unique ``.old-*`` sibling."""
+    from search.storage import sqlite_file
 
-    ckpt = config.model.checkpoint
-    if ckpt.suffix in (".pt", ".pth"):
-        if config.model.arch is None:
-            raise ConfigError(f"model.checkpoint={str(ckpt)!r} is a WeSpeaker state dict; set model.arch "
-                              "(e.g. \"ResNet34\")")
-        return load_pretrained(ckpt, config.model.arch, **config.model.arch_kwargs), {}
-    return load_checkpoint(ckpt)
+    study_dir = config.study_dir
+    external = [u for u in (config.optuna_url, config.mlflow_uri)
+                if not ((db := sqlite_file(u)) is not None and study_dir in db.resolve().parents)]
+    if external:
+        raise ConfigError(f"--fresh cannot start over a study kept outside its folder ({', '.join(map(redacted, external))}): "
+                          "give the study a new name (study.name) instead")
+    if not study_dir.exists():
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = study_dir.with_name(f"{study_dir.name}.old-{stamp}")
+    n = 1
+    while backup.exists():
+        n += 1
+        backup = study_dir.with_name(f"{study_dir.name}.old-{stamp}-{n}")
+    os.replace(study_dir, backup)
+    console.print(f"--fresh: moved the previous study to {backup}")
+
+
+def _open_record(config: StudyConfig, study: optuna.Study, pre: Preflight) -> tuple[StudyRecord, bool]:
+    """The study's record (created now for a new study); refuses a study made with another config."""
+    record = stored_record(study)
+    legacy = config.study_dir / "study.json"
+    made_with = record.digest if record is not None else (
+        json.loads(legacy.read_text()).get("digest") if legacy.exists() else None)
+    if made_with is not None and made_with != config.digest():
+        raise ConfigError(f"{config.study_dir} holds study {config.study.name!r} made with a different config "
+                          f"(digest {made_with} != {config.digest()}); rerun with --fresh to start over "
+                          "(the old study is moved aside, not deleted), or use another study.name")
+    if record is None or record.layers is None:
+        assert pre.baseline is not None
+        record = _new_record(config, pre.baseline.model, pre.baseline.meta)
+        save_record(study, config.study_dir, record)
+    return record, made_with is not None
+
+
+def _new_record(config: StudyConfig, model: Any, meta: dict[str, Any]) -> StudyRecord:
+    """The record of a study about to be created from ``config`` and its loaded baseline."""
+    from lsv_core import __version__
+    from lsv_core.quant import packed_size_bytes, quantizable_layers
+    from lsv_core.quant.sensitivity import state_dict_digest
+
+    return StudyRecord(name=config.study.name, digest=config.digest(), config=config.public_dump(),
+                       layers=quantizable_layers(model), baseline_digest=state_dict_digest(model),
+                       fp32_bytes=packed_size_bytes(model, BitRecipe({})), baseline_eval=meta.get("eval") or None,
+                       lsv_version=__version__)
+
+
+def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord, pre: Preflight, shared_ref: Any,
+                   excluded: list[str]) -> dict[str, dict[int, float]]:
+    """Ω per (layer, bits) from the baseline's Hessian traces (the record's, else computed on the driver or
+    a worker as ``resources.hessian`` says, cached per baseline in ``<cache_dir>/hessian_traces.json``)."""
+    from lsv_core.quant.sensitivity import quantization_errors, sensitivity
+
+    assert pre.baseline is not None
+    traces = dict(record.hessian_traces) if record.hessian_traces else None
+    if traces is None:
+        if config.resources.hessian == "worker":
+            from search.cluster import hessian_on_worker
+
+            console.print("computing the baseline's Hessian traces on a worker ...")
+            traces = hessian_on_worker(config, shared_ref, excluded)
+        else:
+            from lsv_core.workbench import Workbench
+
+            console.print("computing the baseline's Hessian traces on the driver ...")
+            bench = Workbench.load(config.workbench_spec().replace(codebook_dir=None), baseline=pre.baseline,
+                                   progress=False)
+            traces = bench.hessian_traces(cache_path=config.data.cache_dir / "hessian_traces.json",
+                                          seed=config.study.seed)
+        save_record(study, config.study_dir, record.with_traces(traces))
+    return sensitivity(traces, quantization_errors(pre.baseline.model, seed=config.study.seed))
 
 
 def _seed_recipes(config: StudyConfig, space: SearchSpace, model: Any, omega: dict | None) -> list[tuple[str, BitRecipe]]:
@@ -121,108 +358,13 @@ def _closest_token(recipe: BitRecipe, layers: list[str], space: SearchSpace) -> 
     return max(tokens, key=space.choices.index)
 
 
-# -- the run ---------------------------------------------------------------------------------------------
-@dataclass
-class RunResult:
-    status: StudyStatus
-    study_dir: Path
-    wall_s: float
-    resumed: bool
-
-
-def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = False, progress: bool = True,
-              fault_plan: dict[int, dict[str, Any]] | None = None,
-              on_status: Callable[[StudyStatus], None] | None = None) -> RunResult:
-    """Run (or resume) the study described by ``config``; returns its status when no trials remain.
-
-    ``fault_plan`` maps Optuna trial numbers to injected faults; it exists for the fault tests only.
-    """
-    t0 = time.monotonic()
-    study_dir = config.study_dir
-    _prepare_inputs(config, progress=progress)
-    model, meta = _load_baseline(config)
-    space = SearchSpace.build(model, config.space)
-    if fresh and study_dir.exists():
-        backup = study_dir.with_name(f"{study_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(study_dir, backup)
-        console.print(f"--fresh: moved the previous study to {backup}")
-    study_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(config, create=True)
-    record = stored_record(study)
-    legacy = study_dir / "study.json"
-    made_with = record.digest if record is not None else (
-        json.loads(legacy.read_text()).get("digest") if legacy.exists() else None)
-    if made_with is not None and made_with != config.digest():
-        raise ConfigError(f"{study_dir} holds study {config.study.name!r} made with a different config "
-                          f"(digest {made_with} != {config.digest()}); rerun with --fresh to start over "
-                          "(the old study is moved aside, not deleted)")
-    resumed = made_with is not None
-    if record is None or record.layers is None:
-        record = _new_record(config, model, meta)
-        save_record(study, study_dir, record)
-
-    tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=study_dir / "mlartifacts")
-    baseline = {"baseline_size_bytes": float(record.fp32_bytes or 0)}
-    if (record.baseline_eval or {}).get("eer") is not None:
-        baseline["baseline_eer"] = float(record.baseline_eval["eer"])
-    tracker.start_study(config.model_dump(mode="json"), config.digest(), baseline)
-    _recover(study, tracker)
-    needs_omega = config.msft.order == "sensitivity" or (
-        "seeded" not in study.user_attrs and bool(config.seeds.allocator_fractions))
-    omega = None
-    if needs_omega:
-        traces, omega = _baseline_sensitivity(config)
-        if record.hessian_traces is None:
-            record = record.with_traces(traces)
-            save_record(study, study_dir, record)
-    if "seeded" not in study.user_attrs:
-        for label, recipe in _seed_recipes(config, space, model, omega):
-            study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
-        study.set_user_attr("seeded", True)
-        study.set_user_attr("fp32_bytes", record.fp32_bytes)
-
-    not_counted = ("interrupted (driver stopped)", "duplicate of a running trial")  # re-queued / asked again
-    done = sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state.is_finished() and t.user_attrs.get("reason") not in not_counted)
-    remaining = None if config.study.n_trials is None else max(0, config.study.n_trials - done)
-    if remaining != 0:
-        _run_ray(config, study, space, tracker, model, remaining, address, progress, fault_plan, on_status,
-                 omega if config.msft.order == "sensitivity" else None)
-    refresh_pareto_tags(tracker, study)
-    status = study_status(study, config.size_budget_bytes)
-    tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
-                          "n_pruned": status.n_pruned, "pareto_size": status.pareto_size})
-    write_text_atomic(study_dir / "status.json", json.dumps(asdict(status), indent=2), overwrite=True)
-    return RunResult(status, study_dir, time.monotonic() - t0, resumed)
-
-
-def _new_record(config: StudyConfig, model: Any, meta: dict[str, Any]) -> StudyRecord:
-    """The record of a study about to be created from ``config`` and its loaded baseline."""
-    from lsv_core import __version__
-    from lsv_core.quant import packed_size_bytes, quantizable_layers
-    from lsv_core.quant.sensitivity import state_dict_digest
-
-    return StudyRecord(name=config.study.name, digest=config.digest(), config=config.model_dump(mode="json"),
-                       layers=quantizable_layers(model), baseline_digest=state_dict_digest(model),
-                       fp32_bytes=packed_size_bytes(model, BitRecipe({})), baseline_eval=meta.get("eval") or None,
-                       lsv_version=__version__)
-
-
-def _baseline_sensitivity(config: StudyConfig) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
-    """Hessian traces of the baseline and Ω per (layer, bits), for the allocator and the sensitivity order."""
-    from lsv_core.workbench import Workbench
-
-    bench = Workbench.load(config.workbench_spec(), progress=False)
-    # Cached beside the features: the traces depend on the baseline and its data, not on the study, so
-    # every study (and every --fresh restart) of the same baseline reuses them.
-    traces = bench.hessian_traces(cache_path=config.data.cache_dir / "hessian_traces.json", seed=config.study.seed)
-    return traces, bench.sensitivities(traces=traces, seed=config.study.seed)
-
-
+# -- recovery ----------------------------------------------------------------------------------------------
 def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
-    """Close trials a dead driver left RUNNING (re-queue them) and log finished ones MLflow lacks."""
+    """Close trials a dead driver left RUNNING (re-queue them) and log finished ones MLflow lacks.
+
+    Only called while holding the study's lease, so no live driver owns those trials."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted (driver stopped)")
+        study._storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
     _log_missing(study, tracker)
@@ -240,78 +382,3 @@ def _log_missing(study: optuna.Study, tracker: StudyTracker) -> None:
         recipe = t.user_attrs.get("recipe", {})
         tracker.log_trial(record_from(t.number, state_names[t.state], recipe, dict(t.user_attrs),
                                       t.user_attrs.get("memoized_from")))
-
-
-def _run_ray(config: StudyConfig, study: optuna.Study, space: SearchSpace, tracker: StudyTracker, model: Any,
-             remaining: int | None, address: str | None, progress: bool,
-             fault_plan: dict[int, dict[str, Any]] | None,
-             on_status: Callable[[StudyStatus], None] | None, omega: dict | None = None) -> None:
-    import ray
-    from ray import tune
-
-    from lsv_core.quant import packed_size_bytes
-    from search.scheduler import StageParetoStopper
-    from search.searcher import AskTellSearcher
-    from search.trial import run_trial
-
-    address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # "local" always starts a private instance: a bare ray.init() would join whatever cluster
-            # `ray start` last left on this machine, which is not what "no address" means.
-            cpus = max(int(config.resources.cpu * config.study.concurrency), os.cpu_count() or 1)
-            ray.init(address="local", num_cpus=cpus, num_gpus=None, include_dashboard=False, log_to_driver=False)
-    spec = config.workbench_spec().to_dict()
-    schedule = config.msft_schedule().to_dict()
-    threads = max(1, int(config.resources.cpu))
-
-    def make_config(recipe: BitRecipe, number: int) -> dict[str, Any]:
-        cfg = {"recipe": recipe.to_dict(), "optuna_trial": number, "workbench": spec, "schedule": schedule,
-               "threads": threads, "trials_dir": str(config.study_dir / "trials")}
-        if omega is not None:
-            cfg["sensitivity"] = omega
-        if fault_plan and number in fault_plan:
-            cfg["fault"] = fault_plan[number]
-        return cfg
-
-    logged = [0]
-    writer = TrackingThread()
-
-    def sink(record: TrialRecord) -> None:
-        writer.submit(tracker.log_trial, record)
-        logged[0] += 1
-        if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
-            writer.submit(refresh_pareto_tags, tracker, study)
-        st = study_status(study, config.size_budget_bytes)
-        if progress:
-            console.print(st.line(), soft_wrap=True)
-        if on_status is not None:
-            on_status(st)
-
-    searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
-                               budget_bytes=config.size_budget_bytes, make_config=make_config, sink=sink,
-                               max_trials=remaining)
-    scheduler = (StageParetoStopper(config.early_stop.margin, config.early_stop.min_peers)
-                 if config.early_stop.enabled else None)
-    trainable = tune.with_resources(run_trial, {"cpu": config.resources.cpu, "gpu": config.resources.gpu})
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining or -1,
-                                    max_concurrent_trials=config.study.concurrency, reuse_actors=True,
-                                    time_budget_s=config.study.timeout_s),
-        run_config=tune.RunConfig(name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str(config.study_dir / "ray"), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=config.resources.max_failures)),
-    )
-    try:
-        tuner.fit()
-    finally:
-        failed = writer.close()
-        if started_here:
-            ray.shutdown()
-    if failed:  # Optuna has every result: log what MLflow is missing now (a resumed run would too)
-        console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({failed[0]}); retrying[/]")
-        _log_missing(study, tracker)

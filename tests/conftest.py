@@ -120,3 +120,26 @@ def kill_ray_processes(pattern: str) -> list[int]:
         except ProcessLookupError:
             pass
     return sorted(doomed)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL on 127.0.0.1 for the whole session (tests.services.Postgres)."""
+    from tests.services import Postgres, postgres_available
+
+    why = postgres_available()
+    if why is not None:
+        pytest.skip(why)
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real `mlflow server` with served artifacts on 127.0.0.1 for the whole session."""
+    from tests.services import MlflowServer
+
+    server = MlflowServer().start()
+    yield server
+    server.stop()

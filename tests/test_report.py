@@ -92,14 +92,15 @@ def test_study_record_round_trip_and_baseline() -> None:
 
 @pytest.fixture(scope="module")
 def real_study(tiny_study_inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A finished 6-trial study with the allocator seed (so the Hessian-trace cache exists), fine-tuned in
-    the MSFT "sensitivity" order (two stages per trial, whatever its bits)."""
+    """A finished 6-trial study with the allocator seed (so the Hessian traces exist, computed on a Ray
+    worker), fine-tuned in the MSFT "sensitivity" order (two stages per trial, whatever its bits)."""
     from search.config import parse_study_config
     from search.study import run_study
 
     root = tmp_path_factory.mktemp("report_study")
     raw = study_raw_config(tiny_study_inputs, root, name="rep", seeds={"uniform": True, "allocator_fractions": [0.3]},
-                           msft={"order": "sensitivity", "n_groups": 2, "stage_eval_frames": 100})
+                           msft={"order": "sensitivity", "n_groups": 2, "stage_eval_frames": 100},
+                           resources={"hessian": "worker"})  # the traces computed by a Ray task
     config = parse_study_config(raw)
     run_study(config, progress=False)
     toml = root / "rep.toml"

@@ -213,3 +213,20 @@ def test_evaluation_subset_does_not_follow_the_study_seed() -> None:
     assert specs[0].subset_seed == specs[1].subset_seed == 0  # same trials whatever the search seed
     moved = parse_study_config({**base, "data": {"max_trials": 100, "subset_seed": 3}})
     assert moved.workbench_spec().subset_seed == 3
+
+
+def test_a_trial_uses_exactly_the_gpus_ray_assigned_it() -> None:
+    from search.trial import trial_device
+
+    assert trial_device("auto", []) == "cpu"  # gpu = 0: the CPU, even on a GPU node
+    assert trial_device("auto", ["3"]) == "cuda:0"  # Ray's CUDA_VISIBLE_DEVICES makes its GPU the first
+    assert trial_device("cpu", ["0"]) == "cpu"
+    assert trial_device("cuda", ["1"]) == "cuda:0"
+    with pytest.raises(RuntimeError, match="assigned this trial no GPU"):
+        trial_device("cuda", [])
+    cfg = parse_study_config({"study": {"name": "g"}, "resources": {"gpu": 0.5}})  # two trials share one GPU
+    assert cfg.resources.gpu == 0.5
+    for bad, match in (({"device": "cuda"}, "needs gpu > 0"), ({"device": "tpu"}, "allowed: 'auto'"),
+                       ({"gpu": 1.5}, "fraction of one GPU")):
+        with pytest.raises(ConfigError, match=match):
+            parse_study_config({"study": {"name": "g"}, "resources": bad})

@@ -8,16 +8,17 @@ baseline's, and they are clustered afresh (a cache hit needs bit-identical weigh
 change, only time).
 
 With ``directory`` the codebooks are also kept on disk as small safetensors files named by the layer,
-the bits and a digest of the baseline weights, so every worker of a study (on any node that sees the
-folder) shares them: the first worker to need an entry computes and writes it atomically; k-means is
-deterministic, so two workers racing write the same bytes.
+the bits and a digest of the baseline weights, so every process that sees the folder shares them: the
+first to need an entry computes and writes it atomically; k-means is deterministic, so two writers racing
+write the same bytes. A study computes all of them once on its driver (:meth:`InitialCodebooks.precompute`)
+and sends them to its workers through Ray's object store (:meth:`InitialCodebooks.portable`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -56,6 +57,27 @@ class InitialCodebooks:
             self.hits += 1
         self._memory[key] = cached
         return cached.to(device=weight.device, dtype=weight.dtype, copy=True)
+
+    def precompute(self, n_clusters: Iterable[int], *, seed: int = 0, max_iter: int = 100,
+                   progress: bool = False) -> int:
+        """Compute (or load) every layer's codebook at each of ``n_clusters`` now; returns how many entries.
+
+        A study does this once on its driver and ships the result to every worker (:meth:`portable`), so
+        no worker needs a shared folder or repeats k-means.
+        """
+        from tqdm import tqdm
+
+        keys = [(name, int(k)) for name in self._reference for k in sorted(set(n_clusters))]
+        for name, k in tqdm(keys, desc="initial codebooks", unit="codebook", disable=not progress):
+            self.centroids(name, self._reference[name], k, seed=seed, max_iter=max_iter)
+        return len(keys)
+
+    def portable(self) -> InitialCodebooks:
+        """A copy that keeps what is computed in memory and touches no disk (for another machine)."""
+        twin = InitialCodebooks.__new__(InitialCodebooks)
+        twin._reference, twin._digests, twin._memory = self._reference, dict(self._digests), dict(self._memory)
+        twin.directory, twin.hits, twin.misses = None, 0, 0
+        return twin
 
     def _is_reference(self, name: str, weight: Tensor) -> bool:
         ref = self._reference.get(name)

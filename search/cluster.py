@@ -1,0 +1,162 @@
+"""The Ray side of a study: connect, check every node, ship the shared inputs, run the trials with Tune.
+
+* :func:`connect` joins the cluster at the given address (or starts a private local instance: a bare
+  ``ray.init()`` would join whatever cluster ``ray start`` last left on this machine).
+* :func:`preflight_nodes` runs :mod:`search.nodes` on every node; bad nodes stop the study (exit 2) or, with
+  ``resources.bad_nodes = "skip"``, are left out of the trials' placement.
+* :func:`shared_inputs` builds what every trial shares (baseline tensors, initial codebooks), shipped
+  once through the object store; the packed models come back through the :mod:`artifact sink
+  <search.artifacts>`; the data is read at the configured paths on each node. No shared filesystem.
+* :func:`hessian_on_worker` computes the baseline's Hessian traces as a Ray task with one trial's
+  resources (``resources.hessian = "worker"``) instead of on the driver.
+* :func:`run_trials` drives Ray Tune with the study's Optuna searcher and early stopper.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from search.preflight import PreflightFailed, Problem
+
+if TYPE_CHECKING:
+    from lsv_core.models.baseline import Baseline
+    from search.config import StudyConfig
+    from search.record import StudyRecord
+    from search.searcher import AskTellSearcher
+    from search.space import SearchSpace
+    from search.trial import SharedInputs
+
+__all__ = ["connect", "hessian_on_worker", "preflight_nodes", "run_trials", "shared_inputs"]
+
+console = Console(stderr=True)
+
+
+def connect(config: StudyConfig, address: str | None) -> bool:
+    """Connect to Ray; returns whether this call started it (then the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        cpus = max(int(config.resources.cpu * config.study.concurrency), os.cpu_count() or 1)
+        ray.init(address="local", num_cpus=cpus, num_gpus=None, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def shared_inputs(config: StudyConfig, baseline: Baseline, space: SearchSpace, digest: str,
+                  progress: bool = False) -> SharedInputs:
+    """The baseline as tensors and its initial codebooks at every width the space can use, computed here
+    once (also kept in ``runs/<study>/codebooks/`` on the driver)."""
+    from lsv_core.quant import latent_weight, quantizable_layers
+    from lsv_core.quant.initial_codebooks import InitialCodebooks
+    from lsv_core.quant.recipe import LayerSpec
+    from search.trial import SharedInputs
+
+    schedule = config.msft_schedule()
+    modules = dict(baseline.model.named_modules())
+    codebooks = InitialCodebooks({n: latent_weight(modules[n]) for n in quantizable_layers(baseline.model)},
+                                 directory=config.study_dir / "codebooks")
+    specs = [LayerSpec.from_token(t) for t in space.choices] + [s for s in space.fixed.values() if s is not None]
+    levels = {s.n_levels for s in specs if s.quantizer_class.clustered}
+    codebooks.precompute(levels, seed=schedule.seed, max_iter=schedule.kmqat.kmeans_max_iter, progress=progress)
+    return SharedInputs(baseline.weights(), codebooks.portable(), digest)
+
+
+def preflight_nodes(config: StudyConfig, record: StudyRecord, baseline_ref: Any) -> list[str]:
+    """Check every node (:mod:`search.nodes`); returns the node ids to leave out (``bad_nodes = "skip"``) or
+    raises :class:`PreflightFailed` naming each bad node and why."""
+    import lsv_core
+    from search.nodes import NodeExpectations, check_nodes, code_digest
+
+    paths = config.data_paths().resolved()
+    expect = NodeExpectations(
+        data={"data.train": str(paths.train), "data.eval": str(paths.eval), "data.trials": str(paths.trials)},
+        listings=("data.train", "data.eval"), lsv_version=lsv_core.__version__, code_digest=code_digest(),
+        baseline_digest=record.baseline_digest, need_cuda=config.resources.gpu > 0)
+    reports = check_nodes(expect, baseline_ref)
+    bad = [r for r in reports if not r.ok]
+    for r in reports:
+        console.print(f"preflight {r.describe()}", soft_wrap=True)
+    if not bad:
+        return []
+    if config.resources.bad_nodes == "skip" and len(bad) < len(reports):
+        console.print(f"[yellow]going on without {len(bad)} node(s) that failed the preflight "
+                      "(resources.bad_nodes = \"skip\")[/]", soft_wrap=True)
+        return [r.node_id for r in bad]
+    hint = ("" if config.resources.bad_nodes == "skip" else
+            "; fix them, stop them, or set resources.bad_nodes = \"skip\" to go on without them")
+    raise PreflightFailed([Problem(f"node {r.hostname} ({r.address})", "; ".join(r.problems) + hint) for r in bad],
+                          what="the trials")
+
+
+def hessian_on_worker(config: StudyConfig, shared_ref: Any, excluded: list[str]) -> dict[str, float]:
+    """The baseline's Hessian traces, computed by a Ray task with one trial's resources on a worker node."""
+    import ray
+
+    from search.trial import hessian_task
+
+    options: dict[str, Any] = {"num_cpus": config.resources.cpu, "num_gpus": config.resources.gpu, "max_retries": 0}
+    if excluded:
+        from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn
+
+        options["scheduling_strategy"] = NodeLabelSchedulingStrategy(hard={"ray.io/node-id": NotIn(*excluded)})
+    spec = config.workbench_spec().replace(codebook_dir=None).to_dict()
+    task = ray.remote(hessian_task).options(**options)
+    return ray.get(task.remote(spec, shared_ref, str(config.data.cache_dir.resolve() / "hessian_traces.json"),
+                               config.study.seed))
+
+
+def run_trials(config: StudyConfig, searcher: AskTellSearcher, shared: SharedInputs, excluded: list[str],
+               sink_name: str) -> None:
+    """Run the trials ``searcher`` proposes with Ray Tune until it is finished (or the study's timeout)."""
+    from ray import tune
+
+    from search.nodes import node_selector
+    from search.scheduler import StageParetoStopper
+    from search.trial import run_trial
+
+    scheduler = (StageParetoStopper(config.early_stop.margin, config.early_stop.min_peers)
+                 if config.early_stop.enabled else None)
+    bundle = {"CPU": config.resources.cpu, "GPU": config.resources.gpu}
+    resources: Any = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
+    if excluded:
+        resources = tune.PlacementGroupFactory([bundle], bundle_label_selector=node_selector(excluded))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), resources)
+    remaining = searcher.trials_left
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining or -1,
+                                    max_concurrent_trials=config.study.concurrency, reuse_actors=True,
+                                    time_budget_s=config.study.timeout_s),
+        run_config=tune.RunConfig(name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{sink_name[-8:]}",
+                                  storage_path=config.storage.ray_storage or str(config.study_dir / "ray"),
+                                  verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=config.resources.max_failures)),
+    )
+    tuner.fit()
+
+
+def make_trial_config(config: StudyConfig, sink_name: str, omega: dict | None,
+                      fault_plan: dict[int, dict[str, Any]] | None) -> Callable[[Any, int], dict[str, Any]]:
+    """The per-trial Tune config: recipe, workbench spec, schedule, threads, sink (and test faults)."""
+    spec = config.workbench_spec().replace(codebook_dir=None).to_dict()
+    schedule = config.msft_schedule().to_dict()
+    threads = max(1, int(config.resources.cpu))
+
+    def make(recipe: Any, number: int) -> dict[str, Any]:
+        cfg = {"recipe": recipe.to_dict(), "optuna_trial": number, "workbench": spec, "schedule": schedule,
+               "threads": threads, "artifact_sink": sink_name, "trials_dir": str(config.study_dir / "trials")}
+        if omega is not None:
+            cfg["sensitivity"] = omega
+        if fault_plan and number in fault_plan:
+            cfg["fault"] = fault_plan[number]
+        return cfg
+
+    return make

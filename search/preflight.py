@@ -1,0 +1,265 @@
+"""Everything about a study that can be checked without training, checked before anything is written.
+
+:func:`preflight_study` reads the config's storage, data, checkpoint, search space and budget, and
+collects every problem it finds (with the field, file and line) instead of stopping at the first, then
+raises one :class:`PreflightFailed` (``lsv run`` exits 2) before the study folder, the Optuna study, the
+MLflow experiment or Ray exist. What it loaded (the baseline, the space, the data listings) is handed
+back in a :class:`Preflight`, so the run does not read it twice. Two things are not errors but planned
+work, and only for the quickstart's own default paths: synthesizing the embedded corpus and training
+the default baseline (``synthesize_if_missing`` / ``train_if_missing``); a path the user typed that does
+not exist is an error, never a reason for minutes of unasked-for work.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lsv_core.errors import LsvError
+
+if TYPE_CHECKING:
+    from lsv_core.data.manifest import DataSet
+    from lsv_core.data.trials import Trials
+    from lsv_core.models.baseline import Baseline
+    from search.config import StudyConfig
+    from search.space import SearchSpace
+
+__all__ = ["Preflight", "PreflightFailed", "Problem", "check_ray_address", "preflight_study"]
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: ``where`` is a config field (``data.corpus``), a file (``trials:12``) or a node."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class PreflightFailed(LsvError):
+    """The study cannot start; every problem found is listed (nothing was written, Ray was not started)."""
+
+    def __init__(self, problems: list[Problem], what: str = "the study") -> None:
+        self.problems = problems
+        lines = [f"{len(problems)} problem(s) found before starting {what}; nothing was written:"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class Preflight:
+    """What the preflight read, for the run to reuse; ``plan`` lists work about to be done (corpus, baseline)."""
+
+    baseline: Baseline | None = None
+    space: SearchSpace | None = None
+    train: DataSet | None = None
+    eval: DataSet | None = None
+    trials: Trials | None = None
+    plan: list[str] = field(default_factory=list)
+    synthesize_corpus: bool = False
+    train_baseline: bool = False
+
+
+# -- the checks -----------------------------------------------------------------------------------------------
+def preflight_study(config: StudyConfig, *, address: str | None = None) -> Preflight:
+    """Check ``config`` as completely as possible without training; raise :class:`PreflightFailed` listing all
+    problems, or return what was loaded. ``address`` is the Ray address the run will use (if any)."""
+    problems: list[Problem] = []
+    out = Preflight()
+    _check_out_dir(config, problems)
+    _check_storage(config, problems)
+    if address:
+        problems += check_ray_address(address, where="--address / storage.ray_address / RAY_ADDRESS")
+    data_ready = _check_data(config, out, problems)
+    _check_baseline(config, out, problems, data_ready)
+    if problems:
+        raise PreflightFailed(problems)
+    return out
+
+
+def check_ray_address(address: str, *, where: str = "address", timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> list[Problem]:
+    """A Ray GCS address ``host:port`` that accepts a TCP connection within ``timeout_s`` (``auto``/``local``
+    and ``ray://`` client addresses are left to Ray)."""
+    if address in ("auto", "local") or "://" in address:
+        return []
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return [Problem(where, f"{address!r} is not HOST:PORT (e.g. 10.0.0.1:6379)")]
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return []
+    except OSError as err:
+        return [Problem(where, f"no Ray cluster answers at {address} ({err.strerror or err}, after "
+                               f"{time.monotonic() - t0:.1f} s); start it with `ray start --head --port {port}` "
+                               "or fix the address")]
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable_dir(path: Path, where: str, problems: list[Problem]) -> None:
+    if path.exists() and not path.is_dir():
+        problems.append(Problem(where, f"{path} exists and is not a folder"))
+        return
+    base = _nearest_existing(path)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        problems.append(Problem(where, f"cannot create or write {path} ({base} is not writable)"))
+
+
+def _check_out_dir(config: StudyConfig, problems: list[Problem]) -> None:
+    _check_writable_dir(config.study_dir, "study.out_dir", problems)
+    _check_writable_dir(config.data.cache_dir.resolve(), "data.cache_dir", problems)
+
+
+def _check_storage(config: StudyConfig, problems: list[Problem]) -> None:
+    from search.storage import check_mlflow_uri, check_optuna_url
+
+    problems += [Problem("storage.optuna", m) for m in check_optuna_url(config.optuna_url, config.study_dir)]
+    problems += [Problem("storage.mlflow", m) for m in check_mlflow_uri(config.mlflow_uri, config.study_dir)]
+
+
+def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem]) -> bool:
+    """Listings, trial list and every audio file; returns whether the data is there to be checked."""
+    from lsv_core.data.manifest import read_data
+    from lsv_core.data.trials import read_trials
+    from lsv_core.errors import DataError
+    from search.config import DEFAULT_CORPUS
+
+    d = config.data
+    paths = config.data_paths()
+    if d.train is None and d.corpus is not None and not (d.corpus / "corpus.json").is_file():
+        if d.corpus.exists() and any(d.corpus.iterdir()):
+            problems.append(Problem("data.corpus", f"{d.corpus} is not a finished corpus (no corpus.json); remove it "
+                                    "or run `lsv corpus synth --out DIR --force`"))
+        elif d.synthesize_if_missing and d.corpus == DEFAULT_CORPUS:
+            out.synthesize_corpus = True
+            out.plan.append(f"synthesize the embedded corpus into {d.corpus} (4,000 utterances of 200 speakers, "
+                            "about 20-30 s on 2 cores)")
+        else:
+            why = ("synthesize_if_missing makes the embedded corpus only at its default path "
+                   f"{DEFAULT_CORPUS}" if d.synthesize_if_missing else "synthesize_if_missing is false")
+            problems.append(Problem("data.corpus", f"{d.corpus} does not exist ({why})"))
+        return False
+    ok = True
+    for name, path, kind in (("train", paths.train, "data dir"), ("eval", paths.eval, "data dir"),
+                             ("trials", paths.trials, "trial list")):
+        field_name = f"data.{name}" if d.train is not None else "data.corpus"
+        if not path.exists():
+            problems.append(Problem(field_name, f"{kind} {path} does not exist"))
+            ok = False
+    if not ok:
+        return False
+    try:
+        out.train = read_data(paths.train)
+    except DataError as err:
+        problems.append(Problem("data.train" if d.train is not None else "data.corpus", str(err)))
+    try:
+        out.eval = read_data(paths.eval)
+    except DataError as err:
+        problems.append(Problem("data.eval" if d.eval is not None else "data.corpus", str(err)))
+    if out.eval is not None:
+        try:
+            out.trials = read_trials(paths.trials, out.eval)
+        except DataError as err:
+            problems.append(Problem("data.trials" if d.trials is not None else "data.corpus", str(err)))
+    used = []
+    if out.train is not None:
+        used.append(out.train)
+    if out.eval is not None and out.trials is not None:
+        used.append(out.eval.subset(out.trials.utterances))
+    for data in used:
+        problems += [Problem(f"{data.root}", str(p)) for p in _audit_audio(data, config.data.cache_dir)]
+    return out.train is not None and out.eval is not None
+
+
+def _audit_audio(data: DataSet, cache_dir: Path) -> list[str]:
+    """Every listed audio file: readable, 16 kHz, not empty (header reads, no decoding)."""
+    import soundfile as sf
+
+    from lsv_core.data.audio import SAMPLE_RATE
+
+    found = []
+    for u in data:
+        try:
+            info = sf.info(str(u.path))
+        except Exception as err:  # noqa: BLE001 - soundfile raises several types for bad files
+            reason = "does not exist" if not u.path.exists() else f"is unreadable ({str(err).strip()[:120]})"
+            found.append(f"utterance {u.utt}: {u.path} {reason}")
+            continue
+        if info.frames == 0:
+            found.append(f"utterance {u.utt}: {u.path} is empty (0 samples)")
+        elif info.samplerate != SAMPLE_RATE:
+            found.append(f"utterance {u.utt}: {u.path} has sample rate {info.samplerate} Hz, expected "
+                         f"{SAMPLE_RATE} Hz (convert it, e.g. `sox in.wav -r 16000 out.wav`)")
+        elif info.frames < SAMPLE_RATE * 0.025:
+            found.append(f"utterance {u.utt}: {u.path} is shorter than one 25 ms frame ({info.frames} samples)")
+    return found
+
+
+def _check_baseline(config: StudyConfig, out: Preflight, problems: list[Problem], data_ready: bool) -> None:
+    from lsv_core.errors import LsvError
+    from lsv_core.models.baseline import read_baseline
+    from search.config import DEFAULT_CHECKPOINT
+
+    m = config.model
+    if not m.checkpoint.exists():
+        if m.train_if_missing and m.checkpoint == DEFAULT_CHECKPOINT:
+            out.train_baseline = True
+            out.plan.append(f"train the default baseline into {m.checkpoint} (900 steps, about 4-5 minutes on 2 "
+                            "CPU cores)")
+        else:
+            why = ("train_if_missing trains only the default baseline at " + str(DEFAULT_CHECKPOINT)
+                   if m.train_if_missing else "train_if_missing is false")
+            problems.append(Problem("model.checkpoint", f"{m.checkpoint} does not exist ({why})"))
+        return
+    try:
+        baseline = read_baseline(m.checkpoint, m.arch, m.arch_kwargs)
+    except (LsvError, TypeError) as err:
+        problems.append(Problem("model.checkpoint", str(err)))
+        return
+    out.baseline = baseline
+    if not baseline.has_head:
+        problems.append(Problem("model.checkpoint", f"{m.checkpoint} holds no AAM head (projection.*): fine-tuning "
+                                "needs the head the baseline was trained with (train it with `lsv train`)"))
+    elif out.train is not None:
+        n_classes = int(baseline.head["weight"].shape[0])
+        if n_classes != len(out.train.speakers):
+            problems.append(Problem("model.checkpoint", f"the head has {n_classes} classes but the training data "
+                                    f"{out.train.root} has {len(out.train.speakers)} speakers; fine-tune on the data "
+                                    "the baseline was trained on"))
+    check_space(config, out, problems)
+
+
+def check_space(config: StudyConfig, out: Preflight, problems: list[Problem]) -> None:
+    """The search space over the baseline, and the size budget against its smallest recipe."""
+    from lsv_core.errors import ConfigError
+    from lsv_core.quant import packed_size_bytes
+    from search.space import SearchSpace
+
+    assert out.baseline is not None
+    try:
+        out.space = SearchSpace.build(out.baseline.model, config.space)
+    except ConfigError as err:
+        problems.append(Problem("space", str(err)))
+        return
+    budget = config.size_budget_bytes
+    if budget is not None:
+        smallest = packed_size_bytes(out.baseline.model, out.space.uniform(out.space.choices[0]))
+        if smallest > budget:
+            problems.append(Problem("objectives.size_budget_mb", f"{config.objectives.size_budget_mb:g} MB "
+                                    f"({budget:,} bytes) is below the smallest model of the search space "
+                                    f"({smallest:,} bytes: every unit at {out.space.choices[0]} bits, fixed layers "
+                                    f"as fixed); raise it to at least {smallest / 1e6:.4f}"))
