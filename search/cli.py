@@ -82,6 +82,18 @@ def _data_prepare_voxceleb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _arch_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LsvError(f"--arch-kwargs={text!r} is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise LsvError(f"--arch-kwargs={text!r} should be a JSON object, e.g. '{{\"embed_dim\": 256}}'")
+    return value
+
+
 def _loading(args: argparse.Namespace) -> Any:
     from lsv_core.data.loader import DataLoading
 
@@ -155,7 +167,7 @@ def _quantize(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, kmqat=KMQATConfig(centroid_update=args.centroids))
     spec = WorkbenchSpec(checkpoint=args.model, data=DataPaths(train_dir, eval_dir, trials), cache_dir=args.cache,
                          max_trials=args.max_trials, subset_seed=args.seed, device=args.device, arch=args.arch,
-                         arch_kwargs=json.loads(args.arch_kwargs) if args.arch_kwargs else {},
+                         arch_kwargs=_arch_kwargs(args.arch_kwargs),
                          loading=_loading(args),
                          train_subset=TrainingSubset(args.train_speakers, args.train_utts_per_speaker, args.seed))
     bench = Workbench.load(spec)
