@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+INFER_WHEELS := $(VENV)/wheels-infer/.fetched
 LOOPBACK ?= $(shell [ -x ../shared/loopback-only ] && echo ../shared/loopback-only)
 # CPU wheel on machines without an NVIDIA driver; GPU machines keep pip's default (CUDA) build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo demo-fresh lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(INFER_WHEELS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +24,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# Wheels of the four packages an exported infer.py needs: the test that runs infer.py in a fresh venv
+# installs them from here, offline (tests run inside loopback-only). Needs the network, like install.
+$(INFER_WHEELS): $(STAMP) lsv_core/export/inference.py
+	$(BIN)/pip download -q -d $(VENV)/wheels-infer $$($(BIN)/python -c \
+		"from lsv_core.export.inference import INFER_REQUIREMENTS as r; print(' '.join(r))")
+	touch $(INFER_WHEELS)
+
+test: $(STAMP) $(INFER_WHEELS)
 	$(LOOPBACK) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

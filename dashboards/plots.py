@@ -48,13 +48,14 @@ FRONT_COLOR = "#d62728"
 OTHER_COLOR = "#7f7f7f"
 SEED_COLOR = "#1f77b4"
 BASELINE_COLOR = "#2ca02c"
+CONTROL_COLOR = "#9467bd"
 # Heatmap colour positions per bit width: ordinal, so 8 and float do not squash 1-4 together.
 _BIT_LEVELS = (*ALLOWED_BITS, 32)
 
 
 @dataclass(frozen=True)
 class Baseline:
-    """The float (fp32) baseline as a reference point: packed fp32 bytes, and its EER when known.
+    """The float (fp32) baseline as a reference point: its model.onnx bytes, and its EER when known.
 
     ``n_trials`` says which evaluation the EER comes from (the checkpoint's training-time evaluation may
     use more trials than the study's ``data.max_trials`` subset).
@@ -137,14 +138,31 @@ def _staircase(points: Sequence[TrialPoint], front: Sequence[int]) -> tuple[list
 # -- plotly -------------------------------------------------------------------------------------------------
 def pareto_figure(points: Sequence[TrialPoint], *, baseline: Baseline | None = None,
                   layer_order: Sequence[str] | None = None, knee: int | None = None,
-                  title: str = "EER vs packed size") -> go.Figure:
-    """Interactive size (bytes, log axis) vs EER (percent) scatter of ``points``; see the module docstring."""
+                  title: str = "EER vs model size", control: Baseline | None = None,
+                  ci_front: Sequence[int] = ()) -> go.Figure:
+    """Interactive size (bytes, log axis) vs EER (percent) scatter of ``points``; see the module docstring.
+
+    ``control`` (the fp32 control run) is drawn as the reference line with its 95 % interval shaded;
+    ``ci_front`` points off the plain front but within the noise of it (paired bootstrap) are ringed."""
     import plotly.graph_objects as go
 
     ranks = pareto_ranks(points)
     front = set(pareto_front(points))
     layers = _layer_names(points, layer_order)
     fig = go.Figure()
+    if control is not None and control.eer is not None:
+        if control.eer_ci_low is not None and control.eer_ci_high is not None:
+            fig.add_hrect(y0=control.eer_ci_low, y1=control.eer_ci_high, fillcolor=CONTROL_COLOR, opacity=0.15,
+                          line_width=0)
+        fig.add_hline(y=control.eer, line={"color": CONTROL_COLOR, "dash": "dash"},
+                      annotation_text=f"fp32 control {control.eer:.2f} % (band: its 95 % CI)",
+                      annotation_position="top left")
+    near = [i for i in ci_front if i not in front]
+    if near:
+        fig.add_trace(go.Scatter(x=[points[i].size_bytes for i in near], y=[points[i].eer for i in near],
+                                 mode="markers", name="within the noise of the front (paired bootstrap)",
+                                 marker={"symbol": "diamond-open", "size": 16, "color": FRONT_COLOR,
+                                         "line": {"width": 1.5}}, hoverinfo="skip"))
     groups = (
         ("other trials", [i for i in range(len(points)) if i not in front and not points[i].seed], OTHER_COLOR,
          "circle", 7),
@@ -191,23 +209,26 @@ def pareto_figure(points: Sequence[TrialPoint], *, baseline: Baseline | None = N
     elif baseline is not None:
         fig.add_vline(x=baseline.size_bytes, line={"color": BASELINE_COLOR, "dash": "dash"},
                       annotation_text="fp32 size")
-    fig.update_layout(title=title, xaxis_title="packed size (bytes, log scale)", yaxis_title="EER (%)",
+    fig.update_layout(title=title, xaxis_title="model.onnx size (bytes, log scale)", yaxis_title="EER (%)",
                       xaxis_type="log", template="plotly_white", hovermode="closest", height=560,
                       legend={"orientation": "h", "y": -0.18})
     return fig
 
 
-def hypervolume_figure(points: Sequence[TrialPoint], ref: tuple[float, float], *, size_scale: float) -> go.Figure:
-    """Hypervolume (EER points x fraction of ``size_scale``) after each complete trial, in trial order."""
+def hypervolume_figure(points: Sequence[TrialPoint], ref: tuple[float, float], *, size_scale: float,
+                       by_cost: bool = False) -> go.Figure:
+    """Hypervolume (EER points x fraction of ``size_scale``) after each complete trial, in trial order;
+    ``by_cost`` puts the study's cumulative cost (full-trial equivalents) on the x axis instead."""
     import plotly.graph_objects as go
 
     ordered = sorted(points, key=lambda p: p.number)
     hv = hypervolume_history(ordered, ref, size_scale=size_scale)
-    fig = go.Figure(go.Scatter(x=[p.number for p in ordered], y=hv, mode="lines+markers", line={"shape": "hv"},
-                               name="hypervolume"))
-    fig.update_layout(title=f"Hypervolume over trials (reference: EER {ref[0]:.2f} %, {ref[1]:,.0f} bytes)",
-                      xaxis_title="Optuna trial number", yaxis_title="hypervolume (EER % x size / fp32 size)",
-                      template="plotly_white", height=380)
+    xs = [p.found_after_fte if by_cost and p.found_after_fte is not None else p.number for p in ordered]
+    fig = go.Figure(go.Scatter(x=xs, y=hv, mode="lines+markers", line={"shape": "hv"}, name="hypervolume"))
+    what = "cost" if by_cost else "trials"
+    fig.update_layout(title=f"Hypervolume over {what} (reference: EER {ref[0]:.2f} %, {ref[1]:,.0f} bytes)",
+                      xaxis_title="cost so far (full-trial equivalents)" if by_cost else "Optuna trial number",
+                      yaxis_title="hypervolume (EER % x size / fp32 size)", template="plotly_white", height=380)
     return fig
 
 
@@ -281,11 +302,20 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def save_pareto_png(points: Sequence[TrialPoint], path: str | Path, *, baseline: Baseline | None = None,
-                    knee: int | None = None, title: str = "EER vs packed size") -> Path:
+                    knee: int | None = None, title: str = "EER vs model size", control: Baseline | None = None,
+                    ci_front: Sequence[int] = ()) -> Path:
     """The PNG counterpart of :func:`pareto_figure` (no hover; front points labelled by trial number)."""
     fig = _new_figure(8, 5.2)
     ax = fig.add_subplot()
     front = set(pareto_front(points))
+    if control is not None and control.eer is not None:
+        if control.eer_ci_low is not None and control.eer_ci_high is not None:
+            ax.axhspan(control.eer_ci_low, control.eer_ci_high, color=CONTROL_COLOR, alpha=0.15, lw=0)
+        ax.axhline(control.eer, color=CONTROL_COLOR, ls="--", lw=1.2, label=f"fp32 control {control.eer:.2f} %")
+    near = [i for i in ci_front if i not in front]
+    if near:
+        ax.scatter([points[i].size_bytes for i in near], [points[i].eer for i in near], s=110, facecolors="none",
+                   edgecolors=FRONT_COLOR, linewidths=1.2, label="within the noise of the front", zorder=4)
     if front:
         xs, ys = _staircase(points, sorted(front))
         ax.plot(xs, ys, ":", color=FRONT_COLOR, lw=1.2)
@@ -315,7 +345,7 @@ def save_pareto_png(points: Sequence[TrialPoint], path: str | Path, *, baseline:
     elif baseline is not None:
         ax.axvline(baseline.size_bytes, color=BASELINE_COLOR, ls="--", label="fp32 size")
     ax.set_xscale("log")
-    ax.set_xlabel("packed size (bytes, log scale)")
+    ax.set_xlabel("model.onnx size (bytes, log scale)")
     ax.set_ylabel("EER (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

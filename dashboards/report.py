@@ -43,9 +43,17 @@ from dashboards.plots import (
     sensitivity_figure,
 )
 from lsv_core.atomic import replace_dir
-from search.pareto import TrialPoint, hypervolume, knee_point, pareto_front, pareto_ranks, reference_point
+from search.pareto import (
+    TrialPoint,
+    hypervolume,
+    knee_point,
+    paired_front,
+    pareto_front,
+    pareto_ranks,
+    reference_point,
+)
 from search.record import StudyRecord, read_record
-from search.results import load_points, refresh_pareto_tags, study_status
+from search.results import control_delta, load_control, load_points, refresh_pareto_tags, study_status
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
@@ -56,7 +64,7 @@ log = logging.getLogger(__name__)
 
 
 def study_baseline(record: StudyRecord, fp32_fallback: int | None = None) -> Baseline:
-    """The fp32 reference of a study, from its record: packed fp32 bytes (what the size objective is
+    """The fp32 reference of a study, from its record: its model.onnx bytes (what the size objective is
     measured against) and the checkpoint's own evaluation (``lsv train`` stores it; a WeSpeaker ``.pt``
     has none), which may use more trials than the study's ``data.max_trials`` subset (``n_trials``)."""
     ev = record.baseline_eval or {}
@@ -79,12 +87,13 @@ def write_report(config: StudyConfig, out_dir: str | os.PathLike[str] | None = N
     layer_order = list(record.layers) if record.layers else None
     status = study_status(study, config.size_budget_bytes)
     traces = dict(record.hessian_traces) if record.hessian_traces else None
+    control = load_control(study)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared/served
     try:
-        _render(tmp, config, points, baseline, layer_order, traces, status)
+        _render(tmp, config, points, baseline, layer_order, traces, status, control)
         replace_dir(tmp, out, overwrite=True)
     finally:
         if tmp.exists():
@@ -97,27 +106,39 @@ def write_report(config: StudyConfig, out_dir: str | os.PathLike[str] | None = N
 
 # -- rendering ----------------------------------------------------------------------------------------------
 def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: Baseline,
-            layer_order: list[str] | None, traces: dict[str, float] | None, status: Any) -> None:
+            layer_order: list[str] | None, traces: dict[str, float] | None, status: Any,
+            control: TrialPoint | None) -> None:
     size_scale = float(baseline.size_bytes) if baseline.size_bytes else 1.0
     ref = reference_point(points, fp32_bytes=size_scale, baseline_eer=baseline.eer)
     front = pareto_front(points)
-    ci_front = set(pareto_front(points, ci=True))
+    ci_front = set(paired_front(points))
+    reference = None if control is None else Baseline(baseline.size_bytes, control.eer, control.eer_ci_low,
+                                                        control.eer_ci_high)
     ranks = pareto_ranks(points)
     knee = knee_point(points)
     hv = hypervolume(points, ref, size_scale=size_scale)
-    title = f"{config.study.name}: EER vs packed size"
+    title = f"{config.study.name}: EER vs model size"
 
     sections: list[str] = []
     figures = []
     if points:
         figures.append(("EER vs size", pareto_figure(points, baseline=baseline, layer_order=layer_order,
-                                                        knee=knee, title=title), "pareto.png",
+                                                        knee=knee, title=title, control=reference,
+                                                        ci_front=sorted(ci_front)), "pareto.png",
                         "Every complete trial; hover a point for its per-layer bits. Error bars: 95 % bootstrap "
-                        "interval of the EER."))
-        save_pareto_png(points, out / "pareto.png", baseline=baseline, knee=knee, title=title)
+                        "interval of the EER. Dashed line and band: the fp32 control (the baseline fine-tuned "
+                        "like every trial, nothing quantized) and its 95 % interval. Ringed: points off the "
+                        "front that no front point beats beyond the evaluation noise (paired bootstrap)."))
+        save_pareto_png(points, out / "pareto.png", baseline=baseline, knee=knee, title=title, control=reference,
+                        ci_front=sorted(ci_front))
         figures.append(("Hypervolume", hypervolume_figure(points, ref, size_scale=size_scale), "hypervolume.png",
                         _hypervolume_note(ref, size_scale, baseline)))
         save_hypervolume_png(points, out / "hypervolume.png", ref, size_scale=size_scale)
+        figures.append(("Hypervolume against cost", hypervolume_figure(points, ref, size_scale=size_scale,
+                                                                       by_cost=True), None,
+                        "The same hypervolume against what the study had spent when each trial finished, in "
+                        "full-trial equivalents (one trial at the full schedule = 1; trials stopped early count "
+                        "their share; memoized repeats nothing)."))
         heat = bits_heatmap_figure(points, layer_order=layer_order)
         if heat is not None:
             figures.append(("Bit widths of the front", heat, "bits_heatmap.png",
@@ -129,14 +150,16 @@ def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: 
                         "the bit allocator weighs each layer's quantization error ||W - Q(W)||^2 by it."))
         save_sensitivity_png(traces, out / "sensitivity.png")
 
-    sections.append(_summary_html(config, points, baseline, status, ref, hv, knee, len(front), len(ci_front)))
+    sections.append(_summary_html(config, points, baseline, status, ref, hv, knee, len(front), len(ci_front),
+                                  control))
     if points:
-        sections.append(_front_table_html(points, front, ci_front, knee))
+        sections.append(_front_table_html(points, front, ci_front, knee, control))
     else:
         sections.append("<p><b>No complete trials yet.</b> Run the study (<code>lsv run</code>) and report again.</p>")
     for k, (heading, fig, png, note) in enumerate(figures):
-        sections.append(f"<h2>{html.escape(heading)}</h2><p class='note'>{html.escape(note)} "
-                        f"<a href='{png}'>PNG</a></p>{figure_html(fig, include_plotlyjs=k == 0)}")
+        link = f" <a href='{png}'>PNG</a>" if png else ""
+        sections.append(f"<h2>{html.escape(heading)}</h2><p class='note'>{html.escape(note)}{link}</p>"
+                        f"{figure_html(fig, include_plotlyjs=k == 0)}")
 
     (out / "index.html").write_text(_page(f"lsv report: {config.study.name}", "\n".join(sections)))
     (out / "front.json").write_text(json.dumps({
@@ -147,8 +170,11 @@ def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: 
         "reference_point": {"eer": ref[0], "size_bytes": ref[1]},
         "hypervolume": hv,
         "knee_trial": points[knee].number if knee is not None else None,
-        "front": [_point_dict(points[i], ranks[i], i in ci_front) for i in front],
+        "front": [_point_dict(points[i], ranks[i], i in ci_front, control) for i in front],
         "ci_front_trials": sorted(points[i].number for i in ci_front),
+        "control": None if control is None else {"eer": control.eer, "eer_ci_low": control.eer_ci_low,
+                                                 "eer_ci_high": control.eer_ci_high, "min_dcf": control.min_dcf},
+        "cost": asdict(status.cost),
     }, indent=2))
 
 
@@ -159,11 +185,14 @@ def _hypervolume_note(ref: tuple[float, float], size_scale: float, baseline: Bas
             "of one baseline.")
 
 
-def _point_dict(p: TrialPoint, rank: int, in_ci_front: bool) -> dict[str, Any]:
+def _point_dict(p: TrialPoint, rank: int, in_ci_front: bool, control: TrialPoint | None) -> dict[str, Any]:
+    delta = control_delta(p, control)
     return {"trial": p.number, "eer": p.eer, "eer_ci_low": p.eer_ci_low, "eer_ci_high": p.eer_ci_high,
             "min_dcf": p.min_dcf, "size_bytes": p.size_bytes, "compression_ratio": p.compression_ratio,
             "avg_bits": p.avg_bits, "seed": p.seed, "memoized_from": p.memoized_from, "pareto_rank": rank,
-            "ci_front": in_ci_front, "recipe": dict(p.recipe)}
+            "ci_front": in_ci_front, "recipe": dict(p.recipe),
+            "eer_delta_control": None if delta is None else {"delta": delta[0], "low": delta[1], "high": delta[2]},
+            "cost_fte": p.cost_fte, "found_after_fte": p.found_after_fte}
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -171,7 +200,8 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def _summary_html(config: StudyConfig, points: Sequence[TrialPoint], baseline: Baseline, status: Any,
-                  ref: tuple[float, float], hv: float, knee: int | None, n_front: int, n_ci_front: int) -> str:
+                  ref: tuple[float, float], hv: float, knee: int | None, n_front: int, n_ci_front: int,
+                  control: TrialPoint | None) -> str:
     rows = [
         ("study", f"{config.study.name} (config digest {config.digest()})"),
         ("trials", f"{status.n_complete} complete ({status.n_memoized} memoized), {status.n_failed} failed, "
@@ -179,9 +209,14 @@ def _summary_html(config: StudyConfig, points: Sequence[TrialPoint], baseline: B
         ("fp32 baseline", f"{baseline.size_bytes:,} bytes; EER "
                           f"{_fmt(baseline.eer, '.2f', ' %')} {_ci(baseline.eer_ci_low, baseline.eer_ci_high)}"
                           + (f" on {baseline.n_trials} trials" if baseline.n_trials else "")),
+        ("fp32 control", "none (made before studies had one: lsv run STUDY.toml --control-only adds it)"
+         if control is None else f"EER {control.eer:.2f} % {_ci(control.eer_ci_low, control.eer_ci_high)}: the "
+         "baseline fine-tuned with the trials' schedule, nothing quantized, scored on the same trials"),
         ("evaluation", f"{config.data.max_trials or 'all'} trials per model (data.max_trials), subset seed {config.data.subset_seed}"),
+        ("cost", status.cost.line()),
         ("size budget", "-" if config.size_budget_bytes is None else f"{config.size_budget_bytes:,} bytes"),
-        ("Pareto front", f"{n_front} trials; {n_ci_front} are not beaten beyond the bootstrap CI (CI-aware front)"),
+        ("Pareto front", f"{n_front} trials; {n_ci_front} are not beaten beyond the evaluation noise by a smaller "
+                         "or equal model (CI-aware front, paired bootstrap at 95 %)"),
         ("hypervolume", f"{hv:.4g} (reference EER {ref[0]:.2f} %, size {ref[1]:,.0f} bytes)"),
         ("knee", "-" if knee is None else f"trial {points[knee].number}: EER {points[knee].eer:.2f} %, "
                                           f"{points[knee].size_bytes:,} bytes"),
@@ -195,19 +230,24 @@ def _ci(low: float | None, high: float | None) -> str:
     return "" if low is None or high is None else f"[{low:.2f}, {high:.2f}]"
 
 
-def _front_table_html(points: Sequence[TrialPoint], front: Sequence[int], ci_front: set[int], knee: int | None) -> str:
-    head = ("<tr><th>trial</th><th>origin</th><th>EER %</th><th>95 % CI</th><th>minDCF(0.01)</th>"
-            "<th>bytes</th><th>compression</th><th>avg bits</th><th>CI-aware front</th></tr>")
+def _front_table_html(points: Sequence[TrialPoint], front: Sequence[int], ci_front: set[int], knee: int | None,
+                      control: TrialPoint | None) -> str:
+    head = ("<tr><th>trial</th><th>origin</th><th>EER %</th><th>95 % CI</th><th>vs control (paired)</th>"
+            "<th>minDCF(0.01)</th><th>bytes</th><th>compression</th><th>avg bits</th><th>cost (FTE)</th>"
+            "<th>found after (FTE)</th><th>CI-aware front</th></tr>")
     body = []
     for i in front:
         p = points[i]
         origin = p.seed or (f"memoized from #{p.memoized_from}" if p.memoized_from is not None else "sampler")
         mark = " (knee)" if i == knee else ""
+        d = control_delta(p, control)
+        vs = "-" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
         body.append(
             f"<tr><td>{p.number}{mark}</td><td>{html.escape(origin)}</td><td>{p.eer:.2f}</td>"
-            f"<td>{_ci(p.eer_ci_low, p.eer_ci_high)}</td><td>{_fmt(p.min_dcf, '.3f')}</td>"
+            f"<td>{_ci(p.eer_ci_low, p.eer_ci_high)}</td><td>{vs}</td><td>{_fmt(p.min_dcf, '.3f')}</td>"
             f"<td>{p.size_bytes:,}</td><td>{_fmt(p.compression_ratio, '.1f', 'x')}</td>"
-            f"<td>{_fmt(p.avg_bits, '.2f')}</td><td>{'yes' if i in ci_front else 'no'}</td></tr>")
+            f"<td>{_fmt(p.avg_bits, '.2f')}</td><td>{_fmt(p.cost_fte, '.2f')}</td>"
+            f"<td>{_fmt(p.found_after_fte, '.1f')}</td><td>{'yes' if i in ci_front else 'no'}</td></tr>")
     return ("<h2>Pareto front</h2><p class='note'>Trials no other trial beats in both EER and size, smallest first. "
             "Export one with <code>lsv export STUDY.toml --trial N --out DIR</code>.</p>"
             f"<table class='front'>{head}{''.join(body)}</table>")

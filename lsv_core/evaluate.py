@@ -6,7 +6,7 @@ EER and its bootstrap interval are in percent; minDCF is normalised.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,15 @@ class EvalResult:
     n_trials: int
     n_target: int
     as_norm: bool
+    # EER on the shared bootstrap replicates of the trial list (lsv_core.metrics.paired), when asked for:
+    # what paired comparisons with other models scored on the same trials need.
+    eer_boot: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, float | int | bool]:
-        return asdict(self)
+        out = asdict(self)
+        if out["eer_boot"] is None:
+            del out["eer_boot"]
+        return out
 
 
 @torch.no_grad()
@@ -137,11 +143,20 @@ def cohort_embeddings(model: nn.Module, store: FeatureSource, spk2utt: dict[str,
 
 def evaluate(model: nn.Module, store: FeatureSource, trials: Trials, *, cohort: np.ndarray | None = None,
              n_boot: int = 1000, seed: int = 0, max_frames: int | None = None,
-             progress: bool = False) -> EvalResult:
-    """Score ``trials`` with ``model``; ``max_frames`` cuts every utterance (a cheaper, noisier estimate)."""
+             paired_boot: tuple[int, int] | None = None, progress: bool = False) -> EvalResult:
+    """Score ``trials`` with ``model``; ``max_frames`` cuts every utterance (a cheaper, noisier estimate).
+
+    ``paired_boot=(n, seed)`` also gives the EER on ``n`` shared bootstrap replicates (``eer_boot``), for
+    paired comparisons with every other model scored on the same trials with the same ``(n, seed)``."""
     emb = extract_embeddings(model, store, trials.utterances, max_frames=max_frames, progress=progress)
-    return metrics_of(score(trials, emb, cohort), trials.labels, as_normed=cohort is not None,
-                      n_boot=n_boot, seed=seed)
+    scores = score(trials, emb, cohort)
+    result = metrics_of(scores, trials.labels, as_normed=cohort is not None, n_boot=n_boot, seed=seed)
+    if paired_boot is None:
+        return result
+    from lsv_core.metrics.paired import bootstrap_eers
+
+    boot = bootstrap_eers(scores, trials.labels, n_boot=paired_boot[0], seed=paired_boot[1])
+    return replace(result, eer_boot=tuple(float(x) for x in boot))
 
 
 def evaluate_dir(model: nn.Module, data_dir: str | Path, trials_file: str | Path, *,

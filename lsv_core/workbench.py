@@ -134,6 +134,7 @@ class RecipeOutcome:
     stopped_early: bool
     wall_s: float
     model: nn.Module = field(repr=False)
+    eer_boot: tuple[float, ...] | None = field(default=None, repr=False)  # with Workbench.run(paired_boot=...)
 
     @property
     def compression_ratio(self) -> float:
@@ -231,27 +232,31 @@ class Workbench:
     def run(self, recipe: BitRecipe | Mapping[str, SpecLike], schedule: MsftSchedule = MsftSchedule(), *,
             callback: Callable[[int, StageMetrics], bool | None] | None = None,
             sensitivity: Mapping[str, float] | None = None, n_boot: int = 1000,
-            progress: bool = False) -> RecipeOutcome:
-        """Quantize a fresh copy of the baseline with ``recipe`` by MSFT and score it on the trials."""
+            progress: bool = False, paired_boot: tuple[int, int] | None = None) -> RecipeOutcome:
+        """Quantize a fresh copy of the baseline with ``recipe`` by MSFT and score it on the trials.
+
+        An empty recipe is the fp32 control: the same fine-tuning with nothing quantized. ``paired_boot``:
+        see :func:`lsv_core.evaluate.evaluate` (``RecipeOutcome.eer_boot``)."""
         t0 = time.monotonic()
         recipe = recipe if isinstance(recipe, BitRecipe) else BitRecipe(recipe)
         model, data = self.fresh()
         scored: list[EvalResult] = []
 
         def final_eval(m: nn.Module) -> tuple[float, float]:
-            scored.append(evaluate(m, self.eval_store, self.trials, n_boot=n_boot, seed=schedule.seed))
+            scored.append(evaluate(m, self.eval_store, self.trials, n_boot=n_boot, seed=schedule.seed,
+                                   paired_boot=paired_boot))
             return scored[-1].eer, scored[-1].min_dcf_001
 
         result = msft(model, recipe, data, schedule, callback=callback, sensitivity=sensitivity,
                       progress=progress, final_eval=final_eval, codebooks=self.codebooks)
         # A run stopped early, or a recipe with no stage, has not been scored as a whole yet.
         final = scored[-1] if scored else evaluate(model, self.eval_store, self.trials, n_boot=n_boot,
-                                                   seed=schedule.seed)
+                                                   seed=schedule.seed, paired_boot=paired_boot)
         return RecipeOutcome(
             recipe=recipe, eer=final.eer, eer_ci_low=final.eer_ci_low, eer_ci_high=final.eer_ci_high,
             min_dcf_001=final.min_dcf_001, min_dcf_005=final.min_dcf_005,
             size_bytes=packed_size_bytes(model), fp32_bytes=self.fp32_bytes, stages=result.stages,
-            stopped_early=result.stopped_early, wall_s=time.monotonic() - t0, model=model,
+            stopped_early=result.stopped_early, wall_s=time.monotonic() - t0, model=model, eer_boot=final.eer_boot,
         )
 
     def _train_digest(self) -> str:

@@ -206,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_study_config(args.study, n_trials=args.n_trials)
     try:
-        result = run_study(config, address=args.address, fresh=args.fresh)
+        result = run_study(config, address=args.address, fresh=args.fresh, control_only=args.control_only)
     except StudyInterrupted as exc:
         console.print(f"[yellow]study {config.study.name} {exc}[/]")
         return EXIT_SIGTERM if exc.signum == signal.SIGTERM else EXIT_INTERRUPTED
@@ -214,6 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     console.print(f"[green]study {config.study.name}[/] {'resumed' if result.resumed else 'created'} in "
                   f"{result.wall_s:.0f} s -> {result.study_dir}")
     console.print(st.line())
+    console.print(st.cost.line())
     tracker = StudyTracker(config.mlflow_uri, config.study.name)
     if config.mlflow_uri.startswith("sqlite:"):
         console.print(f"browse: mlflow ui --backend-store-uri {config.mlflow_uri} --host 127.0.0.1, then "
@@ -238,13 +239,62 @@ def _status(args: argparse.Namespace) -> int:
     config = load_study_config(args.study)
     _, study = read_record(config)
     st = study_status(study, config.size_budget_bytes)
+    choices = _choices(study, args.within_pp)
     if args.json:
-        print(json.dumps(asdict(st), indent=2))
+        print(json.dumps({**asdict(st), "choices": choices}, indent=2))
     else:
         print(st.line())
+        print(st.cost.line())
         for p in st.pareto:
             print(f"  trial {p['number']:4d}: EER {p['eer']:.2f} %  {p['size_bytes']} bytes")
+        for what, c in choices.items():
+            print(f"{what}: " + ("-" if c is None else c["text"]))
     return 0
+
+
+def _choices(study: object, within_pp: float) -> dict[str, dict | None]:
+    """What `lsv status` answers: the control, the knee (plain and CI-aware) and the smallest models not
+    significantly worse than the control / within ``within_pp`` points of it."""
+    from search.pareto import ci_knee_point, knee_point, smallest_not_worse_than, smallest_within_of
+    from search.results import control_delta, load_control, load_points
+
+    points = [p for p in load_points(study) if p.memoized_from is None]
+    control = load_control(study)
+
+    def about(i: int | None) -> dict | None:
+        if i is None:
+            return None
+        p = points[i]
+        d = control_delta(p, control)
+        vs = "" if d is None else f", vs control {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] points"
+        return {"trial": p.number, "eer": p.eer, "size_bytes": p.size_bytes,
+                "text": f"trial {p.number}: EER {p.eer:.2f} %, {p.size_bytes:,} bytes{vs}"}
+
+    out: dict[str, dict | None] = {
+        "fp32 control": None if control is None else {
+            "eer": control.eer, "text": f"EER {control.eer:.2f} % [{control.eer_ci_low:.2f}, {control.eer_ci_high:.2f}]"
+                                        " (same fine-tuning, nothing quantized)"},
+        "knee": about(knee_point(points)),
+        "knee, CI-aware (smallest not significantly worse)": about(ci_knee_point(points)),
+    }
+    if control is not None:
+        out["smallest not significantly worse than the control"] = about(smallest_not_worse_than(points, control))
+        out[f"smallest within {within_pp:g} points of the control"] = about(
+            smallest_within_of(points, control, within_pp))
+    return out
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from search.config import load_study_config
+    from search.verify import VerifyPlan, verify_study
+
+    config = load_study_config(args.study)
+    which = "knee" if args.knee else ("trials" if args.trials else "front")
+    plan = VerifyPlan(which=which, trials=tuple(args.trials or ()), seeds=args.seeds, steps_mult=args.steps_mult)
+    report = verify_study(config, plan, address=args.address, toml=str(args.study))
+    for line in report.lines():
+        console.print(line, soft_wrap=True)
+    return EXIT_OK
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -255,9 +305,12 @@ def _export(args: argparse.Namespace) -> int:
     from search.trial_export import ExportOptions, export_trial
 
     config = load_study_config(args.study)
-    rule = SelectionRule(trial=args.trial, max_size_mb=args.max_size_mb, max_eer=args.max_eer, knee=args.knee)
+    rule = SelectionRule(trial=args.trial, max_size_mb=args.max_size_mb, max_eer=args.max_eer, knee=args.knee,
+                         knee_ci=args.knee_ci, not_worse_than_control=args.not_worse_than_control,
+                         within_pp=args.within_pp)
     options = ExportOptions(force=args.force, register=not args.no_register, eer_tolerance=args.eer_tolerance,
-                            alias=args.alias)
+                            alias=args.alias, require_verified=args.require_verified,
+                            float_onnx=args.float_onnx)
     result = export_trial(config, rule, args.out, options)
     for note in result.notes:
         console.print(f"[yellow]warning:[/] {note}")
@@ -285,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lsv_core.quant.recipe import ALLOWED_BITS, DEFAULT_BINARY_MODE, binary_modes
     from lsv_core.settings import default_of
     from search.trial_export import ExportOptions
+    from search.verify import VerifyPlan
 
     p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -400,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("study", type=Path, help="study config (.toml), e.g. studies/quickstart.toml")
     r.add_argument("--address", help="Ray cluster address HOST:PORT (default: a local Ray)")
     r.add_argument("--n-trials", type=int, help="override study.n_trials")
+    r.add_argument("--control-only", action="store_true",
+                   help="run only the study's fp32 control (fine-tuned like a trial, nothing quantized)")
     r.add_argument("--fresh", action="store_true",
                    help="start over: the existing study folder is moved aside (never deleted)")
     r.set_defaults(func=_run)
@@ -407,17 +463,43 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="progress and Pareto front of a study, without running anything")
     st.add_argument("study", type=Path, help="study config (.toml)")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--within-pp", type=float, default=0.5,
+                    help="also show the smallest model within X EER points of the fp32 control (default 0.5)")
+
+    v = sub.add_parser("verify", help="re-run front / knee / given trials with other seeds and longer fine-tuning")
+    v.add_argument("study", type=Path, help="study config (.toml)")
+    which = v.add_mutually_exclusive_group()
+    which.add_argument("--front", action="store_true", help="every point of the Pareto front (default)")
+    which.add_argument("--knee", action="store_true", help="the knee only")
+    which.add_argument("--trials", type=int, nargs="+", help="these Optuna trial numbers")
+    v.add_argument("--seeds", type=int, default=default_of(VerifyPlan, "seeds"),
+                   help="fine-tuning seeds per point (other than the study's)")
+    v.add_argument("--steps-mult", type=float, default=default_of(VerifyPlan, "steps_mult"),
+                   help="fine-tuning steps as a multiple of the study's")
+    v.add_argument("--address", help="Ray cluster address HOST:PORT (default: a local Ray)")
+    v.set_defaults(func=_verify)
     st.set_defaults(func=_status)
 
-    ex = sub.add_parser("export", help="verify one trial and export it (packed, WeSpeaker .pt, ONNX, model card)")
+    ex = sub.add_parser("export", help="verify one trial and export it (model.onnx with codebooks, torch-free "
+                                       "infer.py, packed model, WeSpeaker .pt, model card)")
     ex.add_argument("study", type=Path, help="study config (.toml)")
     pick = ex.add_mutually_exclusive_group(required=True)
     pick.add_argument("--trial", type=int, help="this Optuna trial number")
-    pick.add_argument("--max-size-mb", type=float, help="lowest EER with packed size <= X MB (1e6 bytes)")
+    pick.add_argument("--max-size-mb", type=float, help="lowest EER with model size <= X MB (1e6 bytes of model.onnx)")
     pick.add_argument("--max-eer", type=float, help="smallest model with EER <= Y percent")
     pick.add_argument("--knee", action="store_true", help="the knee of the Pareto front")
+    pick.add_argument("--knee-ci", action="store_true",
+                      help="the smallest model not significantly worse than the knee (paired bootstrap)")
+    pick.add_argument("--not-worse-than-control", action="store_true",
+                      help="the smallest model not significantly worse than the study's fp32 control")
+    pick.add_argument("--within-pp", type=float, help="the smallest model within X EER points of the fp32 control")
+    ex.add_argument("--require-verified", action="store_true",
+                    help="refuse a trial `lsv verify` has not re-run")
     ex.add_argument("--out", required=True, type=Path, help="folder to create")
-    ex.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    ex.add_argument("--force", action="store_true",
+                    help="replace an existing --out folder, only if it is a bundle lsv export wrote")
+    ex.add_argument("--float-onnx", action="store_true",
+                    help="also write model.float.onnx, the dequantized float network (for runtimes that want it)")
     ex.add_argument("--no-register", action="store_true", help="skip the MLflow Model Registry")
     ex.add_argument("--alias", default=default_of(ExportOptions, "alias"),
                     help="registry alias to point at the new version")

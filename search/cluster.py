@@ -143,6 +143,38 @@ def run_trials(config: StudyConfig, searcher: AskTellSearcher, shared: SharedInp
     tuner.fit()
 
 
+PAIRED_N_BOOT = 200  # shared bootstrap replicates per trial (lsv_core.metrics.paired)
+TRIAL_N_BOOT = 200  # replicates of each trial's own EER interval
+
+
+def paired_boot(config: StudyConfig) -> tuple[int, int]:
+    """The study's shared replicates: every trial, the control and verifications are scored on them."""
+    return PAIRED_N_BOOT, config.data.subset_seed
+
+
+def submit_recipe(config: StudyConfig, shared_ref: Any, recipe: dict[str, Any], *, seed: int | None = None,
+                  steps_mult: float = 1.0, excluded: list[str] | None = None, omega: dict | None = None) -> Any:
+    """Start :func:`search.trial.recipe_task` on the cluster with one trial's resources; returns its ref."""
+    import dataclasses
+
+    import ray
+
+    from search.trial import recipe_task
+
+    schedule = config.msft_schedule()
+    schedule = dataclasses.replace(schedule, seed=schedule.seed if seed is None else seed,
+                                   total_steps=int(round(schedule.total_steps * steps_mult)))
+    options: dict[str, Any] = {"num_cpus": config.resources.cpu, "num_gpus": config.resources.gpu, "max_retries": 1}
+    if excluded:
+        from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn
+
+        options["scheduling_strategy"] = NodeLabelSchedulingStrategy(hard={"ray.io/node-id": NotIn(*excluded)})
+    spec = config.workbench_spec().replace(codebook_dir=None).to_dict()
+    return ray.remote(recipe_task).options(**options).remote(
+        spec, shared_ref, recipe, schedule.to_dict(), TRIAL_N_BOOT, paired_boot(config), max(1, int(config.resources.cpu)),
+        omega)
+
+
 def make_trial_config(config: StudyConfig, sink_name: str, omega: dict | None,
                       fault_plan: dict[int, dict[str, Any]] | None) -> Callable[[Any, int], dict[str, Any]]:
     """The per-trial Tune config: recipe, workbench spec, schedule, threads, sink (and test faults)."""
@@ -152,7 +184,8 @@ def make_trial_config(config: StudyConfig, sink_name: str, omega: dict | None,
 
     def make(recipe: Any, number: int) -> dict[str, Any]:
         cfg = {"recipe": recipe.to_dict(), "optuna_trial": number, "workbench": spec, "schedule": schedule,
-               "threads": threads, "artifact_sink": sink_name, "trials_dir": str(config.study_dir / "trials")}
+               "threads": threads, "gpu": config.resources.gpu, "artifact_sink": sink_name,
+               "trials_dir": str(config.study_dir / "trials"), "paired_boot": list(paired_boot(config))}
         if omega is not None:
             cfg["sensitivity"] = omega
         if fault_plan and number in fault_plan:

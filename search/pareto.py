@@ -1,7 +1,7 @@
 """The (EER, size) trade-off of a study: Pareto front, non-dominated ranks, hypervolume, knee, queries.
 
-Both objectives are minimised: EER in percent and the packed model size in bytes. The math is pure
-functions over a sequence of points; a point is a :class:`TrialPoint` (what
+Both objectives are minimised: EER in percent and the deployable model size in bytes (``model.onnx``). The
+math is pure functions over a sequence of points; a point is a :class:`TrialPoint` (what
 :func:`search.results.load_points` reads from a study), or a plain ``(eer, size_bytes)`` or ``(eer, size_bytes, eer_ci_low, eer_ci_high)`` tuple.
 Functions return *indices* into the sequence they were given, so callers keep their own objects.
 
@@ -29,8 +29,14 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DEFAULT_LEVEL",
     "TrialPoint",
     "best_eer_with_size_at_most",
+    "ci_knee_point",
+    "paired_front",
+    "significantly_better",
+    "smallest_not_worse_than",
+    "smallest_within_of",
     "hypervolume",
     "hypervolume_history",
     "knee_point",
@@ -43,7 +49,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrialPoint:
-    """One finished trial of a study. EERs are in percent, sizes in bytes (packed tensors, no header)."""
+    """One finished trial of a study. EERs are in percent, sizes in bytes (the deployable ``model.onnx``,
+    :func:`lsv_core.quant.packed_size_bytes`)."""
 
     number: int
     eer: float
@@ -58,6 +65,11 @@ class TrialPoint:
     memoized_from: int | None = None  # trial whose result this one repeats (same recipe, not retrained)
     packed_path: str | None = None
     digest: str | None = None  # BitRecipe.digest() of the recipe
+    # EER (percent) on the study's shared bootstrap replicates (lsv_core.metrics.paired): lets any two
+    # points of a study, or a point and the fp32 control, be compared by a paired bootstrap.
+    eer_boot: tuple[float, ...] | None = field(default=None, repr=False)
+    cost_fte: float | None = None  # what this trial cost, in full-trial equivalents (memoized: 0)
+    found_after_fte: float | None = None  # the study's total cost when this trial finished (trial order)
 
 
 PointLike = TrialPoint | Sequence[float]
@@ -268,3 +280,71 @@ def best_eer_with_size_at_most(points: Sequence[PointLike], max_bytes: float) ->
     eer, size, _, _ = _coords(points)
     ok = [i for i in range(len(eer)) if size[i] <= max_bytes]
     return min(ok, key=lambda i: (eer[i], size[i], i)) if ok else None
+
+
+# -- CI-aware choices (paired bootstrap) ----------------------------------------------------------------------
+DEFAULT_LEVEL = 0.95  # two-sided confidence of "significantly better"
+
+
+def significantly_better(a: TrialPoint, b: TrialPoint, level: float = DEFAULT_LEVEL) -> bool:
+    """Whether ``a``'s EER is lower than ``b``'s beyond the evaluation noise: the paired bootstrap interval of
+    ``EER_a - EER_b`` lies below 0 (both carry ``eer_boot``). Without both vectors the separate intervals
+    decide (``a.eer_ci_high < b.eer_ci_low``), which is stricter."""
+    if a.eer_boot is not None and b.eer_boot is not None and len(a.eer_boot) == len(b.eer_boot):
+        from lsv_core.metrics.paired import paired_delta
+
+        return paired_delta(a.eer, a.eer_boot, b.eer, b.eer_boot, level=level).a_better
+    a_high = a.eer_ci_high if a.eer_ci_high is not None else a.eer
+    b_low = b.eer_ci_low if b.eer_ci_low is not None else b.eer
+    return a_high < b_low
+
+
+def paired_front(points: Sequence[TrialPoint], *, level: float = DEFAULT_LEVEL) -> list[int]:
+    """CI-aware front: ``b`` is off it only when some ``a`` no bigger is :func:`significantly_better`.
+
+    It contains the plain front and every point whose gap to it is within the noise. Ordered by size,
+    then EER, then index."""
+    size = np.array([p.size_bytes for p in points], dtype=float)
+    eer = np.array([p.eer for p in points], dtype=float)
+    keep = []
+    for j, b in enumerate(points):
+        rivals = [i for i in range(len(points)) if i != j and size[i] <= size[j] and eer[i] < eer[j]]
+        if not any(significantly_better(points[i], b, level) for i in rivals):
+            keep.append(j)
+    return sorted(keep, key=lambda i: (size[i], eer[i], i))
+
+
+def ci_knee_point(points: Sequence[TrialPoint], *, level: float = DEFAULT_LEVEL) -> int | None:
+    """The knee, made CI-aware: the smallest point that is not significantly worse than the plain knee
+    (:func:`knee_point`); a bigger model is only worth it when the noise cannot explain its gain."""
+    knee = knee_point(points)
+    if knee is None:
+        return None
+    equal = [i for i in paired_front(points, level=level)
+             if points[i].size_bytes <= points[knee].size_bytes
+             and not significantly_better(points[knee], points[i], level)]
+    return min(equal, key=lambda i: (points[i].size_bytes, points[i].eer, i)) if equal else knee
+
+
+def smallest_not_worse_than(points: Sequence[TrialPoint], reference: TrialPoint, *,
+                            level: float = DEFAULT_LEVEL) -> int | None:
+    """The smallest point not significantly worse than ``reference`` (e.g. the fp32 control); ties: lower
+    EER, then lower index. None if every point is significantly worse."""
+    ok = [i for i, p in enumerate(points) if not significantly_better(reference, p, level)]
+    return min(ok, key=lambda i: (points[i].size_bytes, points[i].eer, i)) if ok else None
+
+
+def smallest_within_of(points: Sequence[TrialPoint], reference: TrialPoint, margin: float, *,
+                       level: float = DEFAULT_LEVEL) -> int | None:
+    """The smallest point whose EER is within ``margin`` points of ``reference``'s with confidence: the upper
+    end of the paired interval of ``EER - EER_reference`` is at most ``margin`` (without bootstrap vectors:
+    ``eer_ci_high - reference.eer``)."""
+    from lsv_core.metrics.paired import paired_delta
+
+    def upper(p: TrialPoint) -> float:
+        if p.eer_boot is not None and reference.eer_boot is not None and len(p.eer_boot) == len(reference.eer_boot):
+            return paired_delta(p.eer, p.eer_boot, reference.eer, reference.eer_boot, level=level).high
+        return (p.eer_ci_high if p.eer_ci_high is not None else p.eer) - reference.eer
+
+    ok = [i for i, p in enumerate(points) if upper(p) <= margin]
+    return min(ok, key=lambda i: (points[i].size_bytes, points[i].eer, i)) if ok else None

@@ -47,6 +47,9 @@ class StudyRecord:
     baseline_eval: Mapping[str, Any] | None = None  # the checkpoint's own evaluation (lsv train), if any
     hessian_traces: Mapping[str, float] | None = None  # per layer, once computed
     lsv_version: str | None = None
+    # What size_bytes counts: the bytes of this deployable file format (lsv_core.export.CODEBOOK_ONNX_FORMAT).
+    # None: a study made when sizes counted the packed tensors only (not comparable with today's).
+    size_format: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,31 +16,86 @@ import optuna
 from optuna.trial import TrialState
 
 from lsv_core.quant.recipe import LayerSpec
-from search.pareto import TrialPoint, pareto_ranks
+from search.pareto import TrialPoint, paired_front, pareto_ranks
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
     from search.tracking import StudyTracker
 
 __all__ = [
+    "CONTROL_ATTR",
     "NOT_COUNTED",
+    "control_delta",
+    "refresh_control_deltas",
+    "CostSummary",
+    "PARETO_OPTIMAL_CI_TAG",
     "PARETO_OPTIMAL_TAG",
     "PARETO_RANK_TAG",
     "StudyStatus",
     "load_points",
+    "load_control",
     "load_points_from_mlflow",
     "refresh_pareto_tags",
+    "study_cost",
     "study_status",
 ]
 
-# MLflow run tags: the UI filter `tags.pareto_optimal = "true"` lists the front.
+# MLflow run tags: the UI filter `tags.pareto_optimal = "true"` lists the front; `pareto_optimal_ci` the
+# CI-aware front (points no smaller point beats beyond the evaluation noise, paired bootstrap).
 PARETO_OPTIMAL_TAG = "pareto_optimal"
+PARETO_OPTIMAL_CI_TAG = "pareto_optimal_ci"
 PARETO_RANK_TAG = "pareto_rank"
 
 
 # -- study-level numbers, shared by `lsv run`'s progress line and `lsv status` ------------------------------
 # Failed trials that are not failures of the search: re-queued after a driver stopped, or asked again.
 NOT_COUNTED = ("interrupted (driver stopped)", "duplicate of a running trial")
+
+
+@dataclass
+class CostSummary:
+    """What a study's trials cost: full-trial equivalents (one trial at the study's full schedule = 1), the
+    workers' wall, CPU and GPU seconds, fine-tuning samples and evaluated utterances, and what memoization
+    (a repeated recipe costs nothing: 1 FTE saved each) and early stopping (1 - the share run) saved."""
+
+    total_fte: float = 0.0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
+    finetune_samples: float = 0.0
+    eval_utterances: float = 0.0
+    n_trained: int = 0
+    n_memoized: int = 0
+    n_pruned: int = 0
+    saved_by_memo_fte: float = 0.0
+    saved_by_early_stop_fte: float = 0.0
+
+    def line(self) -> str:
+        return (f"cost {self.total_fte:.1f} full-trial equivalents ({self.wall_s / 3600:.2f} worker-hours, "
+                f"{self.cpu_s / 3600:.2f} CPU-hours, {self.gpu_s / 3600:.2f} GPU-hours); saved "
+                f"{self.saved_by_memo_fte:.1f} by memoization, {self.saved_by_early_stop_fte:.1f} by early stopping")
+
+
+def study_cost(trials: list[optuna.trial.FrozenTrial]) -> CostSummary:
+    c = CostSummary()
+    for t in trials:
+        cost = t.user_attrs.get("cost") or {}
+        if "memoized_from" in t.user_attrs:
+            c.n_memoized += 1
+            c.saved_by_memo_fte += 1.0
+            continue
+        c.total_fte += float(cost.get("fte", 0.0))
+        c.wall_s += float(cost.get("wall_s", 0.0))
+        c.cpu_s += float(cost.get("cpu_s", 0.0))
+        c.gpu_s += float(cost.get("gpu_s", 0.0))
+        c.finetune_samples += float(cost.get("finetune_samples", 0.0))
+        c.eval_utterances += float(cost.get("eval_utterances", 0.0))
+        if t.state == TrialState.PRUNED and cost:
+            c.n_pruned += 1
+            c.saved_by_early_stop_fte += max(0.0, 1.0 - float(cost.get("fte", 1.0)))
+        elif cost:
+            c.n_trained += 1
+    return c
 
 
 @dataclass
@@ -57,6 +112,7 @@ class StudyStatus:
     budget_bytes: int | None = None
     pareto: list[dict[str, Any]] = field(default_factory=list)
     failure_reasons: dict[str, int] = field(default_factory=dict)  # reason -> trials
+    cost: CostSummary = field(default_factory=CostSummary)
 
     def line(self) -> str:
         best = "-" if self.best_eer_under_budget is None else f"{self.best_eer_under_budget:.2f} %"
@@ -79,6 +135,7 @@ def study_status(study: optuna.Study, budget_bytes: int | None = None) -> StudyS
         reason = str(t.user_attrs.get("reason") or "unknown")[:200]
         st.failure_reasons[reason] = st.failure_reasons.get(reason, 0) + 1
     st.n_running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    st.cost = study_cost(trials)
     if complete:
         front = {t.number: t for t in study.best_trials}
         st.pareto_size = len({tuple(t.values) for t in front.values()})
@@ -113,6 +170,10 @@ def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = 
 
         study = open_study(source, create=False)
     points = []
+    spent, found_after = 0.0, {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        spent += float((t.user_attrs.get("cost") or {}).get("fte", 0.0))
+        found_after[t.number] = spent
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.values is None or len(t.values) < 2:
             continue
@@ -128,6 +189,8 @@ def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = 
             avg_bits=_optional_float(attrs.get("avg_bits")), recipe=dict(attrs.get("recipe") or {}),
             seed=attrs.get("seed"), memoized_from=None if memo is None else int(memo),
             packed_path=attrs.get("packed_path"), digest=attrs.get("digest"),
+            eer_boot=tuple(attrs["eer_boot"]) if attrs.get("eer_boot") else None,
+            cost_fte=_optional_float((attrs.get("cost") or {}).get("fte")), found_after_fte=found_after[t.number],
         ))
     return sorted(points, key=lambda p: p.number)
 
@@ -170,14 +233,67 @@ def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[Tr
 
     points = list(study) if isinstance(study, Sequence) else load_points(study)
     ranks = dict(zip((p.number for p in points), pareto_ranks(points), strict=True))
+    ci_front = {points[i].number for i in paired_front(points)}
     changed = 0
     for run in tracker.child_runs():
         number = int(run.data.tags.get(TRIAL_TAG, "-1"))
         rank = ranks.get(number)
-        want = {PARETO_OPTIMAL_TAG: "true" if rank == 0 else "false"}
+        want = {PARETO_OPTIMAL_TAG: "true" if rank == 0 else "false",
+                PARETO_OPTIMAL_CI_TAG: "true" if number in ci_front else "false"}
         if rank is not None:
             want[PARETO_RANK_TAG] = str(rank)
         if any(run.data.tags.get(k) != v for k, v in want.items()):
             tracker.set_tags(run.info.run_id, want)
             changed += 1
     return changed
+
+
+# -- the fp32 control ----------------------------------------------------------------------------------------
+CONTROL_ATTR = "lsv.control"
+
+
+def load_control(study: optuna.Study) -> TrialPoint | None:
+    """The study's fp32 control (the baseline fine-tuned with the trials' schedule, nothing quantized) as a
+    point of number -1 at the fp32 size, or None when the study has none yet."""
+    c = study.user_attrs.get(CONTROL_ATTR)
+    if not isinstance(c, dict) or c.get("eer") is None:
+        return None
+    return TrialPoint(number=-1, eer=float(c["eer"]), size_bytes=int(c.get("size_bytes") or 0),
+                      eer_ci_low=_optional_float(c.get("eer_ci_low")), eer_ci_high=_optional_float(c.get("eer_ci_high")),
+                      min_dcf=_optional_float(c.get("min_dcf_001")), seed="control",
+                      eer_boot=tuple(c["eer_boot"]) if c.get("eer_boot") else None,
+                      cost_fte=_optional_float((c.get("cost") or {}).get("fte")))
+
+
+def control_delta(point: TrialPoint, control: TrialPoint | None, level: float = 0.95) -> tuple[float, float, float] | None:
+    """``(EER - EER_control, low, high)``: the paired bootstrap difference in EER points (None without vectors)."""
+    if control is None or point.eer_boot is None or control.eer_boot is None:
+        return None
+    if len(point.eer_boot) != len(control.eer_boot):
+        return None
+    from lsv_core.metrics.paired import paired_delta
+
+    d = paired_delta(point.eer, point.eer_boot, control.eer, control.eer_boot, level=level)
+    return d.delta, d.low, d.high
+
+
+def refresh_control_deltas(tracker: StudyTracker, study: optuna.Study) -> int:
+    """Log ``eer_delta_control[_low|_high]`` on every complete trial run that lacks them (trials that
+    finished before the control did); returns how many runs were updated."""
+    from search.tracking import CONTROL_DELTA_METRICS, TRIAL_TAG
+
+    control = load_control(study)
+    if control is None:
+        return 0
+    points = {p.number: p for p in load_points(study)}
+    changed = 0
+    for run in tracker.child_runs():
+        point = points.get(int(run.data.tags.get(TRIAL_TAG, "-1")))
+        if point is None or CONTROL_DELTA_METRICS[0] in run.data.metrics:
+            continue
+        delta = control_delta(point, control)
+        if delta is not None:
+            tracker.log_metrics(run.info.run_id, dict(zip(CONTROL_DELTA_METRICS, delta, strict=True)))
+            changed += 1
+    return changed
+

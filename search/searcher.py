@@ -41,6 +41,25 @@ class _LiveTrial:
     recipe: BitRecipe
     digest: str
     repaired: bool
+    full_samples: int = 0  # fine-tuning samples of the full schedule (steps x batch): one full-trial equivalent
+
+
+def trial_cost(result: dict[str, Any], full_samples: int, state: str) -> dict[str, float]:
+    """A trial's cost from its (last) result: samples, utterances, wall/CPU/GPU seconds as the worker
+    measured them, and ``fte``: full-trial equivalents, the share of the schedule's fine-tuning samples it
+    ran (a complete trial 1; one stopped early less; with no fine-tuning, complete trials count 1 and
+    stopped ones their share of stages)."""
+    cost = {k[5:]: float(v) for k, v in result.items() if k.startswith("cost_") and v is not None}
+    samples = cost.get("finetune_samples", 0.0)
+    if full_samples > 0:
+        fte = min(1.0, samples / full_samples)
+    elif state == "complete":
+        fte = 1.0
+    else:
+        n_stages = int(result.get("n_stages") or 1)
+        fte = min(1.0, (int(result.get("stage", -1)) + 1) / max(1, n_stages))
+    cost["fte"] = fte
+    return cost
 
 
 def _finished_results(study: optuna.Study) -> dict[str, tuple[int, list[float]]]:
@@ -57,7 +76,8 @@ class AskTellSearcher(Searcher):
     def __init__(self, study: optuna.Study, space: SearchSpace, *, size_of: Callable[[BitRecipe], int],
                  budget_bytes: int | None, make_config: Callable[[BitRecipe, int], dict[str, Any]],
                  sink: RecordSink, objectives: tuple[str, ...] = ("eer", "size_bytes"),
-                 max_trials: int | None = None) -> None:
+                 max_trials: int | None = None,
+                 on_progress: Callable[[str, int, dict[str, Any]], None] | None = None) -> None:
         super().__init__(metric=None, mode=None)
         self.study = study
         self.space = space
@@ -67,6 +87,7 @@ class AskTellSearcher(Searcher):
         self.sink = sink
         self.objectives = objectives
         self.live: dict[str, _LiveTrial] = {}
+        self.on_progress = on_progress
         self.memo = _finished_results(study)
         # Optuna trials this run may still create (trained, memoized or over budget alike); None = no limit.
         self.trials_left = max_trials
@@ -122,8 +143,13 @@ class AskTellSearcher(Searcher):
                 if self.trials_left is not None:
                     self.trials_left += 1  # not a trial of its own: ask again for free
                 continue
-            self.live[trial_id] = _LiveTrial(ot, recipe, digest, repaired)
-            return self.make_config(recipe, ot.number)
+            cfg = self.make_config(recipe, ot.number)
+            schedule = cfg.get("schedule") or {}
+            full = int(schedule.get("total_steps", 0)) * int(schedule.get("batch_size", 0))
+            self.live[trial_id] = _LiveTrial(ot, recipe, digest, repaired, full)
+            if self.on_progress is not None:
+                self.on_progress(trial_id, ot.number, {"started": True})
+            return cfg
         return None
 
     def abandon_live(self, reason: str) -> None:
@@ -161,11 +187,13 @@ class AskTellSearcher(Searcher):
         src = self.study.get_trials(deepcopy=False)[source]
         ot.set_user_attr("memoized_from", source)
         for k, v in src.user_attrs.items():
-            if k not in ("digest", "recipe", "repaired"):
+            if k not in ("digest", "recipe", "repaired", "cost"):
                 ot.set_user_attr(k, v)
+        ot.set_user_attr("cost", {"fte": 0.0})  # answered from the stored result: nothing trained
         if not self._tell(ot, values):
             return
-        self.sink(self._record(ot.number, "complete", recipe, src.user_attrs, memoized_from=source))
+        self.sink(self._record(ot.number, "complete", recipe, {**src.user_attrs, "cost": {"fte": 0.0}},
+                               memoized_from=source))
 
     def _tell_failed(self, ot: optuna.trial.Trial, params: dict[str, str], reason: str) -> None:
         ot.set_user_attr("reason", reason)
@@ -174,8 +202,11 @@ class AskTellSearcher(Searcher):
 
     # -- results ---------------------------------------------------------------------------------------
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        # Intermediate (per-stage) results are never told to Optuna: only final values are.
-        return None
+        # Intermediate (per-stage) results are never told to Optuna (only final values are); they feed
+        # the live progress view.
+        live = self.live.get(trial_id)
+        if live is not None and self.on_progress is not None:
+            self.on_progress(trial_id, live.trial.number, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         live = self.live.pop(trial_id, None)
@@ -188,24 +219,30 @@ class AskTellSearcher(Searcher):
         ray_id = {"ray_trial_id": trial_id}
         if error or result.get("error"):
             reason = result.get("error") or "the Ray worker failed (see the trial's error file under ray/)"
+            cost = trial_cost(result, live.full_samples, "failed")
             ot.set_user_attr("reason", reason)
+            ot.set_user_attr("cost", cost)
             if not self._tell(ot, state=TrialState.FAIL):
                 return
-            self.sink(self._record(ot.number, "failed", live.recipe, {**ray_id, "reason": reason}))
+            self.sink(self._record(ot.number, "failed", live.recipe, {**ray_id, "reason": reason, "cost": cost}))
             return
         if not result.get("final"):
             reason = f"stopped after MSFT stage {result.get('stage')} (dominated at that stage)"
+            cost = trial_cost(result, live.full_samples, "pruned")
             ot.set_user_attr("reason", reason)
             ot.set_user_attr("stage_eers", [result.get("eer")])
+            ot.set_user_attr("cost", cost)
             if not self._tell(ot, state=TrialState.PRUNED):
                 return
             self.sink(self._record(ot.number, "pruned", live.recipe, {**ray_id, "reason": reason,
-                                                                      "stage_eers": [result.get("eer")]}))
+                                                                      "stage_eers": [result.get("eer")],
+                                                                      "cost": cost}))
             return
         attrs = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes",
                                         "compression_ratio", "avg_bits", "stage_eers", "trial_wall_s",
-                                        "packed_path", "setup_s", "node_id") if k in result}
+                                        "packed_path", "setup_s", "node_id", "eer_boot") if k in result}
         attrs.update(ray_id)
+        attrs["cost"] = trial_cost(result, live.full_samples, "complete")
         for k, v in attrs.items():
             ot.set_user_attr(k, v)
         values = [float(result[k] if k != "min_dcf" else result["min_dcf_001"]) for k in self.objectives]
@@ -241,4 +278,6 @@ def record_from(number: int, state: str, recipe: BitRecipe | dict[str, Any], att
         size_bytes=attrs.get("size_bytes"), compression_ratio=attrs.get("compression_ratio"),
         stage_eers=[e for e in (attrs.get("stage_eers") or []) if e is not None],
         wall_s=attrs.get("trial_wall_s"), memoized_from=memoized_from, artifacts=artifacts,
+        cost={k: float(v) for k, v in (attrs.get("cost") or {}).items()},
+        eer_boot=tuple(attrs["eer_boot"]) if attrs.get("eer_boot") else None,
     )

@@ -42,8 +42,18 @@ from lsv_core.quant import BitRecipe, LayerSpec
 from search.config import StudyConfig
 from search.lease import DriverLease
 from search.preflight import Preflight, preflight_study
+from search.progress import ProgressBoard
 from search.record import StudyRecord, save_record, stored_record
-from search.results import NOT_COUNTED, StudyStatus, refresh_pareto_tags, study_status
+from search.results import (
+    CONTROL_ATTR,
+    NOT_COUNTED,
+    StudyStatus,
+    control_delta,
+    load_control,
+    refresh_control_deltas,
+    refresh_pareto_tags,
+    study_status,
+)
 from search.space import SearchSpace
 from search.storage import open_study, redacted
 from search.tracking import StudyTracker, TrackingThread, TrialRecord
@@ -51,7 +61,6 @@ from search.tracking import StudyTracker, TrackingThread, TrialRecord
 __all__ = ["RunResult", "StudyInterrupted", "run_study"]
 
 console = Console(stderr=True)
-OBJECTIVES = ("eer", "size_bytes")
 INTERRUPTED = "interrupted (driver stopped)"
 
 
@@ -75,12 +84,13 @@ class RunResult:
 # -- the run ---------------------------------------------------------------------------------------------
 def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = False, progress: bool = True,
               fault_plan: dict[int, dict[str, Any]] | None = None,
-              on_status: Callable[[StudyStatus], None] | None = None) -> RunResult:
+              on_status: Callable[[StudyStatus], None] | None = None, control_only: bool = False) -> RunResult:
     """Run (or resume) the study described by ``config``; returns its status when no trials remain.
 
     Raises :class:`~search.preflight.PreflightFailed` (nothing written) for bad input,
     :class:`~search.lease.StudyBusy` when another driver runs the study, :class:`StudyInterrupted` after a
     clean stop on SIGINT/SIGTERM. ``fault_plan`` maps Optuna trial numbers to injected faults (fault tests).
+    ``control_only`` runs only the study's fp32 control (a study made before controls existed), no trials.
     """
     t0 = time.monotonic()
     address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
@@ -105,13 +115,19 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
         done = sum(1 for t in study.get_trials(deepcopy=False)
                    if t.state.is_finished() and t.user_attrs.get("reason") not in NOT_COUNTED)
         remaining = None if config.study.n_trials is None else max(0, config.study.n_trials - done)
-        if remaining != 0:
+        if control_only:
+            remaining = 0
+        if remaining != 0 or load_control(study) is None:
             _run_trials(config, study, pre, record, tracker, remaining, address, progress, fault_plan,
                         on_status, stopped)
         refresh_pareto_tags(tracker, study)
         status = study_status(study, config.size_budget_bytes)
+        cost = status.cost
         tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
-                              "n_pruned": status.n_pruned, "pareto_size": status.pareto_size})
+                              "n_pruned": status.n_pruned, "pareto_size": status.pareto_size,
+                              "cost_total_fte": cost.total_fte, "cost_wall_s": cost.wall_s, "cost_cpu_s": cost.cpu_s,
+                              "cost_gpu_s": cost.gpu_s, "cost_saved_by_memo_fte": cost.saved_by_memo_fte,
+                              "cost_saved_by_early_stop_fte": cost.saved_by_early_stop_fte})
         write_text_atomic(study_dir / "status.json", json.dumps(asdict(status), indent=2), overwrite=True)
     return RunResult(status, study_dir, time.monotonic() - t0, resumed)
 
@@ -119,7 +135,7 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
 def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record: StudyRecord,
                 tracker: StudyTracker, remaining: int | None, address: str | None, progress: bool,
                 fault_plan: dict[int, dict[str, Any]] | None, on_status: Callable[[StudyStatus], None] | None,
-                stopped: threading.Event) -> None:
+                stopped: _StopEvent) -> None:
     import ray
 
     from lsv_core.quant import packed_size_bytes
@@ -130,6 +146,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     assert pre.baseline is not None and pre.space is not None
     model, space = pre.baseline.model, pre.space
     started_here = cluster.connect(config, address)
+    stopped.install()  # Ray's core worker installs its own SIGTERM handler (it aborts the process)
     writer = TrackingThread()
     searcher: AskTellSearcher | None = None
     try:
@@ -145,18 +162,32 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                 study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
             study.set_user_attr("seeded", True)
             study.set_user_attr("fp32_bytes", record.fp32_bytes)
+        control = _Control(config, study, tracker, writer, record)
+        if control.point is None:  # the fp32 control runs beside the first trials (one trial's resources)
+            control.ref = cluster.submit_recipe(config, shared_ref, {}, excluded=excluded)
+        if remaining == 0:  # only the control was missing (e.g. `lsv run --control-only`)
+            control.wait()
+            return
         sink_name = f"lsv-sink-{config.study.name}-{uuid.uuid4().hex[:8]}"
         sink = start_sink(config.study_dir, sink_name)
         logged = [0]
+        board = ProgressBoard(config.study.name, n_trials=config.study.n_trials, timeout_s=config.study.timeout_s,
+                              console=console, live=None if progress else False)
 
         def on_record(rec: TrialRecord) -> None:
+            control.poll()
+            if control.point is not None and rec.eer_boot is not None and rec.eer is not None:
+                from search.pareto import TrialPoint
+
+                rec.control_delta = control_delta(TrialPoint(rec.number, rec.eer, int(rec.size_bytes or 0),
+                                                             eer_boot=rec.eer_boot), control.point)
             writer.submit(tracker.log_trial, rec)
             logged[0] += 1
             if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
                 writer.submit(refresh_pareto_tags, tracker, study)
             st = study_status(study, config.size_budget_bytes)
             if progress:
-                console.print(st.line(), soft_wrap=True)
+                board.finished(rec, st)
             if on_status is not None:
                 on_status(st)
 
@@ -164,9 +195,11 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                                          omega if config.msft.order == "sensitivity" else None, fault_plan)
         searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
                                    budget_bytes=config.size_budget_bytes, make_config=make, sink=on_record,
-                                   max_trials=remaining)
-        cluster.run_trials(config, searcher, shared, excluded, sink_name)
+                                   max_trials=remaining, on_progress=board.update)
+        with board:
+            cluster.run_trials(config, searcher, shared, excluded, sink_name)
         ray.kill(sink)
+        control.wait()
     except KeyboardInterrupt:  # SIGINT/SIGTERM (see _stop_signals): the trials still running go back in the queue
         if searcher is not None:
             searcher.abandon_live(INTERRUPTED)
@@ -180,12 +213,66 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         _log_missing(study, tracker)
 
 
+class _Control:
+    """The study's fp32 control: the baseline fine-tuned with the trials' schedule, nothing quantized,
+    scored like a trial (also on the shared bootstrap replicates, so every trial's EER difference to it
+    has a paired interval). Runs once per study as a Ray task; kept in the study's storage
+    (``lsv.control``) and as an MLflow run tagged ``lsv.role = control``; a study stopped before it finished
+    runs it again on resume."""
+
+    def __init__(self, config: StudyConfig, study: optuna.Study, tracker: StudyTracker, writer: TrackingThread,
+                 record: StudyRecord) -> None:
+        self.study, self.tracker, self.writer, self.record = study, tracker, writer, record
+        self.point = load_control(study)
+        self.ref: Any = None
+
+    def poll(self) -> None:
+        import ray
+
+        if self.ref is not None and ray.wait([self.ref], timeout=0)[0]:
+            self._store()
+
+    def wait(self) -> None:
+        if self.ref is not None:
+            console.print("waiting for the fp32 control run ...")
+            self._store()
+
+    def _store(self) -> None:
+        import ray
+
+        ref, self.ref = self.ref, None
+        try:
+            result = ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - the study goes on; the next run tries again
+            console.print(f"[yellow]the fp32 control run failed ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}); "
+                          "`lsv run` again retries it[/]", soft_wrap=True)
+            return
+        result["size_bytes"] = self.record.fp32_bytes
+        result["cost"] = {"fte": 1.0, **{k[5:]: v for k, v in result.items() if k.startswith("cost_")}}
+        self.study.set_user_attr(CONTROL_ATTR, result)
+        self.point = load_control(self.study)
+        console.print(f"fp32 control (same fine-tuning, nothing quantized): EER {result['eer']:.2f} % "
+                      f"[{result['eer_ci_low']:.2f}, {result['eer_ci_high']:.2f}]", soft_wrap=True)
+        self.writer.submit(_log_control, self.study, self.tracker)
+        self.writer.submit(refresh_control_deltas, self.tracker, self.study)
+
+
+class _StopEvent(threading.Event):
+    """Set by SIGINT/SIGTERM; ``install()`` (re-)installs the handlers (``ray.init`` replaces them)."""
+
+    signum: int = signal.SIGINT
+
+    def install(self) -> None:
+        return None
+
+
 @contextmanager
-def _stop_signals() -> Iterator[threading.Event]:
+def _stop_signals() -> Iterator[_StopEvent]:
     """SIGINT and SIGTERM raise KeyboardInterrupt in the driver (Ray Tune's own SIGINT handler, which would
     wait for the running trials, is turned off): the running trials are re-queued, MLflow is flushed, the
     lease released and :class:`StudyInterrupted` raised. Handlers are restored afterwards."""
-    stopped = threading.Event()
+    stopped = _StopEvent()
     if threading.current_thread() is not threading.main_thread():
         yield stopped
         return
@@ -193,19 +280,25 @@ def _stop_signals() -> Iterator[threading.Event]:
     def handler(signum: int, frame: Any) -> None:
         if stopped.is_set():
             return  # already stopping: let the clean-up finish
-        stopped.signum = signum  # type: ignore[attr-defined]
+        stopped.signum = signum
         stopped.set()
         console.print(f"[yellow]{signal.Signals(signum).name}: stopping the study (running trials are "
                       "re-queued) ...[/]")
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def install() -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, handler)
+
+    stopped.install = install  # type: ignore[method-assign]
     tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         yield stopped
     except KeyboardInterrupt:
-        raise StudyInterrupted(int(getattr(stopped, "signum", signal.SIGINT))) from None
+        raise StudyInterrupted(stopped.signum) from None
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -280,6 +373,12 @@ def _open_record(config: StudyConfig, study: optuna.Study, pre: Preflight) -> tu
         raise ConfigError(f"{config.study_dir} holds study {config.study.name!r} made with a different config "
                           f"(digest {made_with} != {config.digest()}); rerun with --fresh to start over "
                           "(the old study is moved aside, not deleted), or use another study.name")
+    from lsv_core.export import CODEBOOK_ONNX_FORMAT
+
+    if (record is None or record.size_format != CODEBOOK_ONNX_FORMAT) and study.get_trials(deepcopy=False):
+        raise ConfigError(f"study {config.study.name!r} was made when sizes counted the packed tensors only; today "
+                          f"they are the bytes of model.onnx ({CODEBOOK_ONNX_FORMAT}) and one front cannot mix the two: "
+                          "rerun with --fresh (the old study is moved aside) or use another study.name")
     if record is None or record.layers is None:
         assert pre.baseline is not None
         record = _new_record(config, pre.baseline.model, pre.baseline.meta)
@@ -290,13 +389,14 @@ def _open_record(config: StudyConfig, study: optuna.Study, pre: Preflight) -> tu
 def _new_record(config: StudyConfig, model: Any, meta: dict[str, Any]) -> StudyRecord:
     """The record of a study about to be created from ``config`` and its loaded baseline."""
     from lsv_core import __version__
+    from lsv_core.export import CODEBOOK_ONNX_FORMAT
     from lsv_core.quant import packed_size_bytes, quantizable_layers
     from lsv_core.quant.sensitivity import state_dict_digest
 
     return StudyRecord(name=config.study.name, digest=config.digest(), config=config.public_dump(),
                        layers=quantizable_layers(model), baseline_digest=state_dict_digest(model),
                        fp32_bytes=packed_size_bytes(model, BitRecipe({})), baseline_eval=meta.get("eval") or None,
-                       lsv_version=__version__)
+                       lsv_version=__version__, size_format=CODEBOOK_ONNX_FORMAT)
 
 
 def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord, pre: Preflight, shared_ref: Any,
@@ -370,10 +470,22 @@ def _recover(study: optuna.Study, tracker: StudyTracker) -> None:
     _log_missing(study, tracker)
 
 
+def _log_control(study: optuna.Study, tracker: StudyTracker) -> None:
+    """The control's MLflow run (``lsv.role = control``), once: logging it again finds the existing one."""
+    result = study.user_attrs.get(CONTROL_ATTR)
+    if not isinstance(result, dict):
+        return
+    metrics = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes") if k in result}
+    metrics.update({f"cost_{k}": v for k, v in (result.get("cost") or {}).items()})
+    tracker.log_side_run("control", "control-fp32", metrics, tags={"lsv.state": "complete"}, key="control")
+
+
 def _log_missing(study: optuna.Study, tracker: StudyTracker) -> None:
-    """Log the finished Optuna trials that have no MLflow run yet (Optuna is the source of truth)."""
+    """Log the finished Optuna trials (and the control) that have no MLflow run yet (Optuna is the source
+    of truth)."""
     from search.searcher import record_from
 
+    _log_control(study, tracker)
     logged = tracker.logged_trials()
     state_names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
     for t in study.get_trials(deepcopy=False):

@@ -57,6 +57,7 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 ROLE_TAG = "lsv.role"
 TRIAL_TAG = "lsv.optuna_trial"
 FLOAT_PARAM = "32"  # bits.<layer> of a layer left in float
+CONTROL_DELTA_METRICS = ("eer_delta_control", "eer_delta_control_low", "eer_delta_control_high")
 
 # MLflow's limits (mlflow.utils.validation); a store rejects the whole batch when one entry breaks them.
 _MAX_KEY = 250
@@ -90,6 +91,11 @@ class TrialRecord:
     wall_s: float | None = None
     memoized_from: int | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)  # fte, finetune_samples, wall_s, cpu_s, ... (metrics cost_*)
+    # EER on the study's shared bootstrap replicates (not logged) and, once the fp32 control is known, the
+    # paired difference to it: (delta, low, high) in EER points (metrics eer_delta_control[_low|_high]).
+    eer_boot: tuple[float, ...] | None = field(default=None, repr=False)
+    control_delta: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.state not in TRIAL_STATES:
@@ -291,6 +297,29 @@ class StudyTracker:
         """Set (or overwrite) tags on a run, e.g. ``{"lsv.pareto": "true"}`` on the Pareto front."""
         entries = [RunTag(_param_key(key), _cut(str(value), _MAX_TAG_VALUE)) for key, value in tags.items()]
         self._log_batch(run_id, tags=entries)
+
+    def log_side_run(self, role: str, name: str, metrics: Mapping[str, float], *, tags: Mapping[str, str] | None = None,
+                     parent_run_id: str | None = None, key: str | None = None) -> str:
+        """A run beside the trials (``role`` "control" or "verification"), nested under ``parent_run_id``
+        (default: the study's run). Idempotent per ``key`` (tag ``lsv.key``): logging it again returns the
+        existing run."""
+        if key is not None:
+            found = self._search(f"tags.\"{ROLE_TAG}\" = '{role}' and tags.\"lsv.key\" = '{key}'")
+            if found:
+                return found[0].info.run_id
+        all_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id or self.parent_run_id, ROLE_TAG: role,
+                    "lsv.study": self.study_name, **({"lsv.key": key} if key else {}), **dict(tags or {})}
+        run_id = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+        now = _now_ms()
+        self._log_batch(run_id, metrics=[Metric(_metric_key(k), float(v), now, 0) for k, v in metrics.items()
+                                         if v is not None and _finite(float(v))])
+        self.client.set_terminated(run_id, status="FINISHED", end_time=now)
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        """Add (or overwrite) metrics of an existing run, e.g. a trial's difference to the control."""
+        now = _now_ms()
+        self._log_batch(run_id, metrics=[Metric(_metric_key(k), float(v), now, 0) for k, v in metrics.items()])
 
     def trial_run(self, number: int) -> Run | None:
         """The (last) child run of Optuna trial ``number``, or None."""
@@ -507,6 +536,9 @@ def _trial_metrics(record: TrialRecord, timestamp: int) -> list[Metric]:
         "avg_bits": record.avg_bits,
         "wall_s": record.wall_s,
     }
+    values.update({f"cost_{k}": v for k, v in record.cost.items()})
+    if record.control_delta is not None:
+        values.update(dict(zip(CONTROL_DELTA_METRICS, record.control_delta, strict=True)))
     metrics = [Metric(key, float(value), timestamp, 0) for key, value in values.items() if value is not None]
     metrics += [
         Metric("stage_eer", float(eer), timestamp, step) for step, eer in enumerate(record.stage_eers)

@@ -33,7 +33,7 @@ from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.msft import MsftSchedule, StageMetrics, plan_stages
 from lsv_core.workbench import Workbench, WorkbenchSpec
 
-__all__ = ["SharedInputs", "hessian_task", "layer_sensitivity", "run_trial", "trial_device"]
+__all__ = ["SharedInputs", "hessian_task", "layer_sensitivity", "recipe_task", "run_trial", "trial_device"]
 
 _WORKBENCHES: dict[str, Workbench] = {}
 
@@ -74,6 +74,28 @@ def _workbench_for(spec: dict[str, Any], shared: SharedInputs | None) -> Workben
     return _WORKBENCHES[key]
 
 
+def recipe_task(spec: dict[str, Any], shared: SharedInputs, recipe: dict[str, Any], schedule: dict[str, Any],
+                n_boot: int, paired_boot: tuple[int, int], threads: int = 1,
+                omega: dict[str, dict[Any, float]] | None = None) -> dict[str, Any]:
+    """Ray task: one recipe at one schedule, scored like a trial (the study's fp32 control is the empty
+    recipe; ``lsv verify`` re-runs front recipes with other seeds and longer fine-tunes)."""
+    import ray
+
+    torch.set_num_threads(max(1, threads))
+    meter = _CostMeter()
+    spec = {**spec, "device": trial_device(spec.get("device", "auto"), ray.get_gpu_ids())}
+    bench = _workbench_for(spec, shared)
+    sched = MsftSchedule.from_dict(schedule)
+    rec = BitRecipe.from_mapping(recipe)
+    outcome = bench.run(rec, sched, n_boot=n_boot, paired_boot=tuple(paired_boot),
+                        sensitivity=layer_sensitivity(omega, rec))
+    meter.add(sum(s.steps for s in outcome.stages) * sched.batch_size, len(bench.trials.utterances))
+    return {"eer": outcome.eer, "eer_ci_low": outcome.eer_ci_low, "eer_ci_high": outcome.eer_ci_high,
+            "min_dcf_001": outcome.min_dcf_001, "eer_boot": list(outcome.eer_boot or ()),
+            "size_bytes": outcome.size_bytes, "n_trials": len(bench.trials), "seed": sched.seed,
+            "total_steps": sched.total_steps, "node_id": _node_id(), **meter.report()}
+
+
 def hessian_task(spec: dict[str, Any], shared: SharedInputs, cache_path: str, seed: int) -> dict[str, float]:
     """Ray task: the baseline's Hessian traces on a worker (``resources.hessian = "worker"``)."""
     import ray
@@ -97,6 +119,7 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
     from ray import tune
 
     t0 = time.monotonic()
+    meter = _CostMeter()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     recipe = BitRecipe.from_mapping(config["recipe"])
     fault = config.get("fault")  # test hook: {"kind": "raise" | "nan" | "kill", "once_file": path}
@@ -110,16 +133,20 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
         schedule = MsftSchedule.from_dict(config["schedule"])
         sensitivity = layer_sensitivity(config.get("sensitivity"), recipe)
         n_stages = len(plan_stages(bench.model, recipe, schedule.order, schedule.n_groups, sensitivity))
+        meter.gpu_share = float(config.get("gpu", 0)) if spec["device"].startswith("cuda") else 0.0
+        n_eval = len(bench.trials.utterances)
 
         def on_stage(stage: int, m: StageMetrics) -> bool:
             _inject_fault(fault, stage)
+            meter.add(m.steps * schedule.batch_size, n_eval if m.eer is not None else 0)
             tune.report({"stage": stage, "eer": m.eer if m.eer is not None else math.nan,
                          "size_bytes": size, "n_stages": n_stages, "final": False,
-                         "optuna_trial": config["optuna_trial"]})
+                         "optuna_trial": config["optuna_trial"], **meter.report()})
             return False
 
+        paired = config.get("paired_boot")
         outcome = bench.run(recipe, schedule, callback=on_stage, sensitivity=sensitivity,
-                            n_boot=int(config.get("n_boot", 200)))
+                            n_boot=int(config.get("n_boot", 200)), paired_boot=tuple(paired) if paired else None)
         if not math.isfinite(outcome.eer):
             raise FloatingPointError(f"EER is {outcome.eer}")
         packed = _keep_packed(outcome.model, config, outcome.eer)
@@ -131,10 +158,39 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
             "final": True, "packed_path": str(packed), "setup_s": setup_s,
             "trial_wall_s": time.monotonic() - t0, "optuna_trial": config["optuna_trial"],
             "node_id": _node_id(), "device": spec["device"],
+            **({"eer_boot": list(outcome.eer_boot)} if outcome.eer_boot is not None else {}),
+            **meter.report(),
         })
     except Exception as exc:  # recorded as a failed trial with its reason; the study goes on
-        tune.report({"final": True, "error": f"{type(exc).__name__}: {exc}"[:500],
-                     "optuna_trial": config["optuna_trial"], "trial_wall_s": time.monotonic() - t0})
+        # A failure in a Ray call (e.g. the driver's disk full while the sink writes) arrives wrapped in a
+        # RayTaskError whose text starts with a remote traceback: report the exception itself.
+        cause = getattr(exc, "cause", None) or exc
+        tune.report({"final": True, "error": f"{type(cause).__name__}: {cause}"[:500],
+                     "optuna_trial": config["optuna_trial"], "trial_wall_s": time.monotonic() - t0,
+                     **meter.report()})
+
+
+class _CostMeter:
+    """What a trial has cost so far: fine-tuning samples, evaluated utterances, wall, CPU and GPU seconds.
+
+    Reported with every stage, so a trial stopped early still tells what it spent (the driver turns the
+    samples into full-trial equivalents, :func:`search.results.trial_fte`)."""
+
+    def __init__(self) -> None:
+        self.wall0, self.cpu0 = time.monotonic(), time.process_time()
+        self.samples = 0
+        self.eval_utts = 0
+        self.gpu_share = 0.0
+
+    def add(self, samples: int, eval_utts: int) -> None:
+        self.samples += samples
+        self.eval_utts += eval_utts
+
+    def report(self) -> dict[str, float]:
+        wall = time.monotonic() - self.wall0
+        return {"cost_finetune_samples": float(self.samples), "cost_eval_utterances": float(self.eval_utts),
+                "cost_wall_s": wall, "cost_cpu_s": time.process_time() - self.cpu0,
+                "cost_gpu_s": wall * self.gpu_share}
 
 
 def _keep_packed(model: Any, config: dict[str, Any], eer: float) -> str:

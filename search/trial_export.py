@@ -2,21 +2,30 @@
 
 ``export_trial(config, SelectionRule(...), out_dir)``:
 
-1. **select** the trial (:mod:`search.selection`);
+1. **select** the trial (:mod:`search.selection`), after refusing an ``out_dir`` that is, lies inside or
+   contains the study folder, or that exists and is not a bundle export wrote
+   (:func:`lsv_core.export.bundle.check_out_dir`; ``--force`` replaces only such a bundle);
 2. **verify** it (:func:`verify_trial`), before anything is written: the trial's packed file (on this
-   machine, else the copy logged with its MLflow run) holds exactly the logged ``size_bytes`` of tensors
-   and loads with the logged recipe, and re-evaluated on the study's trials (same data, ``max_trials``
-   subset, seed, bootstrap replicates and torch threads as the workers) it gives the logged EER within
-   :data:`EER_TOLERANCE` points. Evaluation is deterministic on one machine, so the difference is 0.0 in
-   practice; the tolerance only absorbs float reordering between BLAS builds or devices;
-3. **write** the bundle (:func:`lsv_core.export.bundle.stage_bundle`: packed copy, WeSpeaker state dict,
-   ONNX, recipe with provenance, model card), staged beside ``out_dir``;
+   machine, else the copy logged with its MLflow run) carries the logged recipe, that recipe names only
+   layers of the model, the file holds exactly the tensor bytes the recipe needs, the logged
+   ``size_bytes`` is the byte count of the deployable ``model.onnx`` for that recipe (the size
+   objective), and re-evaluated on the study's trials (same data, ``max_trials`` subset, seed, bootstrap
+   replicates and torch threads as the workers) it gives the logged EER within :data:`EER_TOLERANCE`
+   points. Evaluation is deterministic on one machine, so the difference is 0.0 in practice; the
+   tolerance only absorbs float reordering between BLAS builds or devices. The re-evaluation's scores
+   give the decision thresholds ``infer.py`` uses (at the EER, and at minDCF with p_target 0.01);
+3. **write** the bundle (:func:`lsv_core.export.bundle.stage_bundle`: ``model.onnx``, ``infer.py``,
+   packed copy, WeSpeaker state dict, recipe with provenance, model card), staged beside ``out_dir``;
+   ``model.onnx`` is run in onnxruntime on every evaluation utterance of the trials: its embeddings must
+   match the torch model's (cosine >= 0.9999) and give the re-evaluated EER;
 4. **register** it in the MLflow Model Registry of the study's tracking store
    (:meth:`~search.tracking.StudyTracker.register_bundle`: files under ``export/`` of the trial's run, a
    new version of ``lsv-<study>``, the alias (default ``chosen``) pointing at it; load it with
    ``models:/lsv-<study>@chosen``), then move the bundle into place.
 
 Every refusal is an :class:`~lsv_core.errors.LsvError` (CLI exit 2); nothing is written before step 3.
+A study sized before the size objective counted the whole ``model.onnx`` (it logged tensor bytes) is
+still exported, with a note saying so.
 """
 
 from __future__ import annotations
@@ -31,9 +40,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lsv_core.atomic import RefuseOverwrite
 from lsv_core.errors import ConfigError, LsvError
-from lsv_core.export.bundle import PACKED_NAME, Accuracy, BundleFacts, packed_file_sizes, stage_bundle
+from lsv_core.export.bundle import (
+    PACKED_NAME,
+    Accuracy,
+    BundleFacts,
+    OnnxAgreement,
+    check_out_dir,
+    packed_file_sizes,
+    stage_bundle,
+)
 from search.pareto import TrialPoint
 from search.selection import SelectionRule, select_trial
 
@@ -42,6 +58,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lsv_core.evaluate import EvalResult
+    from lsv_core.metrics.thresholds import OperatingPoint
+    from lsv_core.quant import BitRecipe
+    from lsv_core.workbench import Workbench
     from search.config import StudyConfig
     from search.record import StudyRecord
     from search.tracking import StudyTracker
@@ -60,14 +79,17 @@ class ExportMismatch(LsvError):
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """How to export: replace an existing ``out_dir`` (``force``), register in MLflow (``register``) under
-    ``model_name`` (default ``lsv-<study>``) with ``alias``, and the EER tolerance of the verification."""
+    """How to export: replace an existing ``out_dir`` that is a bundle written by export (``force``),
+    register in MLflow (``register``) under ``model_name`` (default ``lsv-<study>``) with ``alias``, the
+    EER tolerance of the verification, and whether to add the dequantized float ONNX (``float_onnx``)."""
 
     force: bool = False
     register: bool = True
     eer_tolerance: float = EER_TOLERANCE
     alias: str = DEFAULT_ALIAS
     model_name: str | None = None
+    require_verified: bool = False  # refuse a trial `lsv verify` has not re-run
+    float_onnx: bool = False
 
     def __post_init__(self) -> None:
         if not self.eer_tolerance >= 0:
@@ -83,9 +105,13 @@ class ExportResult:
     source_trial: int  # the trial whose files were exported (differs for a memoized trial)
     eer_logged: float
     eer_reevaluated: float
-    size_bytes: int
-    file_bytes: int
+    size_bytes: int  # model.onnx, the deployable file (the size objective)
+    tensor_bytes: int  # the packed tensors (model.packed.safetensors without its header)
+    packed_file_bytes: int  # model.packed.safetensors
     onnx_max_abs_diff: float
+    onnx_min_cosine: float
+    onnx_eer: float | None
+    thresholds: dict[str, float] = field(default_factory=dict)  # operating point -> cosine threshold
     files: dict[str, Path] = field(default_factory=dict)
     run_id: str | None = None
     registered_model: str | None = None
@@ -111,6 +137,8 @@ class VerifiedTrial:
     reeval: EvalResult
     n_eval_trials: int
     run: Run | None
+    thresholds: dict[str, OperatingPoint] = field(default_factory=dict)  # "eer", "min_dcf"
+    embeddings: dict[str, Any] = field(default_factory=dict)  # utterance -> torch embedding (numpy)
 
 
 # -- the four steps ------------------------------------------------------------------------------------------
@@ -120,17 +148,19 @@ def export_trial(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
 
     Raises:
         RefuseOverwrite: ``out_dir`` exists and ``options.force`` is False (checked first and again at the end).
+        ConfigError: ``out_dir`` is, lies inside or contains the study folder, or exists and is not a bundle
+            written by export (even with ``force``); or the trial has no MLflow run to register.
         NoTrialMeetsRule: no complete trial satisfies ``rule``.
-        ExportMismatch: the packed file or the re-evaluation disagrees with the study's record.
-        StudyNotRun: the study was never run; ConfigError: the trial has no MLflow run to register.
+        ExportMismatch: the packed file, its recipe or the re-evaluation disagrees with the study's record.
+        StudyNotRun: the study was never run.
     """
     from search.record import read_record
-    from search.results import load_points
+    from search.results import load_control, load_points
     from search.tracking import StudyTracker
+    from search.verify import NoControl, verification_of
 
     out = Path(out_dir)
-    if out.exists() and not options.force:
-        raise RefuseOverwrite(f"{out} exists; pass --force to replace it")
+    check_out_dir(out, force=options.force, protected=[config.study_dir])
     record, study = read_record(config)
     notes: list[str] = []
     if record.digest != config.digest():
@@ -138,16 +168,27 @@ def export_trial(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
         # below is the real check that the data and the model still give the logged result.
         notes.append(f"the study was made with config digest {record.digest}, this config has {config.digest()}")
     points = load_points(study)
-    chosen = select_trial(points, rule)
-    tracker = StudyTracker(config.mlflow_uri, config.study.name, artifact_root=config.study_dir / "mlartifacts")
+    control = load_control(study)
+    if rule.needs_control and control is None:
+        raise NoControl(config.study.name)
+    chosen = select_trial(points, rule, control)
+    verification = verification_of(study, chosen.number)
+    if options.require_verified and verification is None:
+        raise LsvError(f"trial {chosen.number} has not been verified (--require-verified); run "
+                       f"`lsv verify STUDY.toml --trials {chosen.number}` first")
+    tracker = StudyTracker(config.mlflow_uri, config.study.name)
+    bench = _workbench(config)
     with tempfile.TemporaryDirectory(prefix="lsv-export-") as scratch:
-        checked = verify_trial(config, chosen, points, tracker, Path(scratch), options.eer_tolerance, notes)
+        checked = verify_trial(config, chosen, points, tracker, Path(scratch), options.eer_tolerance, notes,
+                               bench=bench, record=record)
         if options.register and checked.run is None:
             raise ConfigError(f"trial {checked.source.number} has no MLflow run in {config.mlflow_uri}; cannot "
                               "register it (pass --no-register to export without the registry)")
         model_name = options.model_name or f"lsv-{config.study.name}"
-        facts = _bundle_facts(config, record, study, checked, rule, len(points), options, model_name)
-        with stage_bundle(checked.model, checked.packed_file, facts, near=out) as staged:
+        facts = _bundle_facts(config, record, study, checked, rule, len(points), options, model_name,
+                              verification)
+        with stage_bundle(checked.model, checked.packed_file, facts, near=out, float_onnx=options.float_onnx,
+                          onnx_check=lambda path: _onnx_agreement(path, bench, checked)) as staged:
             version = None
             if options.register:
                 assert checked.run is not None
@@ -157,55 +198,102 @@ def export_trial(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
                           "lsv.config_digest": str(record.digest), "lsv.recipe_digest": str(chosen.digest),
                           "lsv.version": str(facts.provenance["lsv_version"]),
                           "lsv.git_commit": str(facts.provenance["git_commit"]),
-                          "eer": f"{chosen.eer:.4f}", "size_bytes": str(chosen.size_bytes)},
-                    description=f"trial {chosen.number}: EER {chosen.eer:.2f} %, {chosen.size_bytes:,} bytes "
+                          "eer": f"{chosen.eer:.4f}", "size_bytes": str(staged.size_bytes)},
+                    description=f"trial {chosen.number}: EER {chosen.eer:.2f} %, {staged.size_bytes:,} bytes "
                                 f"({rule.describe()})")
             staged.commit(out, overwrite=options.force)
     files = {p.name: out / p.name for p in sorted(out.iterdir())}
     return ExportResult(out_dir=out, trial=chosen.number, source_trial=checked.source.number, eer_logged=chosen.eer,
-                        eer_reevaluated=checked.reeval.eer, size_bytes=chosen.size_bytes, file_bytes=staged.file_bytes,
-                        onnx_max_abs_diff=staged.onnx_max_abs_diff, files=files,
-                        run_id=checked.run.info.run_id if checked.run else None,
+                        eer_reevaluated=checked.reeval.eer, size_bytes=staged.size_bytes,
+                        tensor_bytes=staged.tensor_bytes, packed_file_bytes=staged.packed_file_bytes,
+                        onnx_max_abs_diff=staged.onnx_max_abs_diff, onnx_min_cosine=staged.onnx_min_cosine,
+                        onnx_eer=staged.onnx_eer, thresholds={k: v.threshold for k, v in checked.thresholds.items()},
+                        files=files, run_id=checked.run.info.run_id if checked.run else None,
                         registered_model=model_name if options.register else None, model_version=version,
                         alias=options.alias if options.register else None, notes=notes)
 
 
 def verify_trial(config: StudyConfig, chosen: TrialPoint, points: list[TrialPoint], tracker: StudyTracker,
-                 scratch: Path, eer_tolerance: float = EER_TOLERANCE, notes: list[str] | None = None) -> VerifiedTrial:
-    """Step 2: the trial's packed file reproduces its logged size, recipe and EER (module docstring)."""
-    from lsv_core.export.packed import load_packed
-    from lsv_core.quant import BitRecipe, packed_size_bytes, recipe_of
+                 scratch: Path, eer_tolerance: float = EER_TOLERANCE, notes: list[str] | None = None, *,
+                 bench: Workbench | None = None, record: StudyRecord | None = None) -> VerifiedTrial:
+    """Step 2: the trial's packed file reproduces its logged recipe, size and EER (module docstring).
 
+    ``bench`` (the study's workbench, loaded here when None) supplies the evaluation data; ``record`` the
+    baseline's layer names to check the recipe against.
+    """
+    from lsv_core.export.packed import load_packed
+    from lsv_core.quant import BitRecipe, recipe_of
+
+    notes = notes if notes is not None else []
     source = chosen
     if chosen.memoized_from is not None:  # a repeat of an earlier trial: its files are the earlier one's
         source = next((p for p in points if p.number == chosen.memoized_from), chosen)
     run = tracker.trial_run(source.number)
     packed = _packed_source(source, run, tracker, scratch)
-    file_bytes, header_bytes = packed_file_sizes(packed)
-    if file_bytes - header_bytes != chosen.size_bytes:
-        raise ExportMismatch(
-            f"trial {chosen.number}: {packed} holds {file_bytes - header_bytes:,} bytes of tensors "
-            f"({file_bytes:,} - {header_bytes:,} header), the study logged size_bytes={chosen.size_bytes:,}")
-    model = load_packed(packed)
     recipe = BitRecipe.from_mapping(dict(chosen.recipe))
+    _check_packed_file(chosen, recipe, packed, record, notes)
+    model = load_packed(packed)
     if recipe_of(model) != recipe:
         raise ExportMismatch(f"trial {chosen.number}: {packed} holds recipe {recipe_of(model).to_dict()}, "
                              f"the study logged {recipe.to_dict()}")
-    if packed_size_bytes(model) != chosen.size_bytes:
-        raise ExportMismatch(f"trial {chosen.number}: the loaded model packs to {packed_size_bytes(model):,} "
-                             f"bytes, the study logged {chosen.size_bytes:,}")
-    reeval, n_eval = _reevaluate(config, model)
+    bench = bench if bench is not None else _workbench(config)
+    reeval, scores, embeddings = _reevaluate(config, model, bench)
     if not abs(reeval.eer - chosen.eer) <= eer_tolerance:
         raise ExportMismatch(
             f"trial {chosen.number}: re-evaluating {packed} gives EER {reeval.eer:.4f} %, the study logged "
             f"{chosen.eer:.4f} % (tolerance {eer_tolerance:g} points); the model or the evaluation data changed"
-            + "".join(f"; note: {n}" for n in notes or []))
-    return VerifiedTrial(chosen, source, model, packed, reeval, n_eval, run)
+            + "".join(f"; note: {n}" for n in notes))
+    return VerifiedTrial(chosen, source, model, packed, reeval, len(bench.trials), run,
+                         thresholds=_thresholds(scores, bench.trials.labels), embeddings=embeddings)
+
+
+def _check_packed_file(chosen: TrialPoint, recipe: BitRecipe, packed: Path, record: StudyRecord | None,
+                       notes: list[str]) -> None:
+    """Before loading anything: the file's recipe and arch fit the logged recipe, its tensor bytes are the
+    recipe's, and the logged size is the deployable file's (or, for an older study, the tensor bytes)."""
+    from lsv_core.export.packed import read_packed_header
+    from lsv_core.models import build_model
+    from lsv_core.quant import packed_size_bytes, packed_tensor_bytes
+
+    n = chosen.number
+    header = read_packed_header(packed)
+    if header["recipe"] != recipe:
+        raise ExportMismatch(f"trial {n}: {packed} holds recipe {header['recipe'].to_dict()}, the study logged "
+                             f"{recipe.to_dict()}")
+    if record is not None and record.layers is not None:
+        unknown = sorted(set(recipe) - set(record.layers))
+        if unknown:
+            raise ExportMismatch(f"trial {n}: the logged recipe names layers the study's baseline does not have: "
+                                 f"{unknown[:5]} (baseline layers: {record.layers[:5]} ...)")
+    arch = header["arch"]
+    try:
+        net = build_model(arch["name"], **arch.get("kwargs", {}))
+        recipe.validate(net)
+    except (ConfigError, KeyError, TypeError) as err:
+        raise ExportMismatch(f"trial {n}: the recipe does not match the model in {packed}: {err}") from None
+    file_bytes, header_bytes = packed_file_sizes(packed)
+    tensors = packed_tensor_bytes(net, recipe)
+    if file_bytes - header_bytes != tensors:
+        raise ExportMismatch(
+            f"trial {n}: {packed} holds {file_bytes - header_bytes:,} bytes of tensors ({file_bytes:,} - "
+            f"{header_bytes:,} header), its recipe needs {tensors:,}; the file was altered or written for "
+            f"another recipe")
+    deployable = packed_size_bytes(net, recipe)
+    if chosen.size_bytes == deployable:
+        return
+    if chosen.size_bytes == tensors:
+        notes.append(f"trial {n} logged size_bytes={chosen.size_bytes:,}, the tensor bytes (how studies were sized "
+                     f"before the size objective counted the whole deployable file); model.onnx is {deployable:,} "
+                     "bytes")
+        return
+    raise ExportMismatch(f"trial {n}: the study logged size_bytes={chosen.size_bytes:,}, but model.onnx for its "
+                         f"recipe is {deployable:,} bytes (tensors {tensors:,}); the study was sized by other code")
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
 def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked: VerifiedTrial,
-                  rule: SelectionRule, n_complete: int, options: ExportOptions, model_name: str) -> BundleFacts:
+                  rule: SelectionRule, n_complete: int, options: ExportOptions, model_name: str,
+                  verification: dict[str, Any] | None = None) -> BundleFacts:
     from lsv_core import __version__
     from lsv_core.quant import average_bits, recipe_of
     from search.storage import redacted
@@ -231,9 +319,8 @@ def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked:
         "git_commit": commit,
         "git_dirty": dirty,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "verification": _verification_text(verification),
     }
-    fp32 = int(record.fp32_bytes or study.user_attrs.get("fp32_bytes") or 0) or round(
-        chosen.size_bytes * (chosen.compression_ratio or 1))
     reeval = checked.reeval
     accuracy = Accuracy(eer=chosen.eer, eer_ci_low=chosen.eer_ci_low, eer_ci_high=chosen.eer_ci_high,
                         min_dcf_001=chosen.min_dcf, reeval_eer=reeval.eer, reeval_min_dcf_001=reeval.min_dcf_001,
@@ -241,11 +328,29 @@ def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked:
     metrics = {"eer": chosen.eer, "eer_ci_low": chosen.eer_ci_low, "eer_ci_high": chosen.eer_ci_high,
                "min_dcf_001": chosen.min_dcf, "eer_reevaluated": reeval.eer,
                "min_dcf_001_reevaluated": reeval.min_dcf_001, "n_eval_trials": checked.n_eval_trials,
-               "compression_ratio": chosen.compression_ratio}
+               "logged_size_bytes": chosen.size_bytes}
     title = (f"{config.study.name}, trial {chosen.number}: {checked.model.arch['name']} at "
              f"{average_bits(checked.model, recipe_of(checked.model)):.2f} bits/weight")
-    return BundleFacts(title=title, accuracy=accuracy, fp32_bytes=fp32, provenance=provenance,
-                       how_found=_how_found(config, chosen, rule, n_complete), metrics=metrics)
+    evaluated_on = {"study": config.study.name, "trials": str(config.workbench_spec().data.trials),
+                    "n_trials": checked.n_eval_trials, "max_trials": config.data.max_trials,
+                    "subset_seed": config.data.subset_seed, "eer_percent": reeval.eer,
+                    "min_dcf_001": reeval.min_dcf_001}
+    return BundleFacts(title=title, accuracy=accuracy, provenance=provenance,
+                       how_found=_how_found(config, chosen, rule, n_complete), metrics=metrics,
+                       thresholds=checked.thresholds, evaluated_on=evaluated_on)
+
+
+def _verification_text(verification: dict[str, Any] | None) -> str:
+    """``lsv verify``'s re-runs of the trial, in one line (or that there were none)."""
+    if not verification:
+        return "not verified (lsv verify re-runs a recipe with other seeds and a longer fine-tune)"
+    runs = verification["runs"]
+    eers = [r["eer"] for r in runs]
+    mean = sum(eers) / len(eers)
+    sd = (sum((e - mean) ** 2 for e in eers) / (len(eers) - 1)) ** 0.5 if len(eers) > 1 else 0.0
+    steps = sorted({r["total_steps"] for r in runs})
+    return (f"{len(runs)} re-runs (seeds {sorted(r['seed'] for r in runs)}, {'/'.join(map(str, steps))} steps): "
+            f"EER {mean:.2f} ± {sd:.2f} %")
 
 
 def _how_found(config: StudyConfig, chosen: TrialPoint, rule: SelectionRule, n_complete: int) -> list[str]:
@@ -281,20 +386,51 @@ def _git_commit() -> tuple[str, bool | None]:
         return "unknown", None
 
 
-def _reevaluate(config: StudyConfig, model: nn.Module) -> tuple[EvalResult, int]:
-    """EER of ``model`` on the study's trial subset, computed as a search worker computes it."""
-    from lsv_core.evaluate import evaluate
+def _workbench(config: StudyConfig) -> Workbench:
+    """The study's evaluation data (and baseline), on the CPU, as the workers load it."""
     from lsv_core.workbench import Workbench
 
-    bench = Workbench.load(config.workbench_spec().replace(device="cpu", codebook_dir=None), progress=False)
+    return Workbench.load(config.workbench_spec().replace(device="cpu", codebook_dir=None), progress=False)
+
+
+def _reevaluate(config: StudyConfig, model: nn.Module, bench: Workbench) -> tuple[EvalResult, Any, dict[str, Any]]:
+    """``model`` on the study's trial subset, computed as a search worker computes it
+    (:func:`lsv_core.evaluate.evaluate`, step by step to keep the scores and embeddings)."""
+    from lsv_core.evaluate import extract_embeddings, metrics_of, score
+
     threads = torch.get_num_threads()
     # The workers ran with resources.cpu threads; the same count keeps float reductions in the same order.
     torch.set_num_threads(max(1, int(config.resources.cpu)))
     try:
-        result = evaluate(model, bench.eval_store, bench.trials, n_boot=TRIAL_N_BOOT, seed=config.study.seed)
+        embeddings = extract_embeddings(model, bench.eval_store, bench.trials.utterances)
+        scores = score(bench.trials, embeddings)
+        result = metrics_of(scores, bench.trials.labels, n_boot=TRIAL_N_BOOT, seed=config.study.seed)
     finally:
         torch.set_num_threads(threads)
-    return result, len(bench.trials)
+    return result, scores, embeddings
+
+
+def _thresholds(scores: Any, labels: Any) -> dict[str, OperatingPoint]:
+    """infer.py's operating points, from the re-evaluation's scores."""
+    from lsv_core.metrics.thresholds import eer_threshold, min_dcf_threshold
+
+    return {"eer": eer_threshold(scores, labels), "min_dcf": min_dcf_threshold(scores, labels, p_target=0.01)}
+
+
+def _onnx_agreement(path: Path, bench: Workbench, checked: VerifiedTrial) -> OnnxAgreement:
+    """``path`` (the written model.onnx) in onnxruntime on every utterance of the trials, batched like the
+    re-evaluation: the lowest cosine to the torch embedding and the EER of its scores."""
+    import numpy as np
+
+    from lsv_core.evaluate import score
+    from lsv_core.export.inference import onnx_embeddings, onnx_session
+    from lsv_core.metrics import compute_eer
+
+    emb = onnx_embeddings(onnx_session(path), bench.eval_store, bench.trials.utterances)
+    cosines = [float(np.dot(emb[u], checked.embeddings[u]) / max(1e-30, float(
+        np.linalg.norm(emb[u]) * np.linalg.norm(checked.embeddings[u])))) for u in emb]
+    return OnnxAgreement(eer=compute_eer(score(bench.trials, emb), bench.trials.labels), min_cosine=min(cosines),
+                         n_utterances=len(emb))
 
 
 def _packed_source(point: TrialPoint, run: Run | None, tracker: StudyTracker, scratch: Path) -> Path:

@@ -72,14 +72,23 @@ def study_raw_config(inputs: dict[str, Path], out_dir: Path, name: str = "t", **
     return raw
 
 
-def to_toml(raw: dict) -> str:
-    """A study config dict as TOML text (flat sections only), for tests that drive `lsv` by file."""
+def _toml_value(value: object) -> str:
     import json
 
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def to_toml(raw: dict) -> str:
+    """A study config dict as TOML text (sections of scalars, lists and inline tables), for tests that
+    drive `lsv` by file."""
     lines = []
     for section, values in raw.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -119,7 +119,7 @@ class MlflowServer:
         cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--serve-artifacts",
                "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
-        self.log = open(self.root / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.root / "server.log", "a")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      cwd=self.root)
         deadline = time.monotonic() + timeout_s
@@ -143,7 +143,8 @@ class MlflowServer:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGCONT)
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """The server goes away (its stores stay): clients get connection errors until :meth:`start`."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGCONT)
@@ -153,6 +154,9 @@ class MlflowServer:
             self.proc.wait(timeout=30)
         if hasattr(self, "log"):
             self.log.close()
+
+    def stop(self) -> None:
+        self.kill()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -189,6 +193,25 @@ class RayCluster:
                                        env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                        start_new_session=True)
         return self
+
+    def kill_worker_node(self) -> int:
+        """SIGKILL every process of the worker node (all processes in its mount namespace): a node lost."""
+        assert self.worker is not None
+        ns = os.readlink(f"/proc/{self.worker.pid}/ns/mnt")
+        victims = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.readlink(entry / "ns" / "mnt") == ns:
+                        victims.append(int(entry.name))
+                except OSError:
+                    continue
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(victims)
 
     def stop(self) -> None:
         from tests.conftest import kill_ray_processes

@@ -20,6 +20,7 @@ from lsv_core.quant import (
     is_quantized,
     packed_nbytes,
     packed_size_bytes,
+    packed_tensor_bytes,
     packed_tensors,
     quantizable_layers,
     quantize,
@@ -101,8 +102,8 @@ def test_save_load_round_trip_exact_outputs_and_size(tmp_path, seed: int) -> Non
     quantize(model, recipe)
     model.eval()
     path = save_packed(model, tmp_path / "model.safetensors", metadata={"eer": 1.23, "seed": seed})
-    assert path.stat().st_size == packed_size_bytes(model) + header_bytes(path)
-    assert packed_size_bytes(model) == packed_size_bytes(build_model("ThinResNet"), recipe)
+    assert path.stat().st_size == packed_tensor_bytes(model) + header_bytes(path)
+    assert packed_tensor_bytes(model) == packed_tensor_bytes(build_model("ThinResNet"), recipe)
 
     loaded = load_packed(path)
     assert is_quantized(loaded) == bool(recipe) and recipe_of(loaded) == recipe and not loaded.training
@@ -121,7 +122,7 @@ def test_save_load_round_trip_exact_outputs_and_size(tmp_path, seed: int) -> Non
 def test_float_model_round_trip(tmp_path) -> None:
     model = build_model("ThinResNet").eval()
     path = save_packed(model, tmp_path / "float.safetensors")
-    assert path.stat().st_size == packed_size_bytes(model) + header_bytes(path)
+    assert path.stat().st_size == packed_tensor_bytes(model) + header_bytes(path)
     loaded = load_packed(path)
     assert not is_quantized(loaded)
     with torch.no_grad():

@@ -170,7 +170,8 @@ def test_report_files_and_mlflow_artifacts(real_study: dict) -> None:
     # plotly.js is inlined (several MB), no <script src=...>: the page works offline. (The bundle still
     # names cdn.plot.ly as a default for geo maps' topojson, which these plots never fetch.)
     assert "<script src=" not in page and len(page) > 1_000_000
-    assert page.count("Plotly.newPlot") == 4  # pareto, hypervolume, heatmap, sensitivity
+    assert page.count("Plotly.newPlot") == 5  # pareto, hypervolume (by trials, by cost), heatmap, sensitivity
+    assert "fp32 control" in page and "full-trial equivalents" in page
     front = json.loads((out / "front.json").read_text())
     points = load_points(config)
     want = [points[i].number for i in pareto_front(points)]
@@ -247,3 +248,93 @@ def test_report_of_a_study_never_run_is_refused(tmp_path: Path, capsys: pytest.C
     assert main(["report", str(toml)]) == 2
     assert "has not been run yet" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_control_run_deltas_and_ci_aware_choices(real_study: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every study runs the fp32 control once (not a trial); each trial's difference to it has a paired
+    interval, in Optuna, MLflow and the report; `lsv status` answers the CI-aware questions."""
+    from search.cli import main
+    from search.results import control_delta, load_control
+    from search.tracking import CONTROL_DELTA_METRICS, TRIAL_TAG, StudyTracker
+
+    config = real_study["config"]
+    study = optuna.load_study(study_name="rep", storage=config.optuna_url)
+    control = load_control(study)
+    assert control is not None and control.eer_boot is not None and len(control.eer_boot) == 200
+    assert control.eer_ci_low <= control.eer <= control.eer_ci_high
+    assert len(study.trials) == 6  # the control is not a trial
+    points = [p for p in load_points(study) if p.memoized_from is None]
+    assert points and all(p.eer_boot is not None and len(p.eer_boot) == 200 for p in points)
+    tracker = StudyTracker(config.mlflow_uri, "rep")
+    controls = tracker._search("tags.\"lsv.role\" = 'control'")
+    assert len(controls) == 1 and controls[0].data.metrics["eer"] == pytest.approx(control.eer)
+    by_number = {p.number: p for p in points}
+    for run in tracker.child_runs():
+        p = by_number.get(int(run.data.tags[TRIAL_TAG]))
+        if p is not None:
+            want = control_delta(p, control)
+            got = tuple(run.data.metrics[k] for k in CONTROL_DELTA_METRICS)
+            assert got == pytest.approx(want) and got[1] <= got[0] <= got[2]
+            assert run.data.tags["pareto_optimal_ci"] in ("true", "false")
+            assert run.data.metrics["cost_fte"] == pytest.approx(p.cost_fte) and 0 < p.cost_fte <= 1
+    assert main(["status", str(real_study["toml"]), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    choices = status["choices"]
+    assert choices["fp32 control"]["eer"] == pytest.approx(control.eer)
+    assert "smallest not significantly worse than the control" in choices
+    assert status["cost"]["total_fte"] > 0 and status["cost"]["n_trained"] >= 1
+
+
+@pytest.mark.slow
+def test_verify_reruns_the_knee_and_export_requires_it(real_study: dict, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from search.cli import main
+    from search.pareto import knee_point
+    from search.tracking import StudyTracker
+    from search.verify import verification_of
+
+    config = real_study["config"]
+    toml = str(real_study["toml"])
+    study = optuna.load_study(study_name="rep", storage=config.optuna_url)
+    points = [p for p in load_points(study) if p.memoized_from is None]  # what verify chooses from
+    knee = points[knee_point(points)].number
+    other = next(p.number for p in points if p.number != knee and p.memoized_from is None)
+    assert main(["export", toml, "--trial", str(knee), "--out", str(tmp_path / "no"), "--require-verified",
+                 "--no-register"]) == 2
+    assert "has not been verified" in capsys.readouterr().err.replace("\n", " ")
+    assert main(["verify", toml, "--knee", "--seeds", "2", "--steps-mult", "1.5"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"trial {knee}: logged" in err and "verified" in err and "vs control" in err and "the front" in err
+    study = optuna.load_study(study_name="rep", storage=config.optuna_url)
+    kept = verification_of(study, knee)
+    steps = int(round(config.msft.total_steps * 1.5))
+    assert sorted(r["seed"] for r in kept["runs"]) == [1, 2] and {r["total_steps"] for r in kept["runs"]} == {steps}
+    tracker = StudyTracker(config.mlflow_uri, "rep")
+    runs = tracker._search("tags.\"lsv.role\" = 'verification'")
+    assert len(runs) == 2 and {r.data.tags["lsv.verifies"] for r in runs} == {str(knee)}
+    parent = tracker.trial_run(knee).info.run_id
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}
+    assert main(["verify", toml, "--knee", "--seeds", "2", "--steps-mult", "1.5"]) == 0  # nothing twice
+    assert len(tracker._search("tags.\"lsv.role\" = 'verification'")) == 2
+    assert main(["verify", toml, "--trials", "999"]) == 2
+    assert "trial 999 is not a complete trial" in capsys.readouterr().err.replace("\n", " ")
+    # A study made before studies had a control: verify and the control selectors say how to add one.
+    kept_control = study.user_attrs["lsv.control"]
+    study.set_user_attr("lsv.control", None)
+    try:
+        assert main(["verify", toml, "--knee"]) == 2
+        assert "--control-only" in capsys.readouterr().err.replace("\n", " ")
+        assert main(["export", toml, "--not-worse-than-control", "--out", str(tmp_path / "nc"), "--no-register"]) == 2
+        assert "--control-only" in capsys.readouterr().err.replace("\n", " ")
+        assert not (tmp_path / "nc").exists()
+    finally:
+        study.set_user_attr("lsv.control", kept_control)
+    out = tmp_path / "verified"
+    assert main(["export", toml, "--trial", str(knee), "--out", str(out), "--require-verified",
+                 "--no-register"]) == 0
+    provenance = json.loads((out / "recipe.json").read_text())["provenance"]
+    assert provenance["verification"].startswith("2 re-runs")
+    assert "2 re-runs" in (out / "model_card.md").read_text()
+    assert main(["export", toml, "--trial", str(other), "--out", str(tmp_path / "x"), "--require-verified",
+                 "--no-register"]) == 2

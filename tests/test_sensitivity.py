@@ -26,7 +26,7 @@ from lsv_core.quant.sensitivity import (
     sensitivity,
     trace_groups,
 )
-from lsv_core.quant.size import packed_size_bytes
+from lsv_core.quant.size import packed_size_bytes, packed_tensor_bytes
 
 BITS = (1, 2, 3, 4, 8)
 
@@ -281,7 +281,10 @@ def test_allocator_budget_limits() -> None:
     model = _thin_resnet()
     layers = quantizable_layers(model)
     omega = _random_omega(layers, seed=2)
-    smallest = packed_size_bytes(model, BitRecipe.uniform(model, 1))
+    # The cheapest width of each layer: the file's per-layer graph makes a tiny layer whose 1-bit indices
+    # do not fill whole bytes (conv1: 36 weights) cheaper at 2 bits. Sizes are additive over layers.
+    base = packed_size_bytes(model, {})
+    smallest = base + sum(min(packed_size_bytes(model, {n: b}) - base for b in BITS) for n in layers)
     with pytest.raises(ConfigError, match=f"{smallest} bytes"):
         allocate_bits(model, omega, smallest - 1)
     assert packed_size_bytes(model, allocate_bits(model, omega, smallest)) == smallest
@@ -309,11 +312,18 @@ def test_static_binary_allocation_uses_the_static_layout() -> None:
     model = _thin_resnet()
     layers = quantizable_layers(model)
     omega = _random_omega(layers, seed=4)
-    smallest = packed_size_bytes(model, BitRecipe.uniform(model, 1, "static"))
-    recipe = allocate_bits(model, omega, smallest, binary_mode="static")
-    assert recipe == BitRecipe.uniform(model, 1, "static")
-    with pytest.raises(ConfigError, match=f"{smallest + 4 * len(layers)} bytes"):
-        allocate_bits(model, omega, smallest)  # adaptive binary stores two levels, static one
+    static, adaptive = BitRecipe.uniform(model, 1, "static"), BitRecipe.uniform(model, 1, "adaptive")
+    recipe = allocate_bits(model, omega, packed_size_bytes(model, static), binary_mode="static", bit_choices=(1,))
+    assert recipe == static
+    # Adaptive binary stores two levels, static one; in the deployable file static also needs two small
+    # nodes per layer to form [-alpha, +alpha], so each layout is only reachable with its own mode.
+    assert packed_tensor_bytes(model, adaptive) == packed_tensor_bytes(model, static) + 4 * len(layers)
+    cheaper, dearer = sorted((static, adaptive), key=lambda r: packed_size_bytes(model, r))
+    mode = next(iter(cheaper.values())).mode
+    other = next(iter(dearer.values())).mode
+    with pytest.raises(ConfigError, match=f"{packed_size_bytes(model, dearer)} bytes"):
+        allocate_bits(model, omega, packed_size_bytes(model, cheaper), binary_mode=other, bit_choices=(1,))
+    assert allocate_bits(model, omega, packed_size_bytes(model, cheaper), binary_mode=mode, bit_choices=(1,)) == cheaper
 
 
 def test_sensitivity_refuses_quantized_layers() -> None:

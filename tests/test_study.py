@@ -73,6 +73,14 @@ def test_study_logs_every_trial_once_and_resumes(tiny_study_inputs: dict[str, Pa
     changed = parse_study_config(study_raw_config(tiny_study_inputs, tmp_path, name="basic", msft={"total_steps": 5}))
     with pytest.raises(ConfigError, match="different config"):
         run_study(changed, progress=False)
+    # A study whose sizes were logged in the old unit (packed tensors) is not mixed with model.onnx bytes.
+    from search.record import read_record, save_record
+
+    record, study = read_record(cfg)
+    save_record(study, None, record.__class__.from_dict({**record.to_dict(), "size_format": None}))
+    with pytest.raises(ConfigError, match="counted the packed tensors only"):
+        run_study(cfg.with_overrides(n_trials=9), progress=False)
+    save_record(study, None, record)
 
 
 def test_failures_are_recorded_and_killed_worker_is_retried(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:

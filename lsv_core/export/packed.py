@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from lsv_core.quant.size import PACKED_SUFFIX, codebook_layout, packed_layout, p
 __all__ = ["PACKED_FORMAT", "load_packed", "pack_bits", "read_packed_header", "save_packed", "unpack_bits"]
 
 PACKED_FORMAT = "lsv-packed/1"
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the header
 
 
 def save_packed(
@@ -78,14 +80,25 @@ def save_packed(
 
 
 def read_packed_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The decoded header: ``{"format", "arch", "recipe" (BitRecipe), "layers", "user"}``."""
+    """The decoded header: ``{"format", "arch", "recipe" (BitRecipe), "layers", "user"}``.
+
+    Reads only the safetensors header (8-byte length, JSON), without checking the tensor data, so a file
+    whose data was cut or extended still says what it claims to be (callers compare its bytes with that).
+    """
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
+        with path.open("rb") as f:
+            raw_len = f.read(8)
+            (n,) = struct.unpack("<Q", raw_len) if len(raw_len) == 8 else (-1,)
+            if not 0 < n <= _MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n} is not that of a safetensors file")
+            header = json.loads(f.read(n))
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("__metadata__ is not an object")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    return _decode_header(path, raw)
+    return _decode_header(path, meta)
 
 
 def _decode_header(path: Path, raw: Mapping[str, str]) -> dict[str, Any]:

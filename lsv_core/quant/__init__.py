@@ -11,8 +11,9 @@ Import from here::
   ``InitialCodebooks`` - the baseline's k-means codebooks, computed once for many recipes;
 * ``dequantized_state_dict`` / ``layer_codebooks`` / ``is_quantized`` / ``recipe_of`` - inspecting a
   quantized model;
-* ``packed_tensors`` / ``packed_size_bytes`` - the deployable size (the exact tensors
-  ``lsv_core.export.save_packed`` writes); ``pack_bits`` / ``unpack_bits`` - the index packing.
+* ``packed_size_bytes`` - the deployable size: bytes of the ``model.onnx`` that keeps the codebooks;
+  ``packed_tensors`` / ``packed_tensor_bytes`` - the tensors it and ``lsv_core.export.save_packed``
+  store; ``pack_bits`` / ``unpack_bits`` - the index packing.
 """
 
 from lsv_core.quant.binary import AdaptiveBinaryQuantizer, StaticBinaryQuantizer
@@ -41,7 +42,7 @@ from lsv_core.quant.recipe import (
     quantizable_layers,
     shortcut_owner,
 )
-from lsv_core.quant.size import average_bits, packed_size_bytes, packed_tensors
+from lsv_core.quant.size import average_bits, packed_size_bytes, packed_tensor_bytes, packed_tensors
 
 __all__ = [
     "ALLOWED_BITS",
@@ -67,6 +68,7 @@ __all__ = [
     "pack_bits",
     "packed_nbytes",
     "packed_size_bytes",
+    "packed_tensor_bytes",
     "packed_tensors",
     "quantizable_layers",
     "quantize",

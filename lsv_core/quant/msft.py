@@ -177,7 +177,9 @@ def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTune
 
     recipe = recipe if isinstance(recipe, BitRecipe) else BitRecipe(recipe)
     recipe.validate(model)
-    stages = plan_stages(model, recipe, schedule.order, schedule.n_groups, sensitivity)
+    # An empty recipe still fine-tunes, as one stage with nothing quantized: the fp32 control of a study
+    # gets exactly the budget and schedule its trials get.
+    stages = plan_stages(model, recipe, schedule.order, schedule.n_groups, sensitivity) or [[]]
     device = next(model.parameters()).device
     head = data.head.to(device)
     if hasattr(head, "update"):

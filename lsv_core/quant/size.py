@@ -1,10 +1,17 @@
-"""Size of the deployable model, computed from the very tensors the packed file stores.
+"""Size of the deployable model: the byte count of the file a user ships, and the tensors behind it.
 
-One source of truth (STYLE.md): :func:`packed_tensors` builds the exact ``{name: tensor}`` dict that
-``lsv_core.export.save_packed`` writes, and :func:`packed_size_bytes` is the sum of those tensors'
-``nbytes``. The file is that plus the safetensors header (8-byte length + JSON).
+One number for size (STYLE.md: one source of truth): :func:`packed_size_bytes` is the exact byte count
+of ``model.onnx``, the ONNX file that keeps the codebooks (:mod:`lsv_core.export.onnx_codebook`: graph,
+header and metadata included), which the export writes and ``infer.py`` runs. The search minimises it,
+MLflow logs it as ``size_bytes``, and the front, the report and the export show it. It is computed from
+shapes alone by the same module that writes the file (no k-means, no writing; the first call per
+architecture traces the graph once), so workers and the budget repair can ask for it per recipe.
 
-What is stored (and counted), per state-dict entry of the embedding network:
+:func:`packed_tensors` is the ``{name: tensor}`` dict that both files store (the ONNX initializers hold
+the same bytes) and ``lsv_core.export.save_packed`` writes as safetensors; :func:`packed_tensor_bytes`
+is their summed ``nbytes`` (the size objective before the file's graph and header were counted).
+
+What is stored, per state-dict entry of the embedding network:
 
 * quantized layer ``L``: ``L.weight.packed``, the codebook indices bit-packed (uint8,
   ``ceil(n * b / 8)`` bytes, see ``bitpack.py``); ``L.weight.codebook``, the ``2^b`` levels as float32
@@ -28,7 +35,8 @@ from lsv_core.quant.bitpack import pack_bits, packed_nbytes
 from lsv_core.quant.quantize import latent_weight, plain_state_items, quantizer_of, recipe_of
 from lsv_core.quant.recipe import TRAINING_ONLY_MODULES, BitRecipe, LayerSpec, SpecLike, quantizable_layers
 
-__all__ = ["average_bits", "codebook_layout", "packed_layout", "packed_size_bytes", "packed_tensors"]
+__all__ = ["average_bits", "codebook_layout", "packed_layout", "packed_size_bytes", "packed_tensor_bytes",
+           "packed_tensors"]
 
 PACKED_SUFFIX = "packed"
 # Buffers inference does not read (see module docstring).
@@ -56,11 +64,20 @@ def packed_tensors(
 
 
 def packed_size_bytes(model: nn.Module, recipe: BitRecipe | Mapping[str, SpecLike] | None = None) -> int:
-    """Bytes of the deployable model: the summed ``nbytes`` of :func:`packed_tensors`.
+    """Bytes of the deployable file ``model.onnx`` (header and graph included): the size objective.
 
     ``recipe=None`` sizes the model as quantized now; a recipe sizes it as if quantized that way (a float
-    model with ``recipe={}`` gives its float32 size). Shapes only, so this is cheap enough for a search.
+    model with ``recipe={}`` gives the size of its float32 file). Shapes only, cheap enough for a search.
+    The model needs an ``arch`` (:func:`lsv_core.models.build_model`).
     """
+    from lsv_core.export.onnx_codebook import codebook_onnx_size
+
+    recipe = recipe_of(model) if recipe is None else recipe
+    return codebook_onnx_size(model, recipe if isinstance(recipe, BitRecipe) else BitRecipe(recipe))
+
+
+def packed_tensor_bytes(model: nn.Module, recipe: BitRecipe | Mapping[str, SpecLike] | None = None) -> int:
+    """Summed ``nbytes`` of :func:`packed_tensors` (no file header, no graph); same ``recipe`` rules."""
     recipe = recipe_of(model) if recipe is None else recipe
     recipe = recipe if isinstance(recipe, BitRecipe) else BitRecipe(recipe)
     return int(sum(t.nbytes for t in _build(model, recipe, materialize=False).values()))
