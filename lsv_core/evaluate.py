@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsv_core.data.features import FeatureStore, extract_features
+from lsv_core.data.loader import DataLoading, FeatureSource, open_features
 from lsv_core.data.manifest import read_data
 from lsv_core.data.trials import Trials, read_trials
 from lsv_core.metrics import as_norm, bootstrap_eer_ci, compute_eer, compute_min_dcf, cosine_scores
+from lsv_core.metrics.scoring import l2_normalize
 
 
 @dataclass(frozen=True)
@@ -41,37 +42,79 @@ class EvalResult:
 
 
 @torch.no_grad()
-def extract_embeddings(model: nn.Module, store: FeatureStore, utts: Sequence[str], *, batch_size: int = 32,
-                       max_frames: int | None = None) -> dict[str, np.ndarray]:
-    """Embeddings of ``utts`` from their full-length features.
+def extract_embeddings(model: nn.Module, store: FeatureSource, utts: Sequence[str], *, batch_size: int = 32,
+                       max_frames: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Embeddings of ``utts`` from their full-length features, read from ``store`` batch by batch.
 
     Utterances are sorted by length and batched; a batch is cut to its shortest member, which loses at
     most a few frames per utterance (neighbours in the sorted order have nearly equal lengths) and makes
-    CPU extraction several times faster than one utterance at a time. ``max_frames`` caps length.
+    CPU extraction several times faster than one utterance at a time. ``max_frames`` caps length. Only
+    one batch of features is in memory at a time (any source: memory, the sharded store, or audio), so
+    memory grows with the number of utterances times the embedding size, not with audio length.
     """
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(utts, key=store.num_frames)
     out: dict[str, np.ndarray] = {}
-    for i in range(0, len(order), batch_size):
+    for i in tqdm(range(0, len(order), batch_size), desc="embeddings", unit="batch", disable=not progress,
+                  leave=False):
         chunk = order[i : i + batch_size]
-        n = min(store.num_frames(u) for u in chunk)
+        feats = [store[u] for u in chunk]
+        n = min(len(f) for f in feats)
         if max_frames is not None:
             n = min(n, max_frames)
-        x = torch.from_numpy(np.stack([store[u][:n] for u in chunk])).to(device)
+        x = torch.from_numpy(np.stack([np.asarray(f[:n], dtype=np.float32) for f in feats])).to(device)
         emb = model(x).float().cpu().numpy()
         out.update(zip(chunk, emb, strict=True))
+        if (i // batch_size) % 8 == 7:
+            _return_freed_memory()
     model.train(was_training)
     return out
 
 
+def _glibc_trim() -> object | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_MALLOC_TRIM = _glibc_trim()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (every 8 batches: a trim costs about 2 % of a batch). Every
+    batch has its own length, so the activations of each are blocks of a new size, and glibc keeps the
+    freed ones in its heap: without this, embedding 4,000 utterances of 3-5 s took 2.1 GB peak RSS
+    (BENCHMARKS.md), with it about 0.5 GB."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+# Trials are scored this many at a time: memory stays bounded by the embeddings, not by the trial count.
+_SCORE_CHUNK = 65536
+
+
 def score(trials: Trials, emb: dict[str, np.ndarray], cohort: np.ndarray | None = None,
           top_k: int = 300) -> np.ndarray:
-    e = np.stack([emb[u] for u in trials.enroll])
-    t = np.stack([emb[u] for u in trials.test])
-    s = cosine_scores(e, t)
-    return s if cohort is None else as_norm(s, e, t, cohort, top_k=top_k)
+    """Cosine (or AS-norm) score of every trial, computed in chunks of trials."""
+    names = list(emb)
+    position = {u: k for k, u in enumerate(names)}
+    matrix = l2_normalize(np.stack([emb[u] for u in names]).astype(np.float32))
+    e_idx = np.fromiter((position[u] for u in trials.enroll), dtype=np.int64, count=len(trials))
+    t_idx = np.fromiter((position[u] for u in trials.test), dtype=np.int64, count=len(trials))
+    scores = np.empty(len(trials), dtype=np.float64)
+    for a in range(0, len(trials), _SCORE_CHUNK):
+        e, t = matrix[e_idx[a : a + _SCORE_CHUNK]], matrix[t_idx[a : a + _SCORE_CHUNK]]
+        s = cosine_scores(e, t)
+        scores[a : a + len(s)] = s if cohort is None else as_norm(s, e, t, cohort, top_k=top_k)
+    return scores
 
 
 def metrics_of(scores: np.ndarray, labels: np.ndarray, *, as_normed: bool = False, n_boot: int = 1000,
@@ -90,24 +133,22 @@ def metrics_of(scores: np.ndarray, labels: np.ndarray, *, as_normed: bool = Fals
     )
 
 
-def cohort_embeddings(model: nn.Module, store: FeatureStore, spk2utt: dict[str, list[str]],
+def cohort_embeddings(model: nn.Module, store: FeatureSource, spk2utt: dict[str, list[str]],
                       max_frames: int = 300) -> np.ndarray:
     """One mean (length-normalised) embedding per cohort speaker, the usual AS-norm cohort."""
     utts = [u for us in spk2utt.values() for u in us]
     emb = extract_embeddings(model, store, utts, max_frames=max_frames)
-    from lsv_core.metrics.scoring import l2_normalize
-
     return np.stack([l2_normalize(np.stack([emb[u] for u in us])).mean(axis=0) for us in spk2utt.values()])
 
 
-def evaluate(model: nn.Module, store: FeatureStore, trials: Trials, *, cohort: np.ndarray | None = None,
+def evaluate(model: nn.Module, store: FeatureSource, trials: Trials, *, cohort: np.ndarray | None = None,
              n_boot: int = 1000, seed: int = 0, max_frames: int | None = None,
-             paired_boot: tuple[int, int] | None = None) -> EvalResult:
+             paired_boot: tuple[int, int] | None = None, progress: bool = False) -> EvalResult:
     """Score ``trials`` with ``model``; ``max_frames`` cuts every utterance (a cheaper, noisier estimate).
 
     ``paired_boot=(n, seed)`` also gives the EER on ``n`` shared bootstrap replicates (``eer_boot``), for
     paired comparisons with every other model scored on the same trials with the same ``(n, seed)``."""
-    emb = extract_embeddings(model, store, trials.utterances, max_frames=max_frames)
+    emb = extract_embeddings(model, store, trials.utterances, max_frames=max_frames, progress=progress)
     scores = score(trials, emb, cohort)
     result = metrics_of(scores, trials.labels, as_normed=cohort is not None, n_boot=n_boot, seed=seed)
     if paired_boot is None:
@@ -120,14 +161,16 @@ def evaluate(model: nn.Module, store: FeatureStore, trials: Trials, *, cohort: n
 
 def evaluate_dir(model: nn.Module, data_dir: str | Path, trials_file: str | Path, *,
                  cache_dir: str | Path | None = None, cohort_dir: str | Path | None = None,
-                 n_boot: int = 1000, progress: bool = True) -> EvalResult:
-    """Read data and trials (validated: every trial utterance must be in the data), then evaluate."""
+                 n_boot: int = 1000, progress: bool = True, loading: DataLoading = DataLoading()) -> EvalResult:
+    """Read data and trials (validated: every trial utterance must be in the data), then evaluate.
+    ``loading`` says where features come from (:mod:`lsv_core.data.loader`)."""
     data = read_data(data_dir)
     trials = read_trials(trials_file, data)
-    store = extract_features(data, utts=trials.utterances, cache_dir=cache_dir, progress=progress)
+    store, _ = open_features(data, trials.utterances, loading=loading, cache_dir=cache_dir, progress=progress,
+                             role="eval")
     cohort = None
     if cohort_dir is not None:
         cdata = read_data(cohort_dir)
-        cstore = extract_features(cdata, cache_dir=cache_dir, progress=progress)
+        cstore, _ = open_features(cdata, loading=loading, cache_dir=cache_dir, progress=progress, role="cohort")
         cohort = cohort_embeddings(model, cstore, cdata.spk2utt())
-    return evaluate(model, store, trials, cohort=cohort, n_boot=n_boot)
+    return evaluate(model, store, trials, cohort=cohort, n_boot=n_boot, progress=progress)

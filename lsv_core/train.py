@@ -7,9 +7,8 @@ batch sampler and an optimizer and runs a number of steps with schedules for lea
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,40 +17,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsv_core.data.features import FeatureStore
+from lsv_core.data.loader import CropBatches, DataLoading, FeatureSource
 from lsv_core.errors import ConfigError
 
 
-class CropSampler:
+class CropSampler(CropBatches):
     """Endless batches of random ``crop_frames`` crops of random training utterances, seeded.
 
-    Utterances shorter than a crop are tiled (WeSpeaker repeats short audio the same way).
+    ``store`` is any feature source (in memory, the sharded store, or audio; :mod:`lsv_core.data.loader`);
+    ``speakers`` maps each of its utterances to its class. Utterances shorter than a crop are tiled
+    (WeSpeaker repeats short audio the same way). ``workers`` > 0 prepares batches in DataLoader workers.
     """
 
-    def __init__(self, store: FeatureStore, speakers: dict[str, int], *, crop_frames: int = 200,
-                 batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, store: FeatureSource, speakers: Mapping[str, int], *, crop_frames: int = 200,
+                 batch_size: int = 64, seed: int = 0, workers: int = 0) -> None:
+        labels = np.fromiter((speakers[u] for u in store.utts), dtype=np.int64, count=len(store.utts))
+        super().__init__(store, labels, crop=crop_frames, batch_size=batch_size, seed=seed, workers=workers)
         self.store = store
-        self.utts = list(store.utts)
-        self.labels = np.array([speakers[u] for u in self.utts], dtype=np.int64)
-        self.crop_frames = crop_frames
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-
-    def _crop(self, feats: np.ndarray) -> np.ndarray:
-        n = feats.shape[0]
-        if n < self.crop_frames:
-            feats = np.tile(feats, (math.ceil(self.crop_frames / n), 1))
-            n = feats.shape[0]
-        start = int(self.rng.integers(0, n - self.crop_frames + 1))
-        return feats[start : start + self.crop_frames]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.rng.integers(0, len(self.utts), size=self.batch_size)
-        x = np.stack([self._crop(self.store[self.utts[i]]) for i in idx])
-        return torch.from_numpy(x), torch.from_numpy(self.labels[idx])
 
 
 @dataclass
@@ -183,12 +165,13 @@ class TrainSummary:
 def train_baseline(config: TrainConfig, train_dir: str | Path, *, out: str | Path,
                    eval_dir: str | Path | None = None, trials: str | Path | None = None,
                    cache_dir: str | Path | None = None, overwrite: bool = False,
-                   progress: bool = True) -> TrainSummary:
+                   progress: bool = True, loading: DataLoading = DataLoading()) -> TrainSummary:
     """Train the baseline on ``train_dir``, evaluate on ``trials`` over ``eval_dir``, write a checkpoint
     (safetensors, with the AAM head under ``projection.*`` for later fine-tuning) and ``<out>.json``.
+    ``loading`` says where features come from (:mod:`lsv_core.data.loader`; ``auto`` by default).
     """
     from lsv_core.atomic import check_writable, write_text_atomic
-    from lsv_core.data.features import extract_features
+    from lsv_core.data.loader import open_features
     from lsv_core.data.manifest import read_data
     from lsv_core.data.trials import read_trials
     from lsv_core.device import pick_device
@@ -208,25 +191,28 @@ def train_baseline(config: TrainConfig, train_dir: str | Path, *, out: str | Pat
     trial_list = read_trials(trials, eval_data) if trials is not None and eval_data is not None else None
     spk_index = {s: i for i, s in enumerate(data.speakers)}
     speakers = {u.utt: spk_index[u.speaker] for u in data}
-    store = extract_features(data, cache_dir=cache_dir, progress=progress)
+    store, mode = open_features(data, loading=loading, cache_dir=cache_dir, progress=progress)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs).to(device)
     head = AAMSoftmax(model.embed_dim, len(spk_index), margin=0.0, scale=config.scale).to(device)
     sampler = CropSampler(store, speakers, crop_frames=config.crop_frames, batch_size=config.batch_size,
-                          seed=config.seed)
+                          seed=config.seed, workers=loading.workers_for(mode, device))
     optimizer = make_optimizer(list(model.parameters()) + list(head.parameters()), config.optimizer,
                                config.lr, config.weight_decay)
     schedule = Schedule(config.steps, config.lr, config.final_lr, margin=config.margin)
     t_train = time.monotonic()
-    stats = fit(model, head, sampler, optimizer, schedule, progress=progress, desc="baseline",
-                time_budget_s=config.time_budget_s)
+    try:
+        stats = fit(model, head, sampler, optimizer, schedule, progress=progress, desc="baseline",
+                    time_budget_s=config.time_budget_s)
+    finally:
+        sampler.close()
     train_wall = time.monotonic() - t_train
 
     result: dict[str, Any] = {}
     if trial_list is not None and eval_data is not None:
-        eval_store = extract_features(eval_data, utts=trial_list.utterances, cache_dir=cache_dir,
-                                      progress=progress)
+        eval_store, _ = open_features(eval_data, trial_list.utterances, loading=loading, cache_dir=cache_dir,
+                                      progress=progress, role="eval")
         result = evaluate(model, eval_store, trial_list).to_dict()
     params = sum(p.numel() for p in model.parameters())
     meta = {"train_config": asdict(config), "eval": result, "speakers": len(spk_index)}

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsv_core.data.features import FeatureStore, extract_features
+from lsv_core.data.loader import DataLoading, FeatureSource, open_features
 from lsv_core.data.manifest import read_data
+from lsv_core.data.subset import TrainingSubset, select_training_utts
 from lsv_core.data.trials import Trials, read_trials
 from lsv_core.device import pick_device
 from lsv_core.errors import CheckpointError, ConfigError
@@ -61,7 +62,9 @@ class WorkbenchSpec:
     ``checkpoint`` is ours (``lsv train``; it keeps its AAM head) or a WeSpeaker ``avg_model.pt`` (then
     ``arch``/``arch_kwargs`` name its architecture). ``max_trials`` scores on a seeded subset
     (``subset_seed``) of the trial list. ``codebook_dir`` keeps the baseline's initial k-means codebooks
-    on disk, shared by every workbench that points at it.
+    on disk, shared by every workbench that points at it. ``loading`` says where features come from
+    (memory, the sharded store in ``cache_dir``, or audio; :mod:`lsv_core.data.loader`) and ``train_subset``
+    fine-tunes on a seeded subset of the training speakers/utterances (:mod:`lsv_core.data.subset`).
     """
 
     checkpoint: Path
@@ -73,6 +76,8 @@ class WorkbenchSpec:
     subset_seed: int = 0
     device: str = "auto"
     codebook_dir: Path | None = None
+    loading: DataLoading = field(default_factory=DataLoading)
+    train_subset: TrainingSubset = field(default_factory=TrainingSubset)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (paths as strings)."""
@@ -82,7 +87,8 @@ class WorkbenchSpec:
         return {"checkpoint": str(self.checkpoint), "train": str(self.data.train), "eval": str(self.data.eval),
                 "trials": str(self.data.trials), "arch": self.arch, "arch_kwargs": dict(self.arch_kwargs),
                 "cache_dir": text(self.cache_dir), "max_trials": self.max_trials, "subset_seed": self.subset_seed,
-                "device": self.device, "codebook_dir": text(self.codebook_dir)}
+                "device": self.device, "codebook_dir": text(self.codebook_dir), "loading": asdict(self.loading),
+                "train_subset": asdict(self.train_subset)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> WorkbenchSpec:
@@ -92,7 +98,9 @@ class WorkbenchSpec:
         return cls(checkpoint=Path(d["checkpoint"]), data=DataPaths(Path(d["train"]), Path(d["eval"]), Path(d["trials"])),
                    arch=d.get("arch"), arch_kwargs=dict(d.get("arch_kwargs") or {}), cache_dir=path(d.get("cache_dir")),
                    max_trials=d.get("max_trials"), subset_seed=int(d.get("subset_seed", 0)),
-                   device=d.get("device", "auto"), codebook_dir=path(d.get("codebook_dir")))
+                   device=d.get("device", "auto"), codebook_dir=path(d.get("codebook_dir")),
+                   loading=DataLoading(**(d.get("loading") or {})),
+                   train_subset=TrainingSubset(**(d.get("train_subset") or {})))
 
     def replace(self, **changes: Any) -> WorkbenchSpec:
         return dataclasses.replace(self, **changes)
@@ -150,15 +158,16 @@ class RecipeOutcome:
 class Workbench:
     """The float baseline, its AAM head, training features and evaluation trials, loaded once."""
 
-    def __init__(self, model: nn.Module, head: nn.Module, train: FeatureStore, speakers: dict[str, int],
-                 eval_store: FeatureStore, trials: Trials, codebook_dir: str | Path | None = None,
-                 codebooks: InitialCodebooks | None = None) -> None:
+    def __init__(self, model: nn.Module, head: nn.Module, train: FeatureSource, speakers: Mapping[str, int],
+                 eval_store: FeatureSource, trials: Trials, codebook_dir: str | Path | None = None,
+                 codebooks: InitialCodebooks | None = None, loader_workers: int = 0) -> None:
         self.model = model.eval()
         self.head = head
         self.train = train
         self.speakers = speakers
         self.eval_store = eval_store
         self.trials = trials
+        self.loader_workers = loader_workers
         self.fp32_bytes = packed_size_bytes(model, BitRecipe({}))
         modules = dict(model.named_modules())
         # Every recipe's first MSFT stage clusters baseline weights: those codebooks are computed once.
@@ -183,6 +192,7 @@ class Workbench:
             raise CheckpointError(f"{checkpoint} holds no AAM head (projection.*); fine-tuning needs one: "
                                   "train the baseline with `lsv train`")
         train_data = read_data(paths.train)
+        train_utts = select_training_utts(train_data, spec.train_subset)
         speakers_sorted = train_data.speakers
         n_classes, embed_dim = head_state["weight"].shape
         if n_classes != len(speakers_sorted):
@@ -193,11 +203,14 @@ class Workbench:
         eval_data = read_data(paths.eval)
         trials = subset_trials(read_trials(paths.trials, eval_data), spec.max_trials, spec.subset_seed)
         spk_index = {s: i for i, s in enumerate(speakers_sorted)}
-        speakers = {u.utt: spk_index[u.speaker] for u in train_data}
-        train = extract_features(train_data, cache_dir=spec.cache_dir, progress=progress)
-        eval_store = extract_features(eval_data, utts=trials.utterances, cache_dir=spec.cache_dir, progress=progress)
+        speakers = {u: spk_index[train_data.utterances[u].speaker] for u in train_utts}
+        train, mode = open_features(train_data, train_utts, loading=spec.loading, cache_dir=spec.cache_dir,
+                                    progress=progress)
+        del train_data  # a million-utterance listing is a few hundred MB of Python objects
+        eval_store, _ = open_features(eval_data, trials.utterances, loading=spec.loading, cache_dir=spec.cache_dir,
+                                      progress=progress, role="eval")
         return cls(model.to(dev), head.to(dev), train, speakers, eval_store, trials, codebook_dir=spec.codebook_dir,
-                   codebooks=codebooks)
+                   codebooks=codebooks, loader_workers=spec.loading.workers_for(mode, dev))
 
     @property
     def device(self) -> torch.device:
@@ -209,7 +222,8 @@ class Workbench:
     def fresh(self) -> tuple[nn.Module, FineTuneData]:
         """Independent copies of the baseline and head, and the shared (read-only) data."""
         model, head = copy.deepcopy(self.model), copy.deepcopy(self.head)
-        return model, FineTuneData(self.train, self.speakers, head, self.eval_store, self.trials)
+        return model, FineTuneData(self.train, self.speakers, head, self.eval_store, self.trials,
+                                   loader_workers=self.loader_workers)
 
     def size_of(self, recipe: BitRecipe | Mapping[str, SpecLike]) -> int:
         """Exact packed bytes of the baseline under ``recipe``, without quantizing anything."""

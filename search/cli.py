@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -40,6 +41,63 @@ def _corpus_synth(args: argparse.Namespace) -> int:
     summary = synthesize_corpus(args.out, cfg, workers=args.workers, overwrite=args.force)
     console.print(f"[green]corpus written[/] to {args.out}: {summary}")
     return 0
+
+
+def _data_cache(args: argparse.Namespace) -> int:
+    from lsv_core.data.features import FbankConfig
+    from lsv_core.data.fingerprint import manifest_of
+    from lsv_core.data.manifest import read_data
+    from lsv_core.data.store import StoreConfig, build_store, store_folder
+
+    data = read_data(args.data)
+    manifest = manifest_of(data, cache_dir=args.cache, workers=args.workers)
+    store = StoreConfig(dtype=args.dtype, shard_utts=args.shard_utts)
+    n = build_store(data, manifest, args.cache, store=store, workers=args.workers)
+    console.print(f"[green]feature store[/] {store_folder(args.cache, FbankConfig(), store)}: {len(data)} utterances "
+                  f"of {args.data} ({n} computed now, {len(data) - n} already stored)")
+    return 0
+
+
+def _data_audit(args: argparse.Namespace) -> int:
+    from lsv_core.data.audit import audit_audio, raise_for_problems
+    from lsv_core.data.manifest import read_data
+
+    data = read_data(args.data)
+    problems = audit_audio(data, cache_dir=args.cache, workers=args.workers)
+    raise_for_problems(problems, source=str(args.data))
+    console.print(f"[green]audio ok[/]: {len(data)} files of {args.data}")
+    return 0
+
+
+def _data_prepare_voxceleb(args: argparse.Namespace) -> int:
+    from lsv_core.data.voxceleb import prepare_voxceleb
+
+    summary = prepare_voxceleb(args.root, args.out, convert_m4a=args.convert_m4a, workers=args.workers,
+                               overwrite=args.force)
+    for name, counts in summary.sets.items():
+        console.print(f"[green]{name}[/]: {counts['utterances']} utterances, {counts['speakers']} speakers -> "
+                      f"{summary.out / name}")
+    for name, n in summary.trials.items():
+        console.print(f"[green]{name}[/]: {n} trials -> {summary.out / 'vox1' / name}")
+    return 0
+
+
+def _arch_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LsvError(f"--arch-kwargs={text!r} is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise LsvError(f"--arch-kwargs={text!r} should be a JSON object, e.g. '{{\"embed_dim\": 256}}'")
+    return value
+
+
+def _loading(args: argparse.Namespace) -> Any:
+    from lsv_core.data.loader import DataLoading
+
+    return DataLoading(features=args.features, loader_workers=args.loader_workers)
 
 
 def _corpus_paths(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
@@ -83,7 +141,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     model = load_model_file(args.model, name=args.arch)
     result = evaluate_dir(model, args.data, args.trials, cache_dir=args.cache, cohort_dir=args.cohort,
-                          n_boot=args.n_boot)
+                          n_boot=args.n_boot, loading=_loading(args))
     payload = {"model": str(args.model), "data": str(args.data), "trials": str(args.trials), **result.to_dict()}
     print(json.dumps(payload, indent=2))
     if args.json:
@@ -92,6 +150,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from lsv_core.data.subset import TrainingSubset
     from lsv_core.export.packed import save_packed
     from lsv_core.quant import BitRecipe
     from lsv_core.quant.codebook import KMQATConfig
@@ -105,9 +164,12 @@ def _quantize(args: argparse.Namespace) -> int:
     if eval_dir is None or trials is None:
         raise LsvError("quantize needs evaluation data: --corpus DIR, or --eval DIR and --trials FILE")
     schedule = MsftSchedule(order=args.msft, total_steps=args.steps, lr=args.lr, seed=args.seed,
-                            kmqat=KMQATConfig(centroid_update=args.centroids))
+                            batch_size=args.batch_size, kmqat=KMQATConfig(centroid_update=args.centroids))
     spec = WorkbenchSpec(checkpoint=args.model, data=DataPaths(train_dir, eval_dir, trials), cache_dir=args.cache,
-                         max_trials=args.max_trials, subset_seed=args.seed, device=args.device)
+                         max_trials=args.max_trials, subset_seed=args.seed, device=args.device, arch=args.arch,
+                         arch_kwargs=_arch_kwargs(args.arch_kwargs),
+                         loading=_loading(args),
+                         train_subset=TrainingSubset(args.train_speakers, args.train_utts_per_speaker, args.seed))
     bench = Workbench.load(spec)
     omega = None
     if args.recipe is not None:
@@ -257,7 +319,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_loading_flags(p: argparse.ArgumentParser) -> None:
+    from lsv_core.data.loader import FEATURE_MODES, DataLoading
+    from lsv_core.settings import default_of
+
+    p.add_argument("--features", choices=FEATURE_MODES, default=default_of(DataLoading, "features"),
+                   help="where features come from: memory, the sharded store in --cache, audio (fbank on the "
+                   "fly), or auto (memory when small)")
+    p.add_argument("--loader-workers", type=int, default=default_of(DataLoading, "loader_workers"),
+                   help="DataLoader worker processes for training batches (default: 0 on CPU, 4 on GPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lsv_core.data.store import StoreConfig
+    from lsv_core.data.subset import TrainingSubset
     from lsv_core.quant.codebook import CENTROID_UPDATES, KMQATConfig
     from lsv_core.quant.msft import ORDERS, MsftSchedule
     from lsv_core.quant.recipe import ALLOWED_BITS, DEFAULT_BINARY_MODE, binary_modes
@@ -309,13 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trials", required=True, type=Path)
     e.add_argument("--cohort", type=Path, help="data for AS-norm's cohort (enables AS-norm)")
     e.add_argument("--cache", type=Path, help="feature cache folder")
+    _add_loading_flags(e)
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the EER CI")
     e.add_argument("--json", type=Path, help="also write the result here")
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_evaluate)
 
     q = sub.add_parser("quantize", help="quantize a baseline with a bit recipe (k-means codebooks + MSFT)")
-    q.add_argument("--model", required=True, type=Path, help="baseline checkpoint written by `lsv train`")
+    q.add_argument("--model", required=True, type=Path, help="baseline checkpoint written by `lsv train`, or a "
+                   "WeSpeaker avg_model.pt with its AAM head (then give --arch)")
+    q.add_argument("--arch", help="architecture of a WeSpeaker .pt checkpoint, e.g. ResNet34")
+    q.add_argument("--arch-kwargs", help='its arguments as JSON, e.g. \'{"embed_dim": 256}\' (WeSpeaker defaults otherwise)')
     how = q.add_mutually_exclusive_group(required=True)
     how.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="uniform precision")
     how.add_argument("--recipe", type=Path, help="recipe file (.json or .toml): layer -> bits")
@@ -326,12 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=default_of(MsftSchedule, "total_steps"),
                    help="total fine-tuning steps (0: k-means only)")
     q.add_argument("--lr", type=float, default=default_of(MsftSchedule, "lr"))
+    q.add_argument("--batch-size", type=int, default=default_of(MsftSchedule, "batch_size"),
+                   help="fine-tuning batch size (crops per step)")
     q.add_argument("--centroids", choices=CENTROID_UPDATES, default=default_of(KMQATConfig, "centroid_update"),
                    help="how centroids adapt during fine-tuning")
     q.add_argument("--corpus", help="corpus root holding train/, eval/ and eval/trials")
-    q.add_argument("--train")
-    q.add_argument("--eval")
-    q.add_argument("--trials")
+    q.add_argument("--train", help="training data: Kaldi dir or VoxCeleb folder (the baseline's speakers)")
+    q.add_argument("--eval", help="evaluation data: Kaldi dir or VoxCeleb folder")
+    q.add_argument("--trials", help="trial list over --eval (VoxCeleb or Kaldi form)")
+    q.add_argument("--train-speakers", type=int, default=default_of(TrainingSubset, "speakers"),
+                   help="fine-tune on this many random training speakers (seeded by --seed)")
+    q.add_argument("--train-utts-per-speaker", type=int, default=default_of(TrainingSubset, "utts_per_speaker"),
+                   help="and at most this many random utterances of each")
+    _add_loading_flags(q)
     q.add_argument("--max-trials", type=int, help="evaluate on a seeded subset of the trials")
     q.add_argument("--cache", type=Path, help="feature (and Hessian-trace) cache folder")
     q.add_argument("--seed", type=int, default=0)
@@ -340,6 +426,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", type=Path, help="write EER, minDCF, bytes, compression and stages here")
     q.add_argument("--force", action="store_true")
     q.set_defaults(func=_quantize)
+
+    data = sub.add_parser("data", help="prepare, check and cache data").add_subparsers(dest="action", required=True)
+    dc = data.add_parser("cache", help="build the content-keyed feature store of a data dir ahead of a study")
+    dc.add_argument("data", type=Path, help="Kaldi data dir or VoxCeleb folder")
+    dc.add_argument("--cache", type=Path, default=Path("runs/cache"), help="cache folder (a study's data.cache_dir)")
+    dc.add_argument("--dtype", choices=("float16", "float32"), default=default_of(StoreConfig, "dtype"))
+    dc.add_argument("--shard-utts", type=int, default=default_of(StoreConfig, "shard_utts"))
+    dc.add_argument("--workers", type=int, help="processes computing fbank (default: the CPU count, at most 8)")
+    dc.set_defaults(func=_data_cache)
+    da = data.add_parser("audit", help="check every audio file (readable, non-empty, 16 kHz, long enough)")
+    da.add_argument("data", type=Path, help="Kaldi data dir or VoxCeleb folder")
+    da.add_argument("--cache", type=Path, help="remember files that passed here (by content)")
+    da.add_argument("--workers", type=int)
+    da.set_defaults(func=_data_audit)
+    dp = data.add_parser("prepare", help="turn a downloaded corpus into Kaldi data dirs and trial lists")
+    prep = dp.add_subparsers(dest="corpus", required=True)
+    vox = prep.add_parser("voxceleb", help="VoxCeleb1/2 download layout -> vox1/, vox2_dev/, Vox1-O/E/H trials")
+    vox.add_argument("--root", required=True, type=Path, help="folder holding the VoxCeleb downloads")
+    vox.add_argument("--out", required=True, type=Path, help="folder to create")
+    vox.add_argument("--convert-m4a", action="store_true", help="decode .m4a once to 16 kHz WAV under OUT/wav")
+    vox.add_argument("--workers", type=int)
+    vox.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    vox.set_defaults(func=_data_prepare_voxceleb)
 
     r = sub.add_parser("run", help="run or resume a bit-width search study (Optuna + Ray + MLflow)")
     r.add_argument("study", type=Path, help="study config (.toml), e.g. studies/quickstart.toml")
@@ -402,8 +511,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_library_log() -> None:
+    """Library decisions worth a line (e.g. which feature source was chosen) go to the console."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("lsv")
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_log()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

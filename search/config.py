@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from lsv_core.data.loader import DataLoading
+from lsv_core.data.subset import TrainingSubset
 from lsv_core.errors import ConfigError
 from lsv_core.quant.codebook import CentroidUpdate, KMQATConfig
 from lsv_core.quant.msft import MsftSchedule, Order
@@ -92,7 +94,13 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    """Either ``corpus`` (the layout of ``lsv corpus synth``) or ``train`` + ``eval`` + ``trials``."""
+    """Either ``corpus`` (the layout of ``lsv corpus synth``) or ``train`` + ``eval`` + ``trials``.
+
+    ``features`` says where training and evaluation features come from (lsv_core.data.loader): ``auto``
+    keeps them in memory when they fit ``memory_budget_mb``, else reads them from the sharded store in
+    ``cache_dir`` (``lsv data cache`` builds it ahead), else computes them from the audio. ``train_speakers``
+    / ``train_utts_per_speaker`` fine-tune on a subset drawn with ``train_subset_seed``
+    (lsv_core.data.subset); defaults and bounds are the library's."""
 
     corpus: PathValue | None = DEFAULT_CORPUS
     # Synthesizes the embedded corpus only at its default path (the quickstart's); a corpus path that was
@@ -105,6 +113,13 @@ class DataSection(_Section):
     max_trials: int | None = Field(default=None, ge=10)
     # Its own seed, not study.seed: studies that differ only in their search seed score on the same trials.
     subset_seed: int = 0
+    features: Literal["auto", "memory", "store", "audio"] = _library(DataLoading, "features")
+    memory_budget_mb: float = _library(DataLoading, "memory_budget_mb")
+    feature_dtype: Literal["float16", "float32"] = _library(DataLoading, "dtype")
+    loader_workers: int | None = _library(DataLoading, "loader_workers")
+    train_speakers: int | None = _library(TrainingSubset, "speakers")
+    train_utts_per_speaker: int | None = _library(TrainingSubset, "utts_per_speaker")
+    train_subset_seed: int = _library(TrainingSubset, "seed")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:
@@ -115,6 +130,10 @@ class DataSection(_Section):
         elif self.corpus is None:
             raise ValueError("give corpus, or train + eval + trials")
         return self
+
+
+_DATA_FIELDS_SINCE_V2 = ("features", "memory_budget_mb", "feature_dtype", "loader_workers", "train_speakers",
+                         "train_utts_per_speaker", "train_subset_seed")
 
 
 class SpaceSection(_Section):
@@ -292,7 +311,15 @@ class StudyConfig(_Section):
             checkpoint=self.model.checkpoint.resolve(), data=self.data_paths().resolved(), arch=self.model.arch,
             arch_kwargs=dict(self.model.arch_kwargs), cache_dir=self.data.cache_dir.resolve(),
             max_trials=self.data.max_trials, subset_seed=self.data.subset_seed, device=self.resources.device,
-            codebook_dir=self.study_dir / "codebooks")
+            codebook_dir=self.study_dir / "codebooks", loading=self.data_loading(),
+            train_subset=TrainingSubset(self.data.train_speakers, self.data.train_utts_per_speaker,
+                                        self.data.train_subset_seed))
+
+    def data_loading(self) -> DataLoading:
+        """The runtime form of ``[data]``'s feature fields."""
+        d = self.data
+        return DataLoading(features=d.features, memory_budget_mb=d.memory_budget_mb, dtype=d.feature_dtype,
+                           loader_workers=d.loader_workers)
 
     def msft_schedule(self) -> MsftSchedule:
         """The runtime form of ``[msft]``, seeded with ``study.seed``."""
@@ -309,6 +336,11 @@ class StudyConfig(_Section):
         d.pop("storage", None)
         for k in ("max_failures", "bad_nodes", "hessian"):  # where things run, not what they compute
             d["resources"].pop(k, None)
+        # Fields added to [data] later enter the digest only when set away from their defaults, so a study
+        # made before them keeps its digest (and resumes).
+        for k in _DATA_FIELDS_SINCE_V2:
+            if d["data"].get(k) == DataSection.model_fields[k].default:
+                d["data"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dump(self) -> dict[str, Any]:

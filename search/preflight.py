@@ -175,38 +175,26 @@ def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem]) ->
             out.trials = read_trials(paths.trials, out.eval)
         except DataError as err:
             problems.append(Problem("data.trials" if d.trials is not None else "data.corpus", str(err)))
+    # Every audio file the run will read: the training subset it fine-tunes on, and the evaluation
+    # utterances the trial list uses (headers only; files that passed are remembered by content).
+    import sys
+
+    from lsv_core.data.audit import audit_audio
+    from lsv_core.data.subset import select_training_utts
+    from lsv_core.errors import ConfigError
+
     used = []
     if out.train is not None:
-        used.append(out.train)
-    if out.eval is not None and out.trials is not None:
-        used.append(out.eval.subset(out.trials.utterances))
-    for data in used:
-        problems += [Problem(f"{data.root}", str(p)) for p in _audit_audio(data, config.data.cache_dir)]
-    return out.train is not None and out.eval is not None
-
-
-def _audit_audio(data: DataSet, cache_dir: Path) -> list[str]:
-    """Every listed audio file: readable, 16 kHz, not empty (header reads, no decoding)."""
-    import soundfile as sf
-
-    from lsv_core.data.audio import SAMPLE_RATE
-
-    found = []
-    for u in data:
         try:
-            info = sf.info(str(u.path))
-        except Exception as err:  # noqa: BLE001 - soundfile raises several types for bad files
-            reason = "does not exist" if not u.path.exists() else f"is unreadable ({str(err).strip()[:120]})"
-            found.append(f"utterance {u.utt}: {u.path} {reason}")
-            continue
-        if info.frames == 0:
-            found.append(f"utterance {u.utt}: {u.path} is empty (0 samples)")
-        elif info.samplerate != SAMPLE_RATE:
-            found.append(f"utterance {u.utt}: {u.path} has sample rate {info.samplerate} Hz, expected "
-                         f"{SAMPLE_RATE} Hz (convert it, e.g. `sox in.wav -r 16000 out.wav`)")
-        elif info.frames < SAMPLE_RATE * 0.025:
-            found.append(f"utterance {u.utt}: {u.path} is shorter than one 25 ms frame ({info.frames} samples)")
-    return found
+            used.append((out.train, select_training_utts(out.train, config.workbench_spec().train_subset)))
+        except ConfigError as err:
+            problems.append(Problem("data.train_speakers", str(err)))
+    if out.eval is not None and out.trials is not None:
+        used.append((out.eval, out.trials.utterances))
+    for data, utts in used:
+        found = audit_audio(data, utts=utts, cache_dir=config.data.cache_dir, progress=sys.stderr.isatty())
+        problems += [Problem(f"{data.root}", str(p)) for p in found]
+    return out.train is not None and out.eval is not None
 
 
 def _check_baseline(config: StudyConfig, out: Preflight, problems: list[Problem], data_ready: bool) -> None:

@@ -208,9 +208,10 @@ def _tiny(path: Path) -> None:
     sf.write(path, np.zeros(100, dtype=np.float32), 16000, subtype="PCM_16")
 
 
-AUDIO_DAMAGE = {"corrupt": (_corrupt, "unreadable"), "zero-bytes": (_empty_file, "unreadable"),
-                "no-samples": (_no_samples, "empty"), "8khz": (_rate_8k, "8000 Hz"),
-                "too-short": (_tiny, "shorter than one 25 ms frame"), "missing": (Path.unlink, "does not exist")}
+AUDIO_DAMAGE = {"corrupt": (_corrupt, "unreadable"), "zero-bytes": (_empty_file, "empty (0 bytes)"),
+                "no-samples": (_no_samples, "empty (0 samples)"), "8khz": (_rate_8k, "8000 Hz"),
+                "too-short": (_tiny, "shorter than one 400-sample fbank frame"),
+                "missing": (Path.unlink, "does not exist")}
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])

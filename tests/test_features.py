@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lsv_core.data import features as feat_mod
+from lsv_core.data import store as store_mod
 from lsv_core.data.audio import read_audio
 from lsv_core.data.features import FbankConfig, extract_features, fbank
 from lsv_core.data.manifest import read_kaldi_dir
@@ -42,10 +42,10 @@ def test_feature_cache_never_recomputes(kaldi_dir: Path, tmp_path: Path, monkeyp
     data = read_kaldi_dir(kaldi_dir)
     cache = tmp_path / "cache"
     first = extract_features(data, cache_dir=cache, workers=1, progress=False)
-    assert len(list(cache.glob("fbank-*.safetensors"))) == 1
+    assert len(list(cache.glob("features/*/*.idx.npz"))) == 1  # one shard of 6 utterances
     calls = []
-    real = feat_mod._features_of
-    monkeypatch.setattr(feat_mod, "_features_of", lambda item: calls.append(item) or real(item))
+    real = store_mod._features_job
+    monkeypatch.setattr(store_mod, "_features_job", lambda item: calls.append(item) or real(item))
     second = extract_features(data, cache_dir=cache, workers=1, progress=False)
     assert calls == []
     for u in data.utterances:
@@ -57,5 +57,5 @@ def test_feature_cache_never_recomputes(kaldi_dir: Path, tmp_path: Path, monkeyp
 
     sf.write(path, wav[: len(wav) // 2], 16000, subtype="PCM_16")
     third = extract_features(data, cache_dir=cache, workers=1, progress=False)
-    assert len(calls) == len(data)
+    assert [c[0] for c in calls] == ["spkA-0"]  # content-keyed per utterance: only the changed file
     assert third.num_frames("spkA-0") < first.num_frames("spkA-0")

@@ -1,7 +1,12 @@
-"""Reading audio for speaker verification: 16 kHz mono float32, every problem named by file."""
+"""Reading audio for speaker verification: 16 kHz mono float32, every problem named by file.
+
+WAV/FLAC/OGG go through soundfile (libsndfile). Other containers, VoxCeleb2's AAC ``.m4a`` above all, are
+decoded with PyAV, whose wheels ship their own FFmpeg libraries: no system ffmpeg is needed.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,22 +15,90 @@ import soundfile as sf
 from lsv_core.errors import DataError
 
 SAMPLE_RATE = 16000
+# libsndfile reads these itself; anything else is handed to PyAV (FFmpeg).
+SOUNDFILE_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aiff", ".aif", ".au", ".w64", ".caf"})
+
+
+@dataclass(frozen=True)
+class AudioHeader:
+    """What a file's header says, without decoding it: rate (Hz), samples per channel, channels."""
+
+    sample_rate: int
+    frames: int
+    channels: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+
+def _uses_soundfile(path: Path) -> bool:
+    return path.suffix.lower() in SOUNDFILE_SUFFIXES
+
+
+def _av_open(path: Path):  # -> av.container.InputContainer
+    import av
+
+    return av.open(str(path), mode="r")
+
+
+def read_header(path: str | Path) -> AudioHeader:
+    """The header of ``path`` (soundfile, or PyAV's probe for other containers). Raises what the
+    reader raises for a file it cannot parse; :func:`read_audio` and the audit turn that into DataError."""
+    path = Path(path)
+    if _uses_soundfile(path):
+        info = sf.info(str(path))
+        return AudioHeader(int(info.samplerate), int(info.frames), int(info.channels))
+    with _av_open(path) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        frames = 0  # (stream.frames counts packets, not samples)
+        if stream.duration is not None and stream.time_base is not None:
+            frames = int(stream.duration * stream.time_base * stream.rate)
+        if not frames and container.duration:  # microseconds
+            frames = int(container.duration * stream.rate / 1_000_000)
+        return AudioHeader(int(stream.rate), int(frames or 0), int(stream.channels))
+
+
+def _decode_av(path: Path) -> tuple[np.ndarray, int]:
+    """(samples, channels) float32 and the rate, decoded by PyAV."""
+    import av
+
+    with _av_open(path) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        rate = int(stream.rate)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks = []
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+    wav = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    return wav.astype(np.float32, copy=False)[:, None], rate
 
 
 def read_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE, resample: bool = False,
                where: str = "") -> np.ndarray:
     """Return the waveform of ``path`` as float32 mono in [-1, 1] at ``sample_rate`` Hz.
 
-    ``where`` (e.g. ``"wav.scp:12"``) is prepended to errors so a user can find the listing line.
-    A file at another rate is an error unless ``resample`` is true (soxr, high quality).
+    ``where`` (e.g. ``"wav.scp:12"`` or ``"utterance id00012/abc/00001.m4a"``) is prepended to errors so
+    a user can find the listing line. A file at another rate is an error unless ``resample`` is true
+    (soxr, high quality).
     """
     prefix = f"{where}: " if where else ""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{prefix}audio file {path} does not exist")
     try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:  # soundfile raises several types for corrupt files
+        if _uses_soundfile(path):
+            wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        else:
+            wav, sr = _decode_av(path)
+    except Exception as exc:  # soundfile and PyAV raise several types for corrupt files
         raise DataError(f"{prefix}audio file {path} is unreadable: {exc}") from exc
     if wav.shape[0] == 0:
         raise DataError(f"{prefix}audio file {path} is empty (0 samples)")
@@ -34,7 +107,7 @@ def read_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE, resample: bo
         if not resample:
             raise DataError(
                 f"{prefix}audio file {path} has sample rate {sr} Hz, expected {sample_rate} Hz "
-                "(enable resampling: resample=True / --resample)"
+                "(resample it first, e.g. with sox, or pass resample=True to read_audio)"
             )
         import soxr
 

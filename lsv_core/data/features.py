@@ -1,4 +1,4 @@
-"""Kaldi-compatible log-mel filterbanks (kaldi-native-fbank) and an on-disk feature cache.
+"""Kaldi-compatible log-mel filterbanks (kaldi-native-fbank) and features of a data set held in memory.
 
 Features match WeSpeaker's front end: 80 bins, 25 ms windows every 10 ms, povey window, waveform scaled
 to the int16 range as Kaldi expects, no dither (so features are deterministic), then per-utterance mean
@@ -7,20 +7,20 @@ normalisation (CMN) over time.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import kaldi_native_fbank as knf
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
-from lsv_core.atomic import atomic_path
 from lsv_core.data.audio import SAMPLE_RATE, read_audio
 from lsv_core.data.manifest import DataSet
+
+if TYPE_CHECKING:
+    from lsv_core.data.fingerprint import Manifest
 from lsv_core.errors import DataError
 
 
@@ -56,14 +56,24 @@ def fbank(wav: np.ndarray, config: FbankConfig = FbankConfig()) -> np.ndarray:
     return feats
 
 
-def _features_of(item: tuple[str, str, FbankConfig]) -> np.ndarray:
-    utt, path, config = item
+def features_of_file(utt: str, path: str | Path, config: FbankConfig = FbankConfig()) -> np.ndarray:
+    """Fbank of one audio file; errors name the utterance and the path."""
     wav = read_audio(path, sample_rate=config.sample_rate, resample=config.resample, where=f"utterance {utt}")
-    return fbank(wav, config)
+    try:
+        return fbank(wav, config)
+    except DataError as exc:
+        raise DataError(f"utterance {utt}: audio file {path}: {exc}") from None
+
+
+def _features_of(item: tuple[str, str, FbankConfig]) -> np.ndarray:
+    return features_of_file(*item)
 
 
 class FeatureStore:
-    """Features of a data set held in one array; ``store[utt]`` is a (frames, bins) view."""
+    """Features of a data set held in memory in one array; ``store[utt]`` is a (frames, bins) view.
+
+    The array is float32 when computed here and the on-disk store's dtype (float16 by default: half the
+    memory) when read from it; consumers convert the crops and batches they take to float32."""
 
     def __init__(self, utts: list[str], feats: np.ndarray, offsets: np.ndarray) -> None:
         self.utts = utts
@@ -85,17 +95,35 @@ class FeatureStore:
         i = self._index[utt]
         return int(self.offsets[i + 1] - self.offsets[i])
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Frames per utterance, in ``utts`` order."""
+        return np.diff(self.offsets)
 
-def _cache_key(data: DataSet, utts: list[str], config: FbankConfig) -> str:
-    h = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
-    for utt in utts:
-        u = data.utterances[utt]
-        try:
-            st = u.path.stat()
-        except OSError as exc:
-            raise DataError(f"{data.root}: utterance {utt} points to unreadable audio {u.path}: {exc}") from exc
-        h.update(f"{utt}\0{u.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+    def read(self, i: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of utterance ``i`` (positional)."""
+        return self.feats[self.offsets[i] + start : self.offsets[i] + stop]
+
+
+def _compute(data: DataSet, utts: list[str], config: FbankConfig, workers: int | None,
+             progress: bool) -> list[np.ndarray]:
+    items = [(u, data.utterances[u].location, config) for u in utts]
+    workers = workers or min(len(os.sched_getaffinity(0)), 8)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), desc=f"fbank {data.root.name}", unit="utt", disable=not progress)
+    feats: list[np.ndarray] = []
+    if workers > 1 and len(items) >= 64:
+        with ProcessPoolExecutor(workers) as pool:
+            for f in pool.map(_features_of, items, chunksize=32):
+                feats.append(f)
+                bar.update()
+    else:
+        for it in items:
+            feats.append(_features_of(it))
+            bar.update()
+    bar.close()
+    return feats
 
 
 def extract_features(
@@ -106,43 +134,36 @@ def extract_features(
     utts: list[str] | None = None,
     workers: int | None = None,
     progress: bool = True,
+    dtype: str = "float16",
+    manifest: Manifest | None = None,
 ) -> FeatureStore:
-    """Compute (or load from ``cache_dir``) the features of ``utts`` (default: all) of ``data``.
+    """The features of ``utts`` (default: all) of ``data``, in memory.
 
-    The cache key covers the fbank config and each file's path, size and mtime, so a changed corpus is
-    recomputed and an unchanged one never is.
+    With ``cache_dir`` they come from (and missing ones go to) the sharded store there
+    (:mod:`lsv_core.data.store`, rows of ``dtype``), keyed by each file's content, so a changed file is
+    recomputed and an unchanged one, wherever it lies, never is; ``manifest`` (of ``utts``) saves
+    fingerprinting again when the caller has it. Without ``cache_dir`` they are computed, as float32.
     """
     utts = list(data.utterances) if utts is None else list(utts)
     if not utts:
         raise DataError(f"{data.root}: no utterances to extract features from")
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"fbank-{_cache_key(data, utts, config)}.safetensors"
-        if cache_file.exists():
-            arrays = load_file(str(cache_file))
-            return FeatureStore(utts, arrays["feats"], arrays["offsets"])
-    items = [(u, str(data.utterances[u].path), config) for u in utts]
-    workers = workers or min(len(os.sched_getaffinity(0)), 8)
-    from tqdm import tqdm
+    if cache_dir is None:
+        feats = _compute(data, utts, config, workers, progress)
+        offsets = np.zeros(len(feats) + 1, dtype=np.int64)
+        np.cumsum([len(f) for f in feats], out=offsets[1:])
+        return FeatureStore(utts, np.concatenate(feats), offsets)
+    from lsv_core.data.fingerprint import manifest_of
+    from lsv_core.data.store import StoreConfig, build_store, open_store
 
-    bar = tqdm(total=len(items), desc=f"fbank {data.root.name}", unit="utt", disable=not progress)
-    if workers > 1 and len(items) >= 64:
-        with ProcessPoolExecutor(workers) as pool:
-            feats = []
-            for f in pool.map(_features_of, items, chunksize=32):
-                feats.append(f)
-                bar.update()
-    else:
-        feats = []
-        for it in items:
-            feats.append(_features_of(it))
-            bar.update()
-    bar.close()
-    offsets = np.zeros(len(feats) + 1, dtype=np.int64)
-    np.cumsum([len(f) for f in feats], out=offsets[1:])
-    store = FeatureStore(utts, np.concatenate(feats), offsets)
-    if cache_file is not None:
-        with atomic_path(cache_file, overwrite=True) as tmp:
-            save_file({"feats": store.feats, "offsets": store.offsets}, str(tmp),
-                      metadata={"utts": json.dumps(utts), "config": json.dumps(asdict(config))})
-    return store
+    if manifest is None or manifest.utts != utts:
+        manifest = manifest_of(data, utts, cache_dir=cache_dir, progress=progress)
+    store_cfg = StoreConfig(dtype=dtype)
+    build_store(data, manifest, cache_dir, fbank=config, store=store_cfg, workers=workers, progress=progress)
+    stored = open_store(manifest, cache_dir, fbank=config, store=store_cfg)
+    offsets = np.zeros(len(utts) + 1, dtype=np.int64)
+    np.cumsum(stored.lengths, out=offsets[1:])
+    rows = np.empty((int(offsets[-1]), stored.bins), dtype=stored.dtype)
+    for i in range(len(utts)):  # straight into place: no per-utterance arrays, no concatenation
+        stored.read_into(i, rows[offsets[i] : offsets[i + 1]])
+    stored.close()
+    return FeatureStore(utts, rows, offsets)

@@ -6,6 +6,7 @@ Readers validate everything they read and name the file and line of any problem.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,18 @@ from pathlib import Path
 from lsv_core.errors import DataError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Utterance:
+    """One listed utterance. The path is kept as text (``location``) and made a :class:`Path` on access:
+    a million Path objects alone would take several hundred MB in every process that reads a listing."""
+
     utt: str
     speaker: str
-    path: Path
+    location: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
 
 
 @dataclass
@@ -82,7 +90,8 @@ def read_kaldi_dir(data_dir: str | Path) -> DataSet:
     if not data_dir.is_dir():
         raise DataError(f"data dir {data_dir} does not exist")
     wav_scp, utt2spk_file = data_dir / "wav.scp", data_dir / "utt2spk"
-    paths: dict[str, tuple[Path, int]] = {}
+    paths: dict[str, tuple[str, int]] = {}
+    base = str(data_dir)
     for lineno, fields in _read_table(wav_scp, 2):
         utt = fields[0]
         if utt in paths:
@@ -91,8 +100,8 @@ def read_kaldi_dir(data_dir: str | Path) -> DataSet:
             )
         if len(fields) != 2 or fields[-1] == "|":
             raise DataError(f"{wav_scp}:{lineno}: expected '<utt> <path>'; pipes/commands are not supported")
-        p = Path(fields[1])
-        paths[utt] = (p if p.is_absolute() else (data_dir / p), lineno)
+        p = fields[1]
+        paths[utt] = (p if os.path.isabs(p) else os.path.join(base, p), lineno)
     spk_of: dict[str, str] = {}
     for lineno, fields in _read_table(utt2spk_file, 2):
         utt, spk = fields[0], fields[1]
@@ -121,8 +130,9 @@ def read_kaldi_dir(data_dir: str | Path) -> DataSet:
     return DataSet(data_dir, utts)
 
 
-def read_voxceleb_dir(root: str | Path, *, ext: str = ".wav") -> DataSet:
-    """Read a VoxCeleb folder ``<spk>/<video>/<n>.wav``; utterance ids are ``<spk>/<video>/<n>.wav``.
+def read_voxceleb_dir(root: str | Path, *, ext: str | None = None) -> DataSet:
+    """Read a VoxCeleb folder ``<spk>/<video>/<n>.wav`` (or ``.m4a``, VoxCeleb2's; ``ext`` picks one);
+    utterance ids are ``<spk>/<video>/<n>.<ext>``.
 
     That id form is the one VoxCeleb trial lists use, so they match without a mapping file.
     """
@@ -130,12 +140,13 @@ def read_voxceleb_dir(root: str | Path, *, ext: str = ".wav") -> DataSet:
     if not root.is_dir():
         raise DataError(f"VoxCeleb folder {root} does not exist")
     utts: dict[str, Utterance] = {}
-    for path in sorted(root.glob(f"*/*/*{ext}")):
+    paths = root.glob(f"*/*/*{ext}") if ext else (p for p in root.glob("*/*/*") if p.suffix in (".wav", ".m4a"))
+    for path in sorted(paths):
         rel = path.relative_to(root).as_posix()
         spk = rel.split("/", 1)[0]
-        utts[rel] = Utterance(rel, spk, path)
+        utts[rel] = Utterance(rel, spk, str(path))
     if not utts:
-        raise DataError(f"VoxCeleb folder {root} holds no <spk>/<video>/<n>{ext} files")
+        raise DataError(f"VoxCeleb folder {root} holds no <spk>/<video>/<n>{ext or '.wav/.m4a'} files")
     return DataSet(root, utts)
 
 

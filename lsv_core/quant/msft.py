@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsv_core.data.features import FeatureStore
+from lsv_core.data.loader import FeatureSource
 from lsv_core.data.trials import Trials
 from lsv_core.errors import ConfigError
 from lsv_core.quant.codebook import KMQATConfig
@@ -83,13 +83,15 @@ class MsftSchedule:
 @dataclass
 class FineTuneData:
     """What fine-tuning needs: training features with speaker indices, the trained AAM head, and the
-    evaluation features and trials (often a subset, for speed)."""
+    evaluation features and trials (often a subset, for speed). Features come from any source of
+    :mod:`lsv_core.data.loader`; ``loader_workers`` > 0 prepares training batches in the background."""
 
-    train: FeatureStore
-    speakers: dict[str, int]
+    train: FeatureSource
+    speakers: Mapping[str, int]
     head: nn.Module
-    eval: FeatureStore | None = None
+    eval: FeatureSource | None = None
     trials: Trials | None = None
+    loader_workers: int = 0
 
 
 @dataclass
@@ -171,8 +173,7 @@ def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTune
     when evaluation data is given); returning True stops before the next stage (``stopped_early``).
     Raises FloatingPointError if fine-tuning diverges.
     """
-    from lsv_core.evaluate import evaluate
-    from lsv_core.train import CropSampler, Schedule, fit, make_optimizer
+    from lsv_core.train import CropSampler
 
     recipe = recipe if isinstance(recipe, BitRecipe) else BitRecipe(recipe)
     recipe.validate(model)
@@ -184,7 +185,22 @@ def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTune
     if hasattr(head, "update"):
         head.update(schedule.margin)
     sampler = CropSampler(data.train, data.speakers, crop_frames=schedule.crop_frames,
-                          batch_size=schedule.batch_size, seed=schedule.seed)
+                          batch_size=schedule.batch_size, seed=schedule.seed, workers=data.loader_workers)
+    try:
+        return _run_stages(model, recipe, data, schedule, stages, head, sampler, callback, progress, final_eval,
+                           codebooks)
+    finally:
+        sampler.close()
+
+
+def _run_stages(model: nn.Module, recipe: BitRecipe, data: FineTuneData, schedule: MsftSchedule,
+                stages: list[list[str]], head: nn.Module, sampler: Any,
+                callback: Callable[[int, StageMetrics], bool | None] | None, progress: bool,
+                final_eval: Callable[[nn.Module], tuple[float, float]] | None,
+                codebooks: InitialCodebooks | None) -> MsftResult:
+    from lsv_core.evaluate import evaluate
+    from lsv_core.train import Schedule, fit, make_optimizer
+
     torch.manual_seed(schedule.seed)
     n_stages = max(1, len(stages))
     steps_per_stage = [len(a) for a in np.array_split(np.arange(schedule.total_steps), n_stages)]
