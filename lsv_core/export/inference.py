@@ -93,10 +93,13 @@ def onnx_embeddings(session: ort.InferenceSession, store: FeatureStore, utts: Se
     out: dict[str, np.ndarray] = {}
     for i in range(0, len(order), batch_size):
         chunk = order[i : i + batch_size]
-        n = min(store.num_frames(u) for u in chunk)
+        # The features themselves, not num_frames: for audio decoded on the fly (m4a) that is only the
+        # header's estimate, and the batch must be cut to what every member really has.
+        feats = [store[u] for u in chunk]
+        n = min(len(f) for f in feats)
         if max_frames is not None:
             n = min(n, max_frames)
-        x = np.stack([store[u][:n] for u in chunk]).astype(np.float32, copy=False)
+        x = np.stack([f[:n] for f in feats]).astype(np.float32, copy=False)
         emb = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
         out.update(zip(chunk, emb, strict=True))
     return out
