@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from lsv_core.atomic import RefuseOverwrite, write_text_atomic
+from lsv_core.atomic import write_text_atomic
 from lsv_core.errors import LsvError
 
 __all__ = ["COMMAND_GROUP", "EXIT_BAD_INPUT", "EXIT_FAILED_TRIALS", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
@@ -112,11 +112,23 @@ def _corpus_paths(args: argparse.Namespace) -> tuple[Path, Path | None, Path | N
 
 
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from lsv_core.train import TrainConfig, train_baseline
+    from lsv_core.workbench import DataPaths
+    from search.preflight import PreflightFailed, Problem, check_data, check_device, check_outputs
 
     cfg = TrainConfig()
     if args.config:
-        cfg = TrainConfig(**json.loads(Path(args.config).read_text()))
+        try:
+            values = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise LsvError(f"--config {args.config}: cannot read it as JSON ({err})") from None
+        allowed = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - allowed) if isinstance(values, dict) else ["(not an object)"]
+        if unknown:
+            raise LsvError(f"--config {args.config}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        cfg = TrainConfig(**values)
     for name in ("steps", "seed", "device", "optimizer", "lr", "batch_size", "model", "time_budget_s"):
         value = getattr(args, name)
         if value is not None:
@@ -124,6 +136,18 @@ def _train(args: argparse.Namespace) -> int:
     if args.m_channels is not None:
         cfg.model_kwargs = {**cfg.model_kwargs, "m_channels": args.m_channels}
     train_dir, eval_dir, trials = _corpus_paths(args)
+    problems: list[Problem] = []
+    check_outputs({"--out": args.out, "--out (summary)": args.out.with_suffix(".json")}, args.force, problems)
+    check_device(cfg.device, problems)
+    if cfg.steps < 1:
+        problems.append(Problem("--steps", f"{cfg.steps} should be >= 1"))
+    fields = ("--corpus",) * 3 if args.corpus is not None else ("--train", "--eval", "--trials")
+    if eval_dir is not None and trials is not None:
+        check_data(DataPaths(train_dir, eval_dir, trials), problems, fields=fields, cache_dir=args.cache)
+    elif not train_dir.exists():
+        problems.append(Problem(fields[0], f"data dir {train_dir} does not exist"))
+    if problems:
+        raise PreflightFailed(problems, what="the training")
     summary = train_baseline(cfg, train_dir, out=args.out, eval_dir=eval_dir, trials=trials,
                              cache_dir=args.cache, overwrite=args.force)
     ev = summary.eval
@@ -138,8 +162,24 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from lsv_core.evaluate import evaluate_dir
     from lsv_core.model_files import load_model_file
+    from lsv_core.workbench import DataPaths
+    from search.preflight import PreflightFailed, Problem, check_data, check_outputs
 
-    model = load_model_file(args.model, name=args.arch)
+    problems: list[Problem] = []
+    check_outputs({"--json": args.json}, args.force, problems)
+    if args.n_boot < 1:
+        problems.append(Problem("--n-boot", f"{args.n_boot} should be >= 1 (bootstrap replicates of the EER interval)"))
+    model = None
+    try:
+        model = load_model_file(args.model, name=args.arch)
+    except LsvError as err:
+        problems.append(Problem("--model", str(err)))
+    check_data(DataPaths(args.data, args.data, args.trials), problems, fields=("--data", "--data", "--trials"),
+               cache_dir=args.cache, need_train=False)
+    if args.cohort is not None and not args.cohort.is_dir():
+        problems.append(Problem("--cohort", f"{args.cohort} does not exist"))
+    if problems:
+        raise PreflightFailed(problems, what="the evaluation")
     result = evaluate_dir(model, args.data, args.trials, cache_dir=args.cache, cohort_dir=args.cohort,
                           n_boot=args.n_boot, loading=_loading(args))
     payload = {"model": str(args.model), "data": str(args.data), "trials": str(args.trials), **result.to_dict()}
@@ -158,8 +198,6 @@ def _quantize(args: argparse.Namespace) -> int:
     from lsv_core.quant.sensitivity import allocate_bits
     from lsv_core.workbench import DataPaths, Workbench, WorkbenchSpec
 
-    if args.out is not None and args.out.exists() and not args.force:
-        raise RefuseOverwrite(f"{args.out} exists; pass --force to replace it")
     train_dir, eval_dir, trials = _corpus_paths(args)
     if eval_dir is None or trials is None:
         raise LsvError("quantize needs evaluation data: --corpus DIR, or --eval DIR and --trials FILE")
@@ -170,10 +208,11 @@ def _quantize(args: argparse.Namespace) -> int:
                          arch_kwargs=_arch_kwargs(args.arch_kwargs),
                          loading=_loading(args),
                          train_subset=TrainingSubset(args.train_speakers, args.train_utts_per_speaker, args.seed))
-    bench = Workbench.load(spec)
+    baseline, given = _check_quantize(args, spec)
+    bench = Workbench.load(spec, baseline=baseline)
     omega = None
-    if args.recipe is not None:
-        recipe = BitRecipe.load(args.recipe)
+    if given is not None:
+        recipe = given
     elif args.bits is not None:
         recipe = BitRecipe.uniform(bench.model, args.bits, mode=args.binary_mode if args.bits == 1 else None)
     else:
@@ -196,6 +235,52 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.json:
         write_text_atomic(args.json, json.dumps(payload, indent=2), overwrite=args.force)
     return 0
+
+
+def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
+    """Everything `lsv quantize` can check before quantizing (outputs, budget, device, model, recipe, data,
+    budget feasibility), all problems at once; returns the baseline and the ``--recipe`` (if given)."""
+    from lsv_core.errors import ConfigError
+    from lsv_core.quant import BitRecipe, LayerSpec, packed_size_bytes
+    from search.preflight import (
+        PreflightFailed,
+        Problem,
+        check_data,
+        check_device,
+        check_model,
+        check_outputs,
+    )
+
+    problems: list[Problem] = []
+    check_outputs({"--out": args.out, "--json": args.json}, args.force, problems)
+    if args.budget_mb is not None and not args.budget_mb > 0:
+        problems.append(Problem("--budget-mb", f"{args.budget_mb:g} should be > 0 (MB = 10^6 bytes of model.onnx)"))
+    check_device(args.device, problems)
+    fields = ("--corpus",) * 3 if args.corpus is not None else ("--train", "--eval", "--trials")
+    listings = check_data(spec.data, problems, fields=fields, cache_dir=args.cache, train_subset=spec.train_subset)
+    baseline = check_model(args.model, args.arch, spec.arch_kwargs, problems, need_head=True)
+    recipe = None
+    if baseline is not None:
+        if baseline.has_head and listings.train is not None:
+            n_classes, n_speakers = int(baseline.head["weight"].shape[0]), len(listings.train.speakers)
+            if n_classes != n_speakers:
+                problems.append(Problem("--model", f"the head has {n_classes} classes but {listings.train.root} has "
+                                        f"{n_speakers} speakers; fine-tune on the data the baseline was trained on"))
+        if args.recipe is not None:
+            try:
+                recipe = BitRecipe.load(args.recipe)
+                recipe.validate(baseline.model)
+            except ConfigError as err:
+                problems.append(Problem("--recipe", str(err)))
+        if args.budget_mb is not None and args.budget_mb > 0:
+            smallest = packed_size_bytes(baseline.model, BitRecipe.uniform(
+                baseline.model, 1, mode=LayerSpec(1, args.binary_mode).mode))
+            if smallest > args.budget_mb * 1e6:
+                problems.append(Problem("--budget-mb", f"{args.budget_mb:g} MB is below the smallest model "
+                                        f"({smallest:,} bytes: every layer at 1 bit)"))
+    if problems:
+        raise PreflightFailed(problems, what="the quantization")
+    return baseline, recipe
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -23,12 +23,15 @@ from lsv_core.errors import LsvError
 
 if TYPE_CHECKING:
     from lsv_core.data.manifest import DataSet
+    from lsv_core.data.subset import TrainingSubset
     from lsv_core.data.trials import Trials
     from lsv_core.models.baseline import Baseline
+    from lsv_core.workbench import DataPaths
     from search.config import StudyConfig
     from search.space import SearchSpace
 
-__all__ = ["Preflight", "PreflightFailed", "Problem", "check_ray_address", "preflight_study"]
+__all__ = ["Listings", "Preflight", "PreflightFailed", "Problem", "check_data", "check_device", "check_model",
+           "check_outputs", "check_ray_address", "preflight_study"]
 
 RAY_CONNECT_TIMEOUT_S = 10.0
 
@@ -133,9 +136,6 @@ def _check_storage(config: StudyConfig, problems: list[Problem]) -> None:
 
 def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem]) -> bool:
     """Listings, trial list and every audio file; returns whether the data is there to be checked."""
-    from lsv_core.data.manifest import read_data
-    from lsv_core.data.trials import read_trials
-    from lsv_core.errors import DataError
     from search.config import DEFAULT_CORPUS
 
     d = config.data
@@ -153,53 +153,119 @@ def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem]) ->
                    f"{DEFAULT_CORPUS}" if d.synthesize_if_missing else "synthesize_if_missing is false")
             problems.append(Problem("data.corpus", f"{d.corpus} does not exist ({why})"))
         return False
-    ok = True
-    for name, path, kind in (("train", paths.train, "data dir"), ("eval", paths.eval, "data dir"),
-                             ("trials", paths.trials, "trial list")):
-        field_name = f"data.{name}" if d.train is not None else "data.corpus"
+    fields = (("data.train", "data.eval", "data.trials") if d.train is not None else ("data.corpus",) * 3)
+    listings = check_data(paths, problems, fields=fields, cache_dir=config.data.cache_dir,
+                          train_subset=config.workbench_spec().train_subset)
+    out.train, out.eval, out.trials = listings.train, listings.eval, listings.trials
+    return out.train is not None and out.eval is not None
+
+
+@dataclass
+class Listings:
+    """The data a run reads, as far as it could be read."""
+
+    train: DataSet | None = None
+    eval: DataSet | None = None
+    trials: Trials | None = None
+
+
+def check_data(paths: DataPaths, problems: list[Problem], *, fields: tuple[str, str, str],
+               cache_dir: Path | None, train_subset: TrainingSubset | None = None, need_train: bool = True) -> Listings:
+    """The listings, the trial list and every audio file a run will read (the training subset it fine-tunes
+    on and the evaluation utterances the trial list uses; headers only, and files that passed are
+    remembered by content in ``cache_dir``). Problems name ``fields`` (train, eval, trials) and file:line."""
+    import sys
+
+    from lsv_core.data.audit import audit_audio
+    from lsv_core.data.manifest import read_data
+    from lsv_core.data.subset import select_training_utts
+    from lsv_core.data.trials import read_trials
+    from lsv_core.errors import ConfigError, DataError
+
+    out = Listings()
+    wanted = [(fields[0], paths.train, "data dir")] if need_train else []
+    wanted += [(fields[1], paths.eval, "data dir"), (fields[2], paths.trials, "trial list")]
+    missing = False
+    for name, path, kind in wanted:
         if not path.exists():
-            problems.append(Problem(field_name, f"{kind} {path} does not exist"))
-            ok = False
-    if not ok:
-        return False
-    try:
-        out.train = read_data(paths.train)
-    except DataError as err:
-        problems.append(Problem("data.train" if d.train is not None else "data.corpus", str(err)))
+            problems.append(Problem(name, f"{kind} {path} does not exist"))
+            missing = True
+    if missing:
+        return out
+    if need_train:
+        try:
+            out.train = read_data(paths.train)
+        except DataError as err:
+            problems.append(Problem(fields[0], str(err)))
     try:
         out.eval = read_data(paths.eval)
     except DataError as err:
-        problems.append(Problem("data.eval" if d.eval is not None else "data.corpus", str(err)))
+        problems.append(Problem(fields[1], str(err)))
     if out.eval is not None:
         try:
             out.trials = read_trials(paths.trials, out.eval)
         except DataError as err:
-            problems.append(Problem("data.trials" if d.trials is not None else "data.corpus", str(err)))
-    # Every audio file the run will read: the training subset it fine-tunes on, and the evaluation
-    # utterances the trial list uses (headers only; files that passed are remembered by content).
-    import sys
-
-    from lsv_core.data.audit import audit_audio
-    from lsv_core.data.subset import select_training_utts
-    from lsv_core.errors import ConfigError
-
+            problems.append(Problem(fields[2], str(err)))
     used = []
     if out.train is not None:
         try:
-            used.append((out.train, select_training_utts(out.train, config.workbench_spec().train_subset)))
+            used.append((out.train, select_training_utts(out.train, train_subset) if train_subset else None))
         except ConfigError as err:
-            problems.append(Problem("data.train_speakers", str(err)))
+            problems.append(Problem("train_speakers", str(err)))
     if out.eval is not None and out.trials is not None:
         used.append((out.eval, out.trials.utterances))
     for data, utts in used:
-        found = audit_audio(data, utts=utts, cache_dir=config.data.cache_dir, progress=sys.stderr.isatty())
+        found = audit_audio(data, utts=utts, cache_dir=cache_dir, progress=sys.stderr.isatty())
         problems += [Problem(f"{data.root}", str(p)) for p in found]
-    return out.train is not None and out.eval is not None
+    return out
+
+
+def check_outputs(outputs: dict[str, Path | None], force: bool, problems: list[Problem]) -> None:
+    """Files a command will write: refused up front when they exist (without ``force``) or cannot be made."""
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        if path.exists() and not force:
+            problems.append(Problem(flag, f"{path} exists; pass --force to replace it"))
+        elif path.is_dir():
+            problems.append(Problem(flag, f"{path} is a folder"))
+        else:
+            base = _nearest_existing(path.parent)
+            if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+                problems.append(Problem(flag, f"cannot write {path} ({base} is not a writable folder)"))
+
+
+def check_model(checkpoint: Path, arch: str | None, arch_kwargs: dict, problems: list[Problem], *,
+                where: str = "--model", need_head: bool = False) -> Baseline | None:
+    """Read a baseline checkpoint (ours or a WeSpeaker .pt with ``arch``); None and a problem if it cannot be."""
+    from lsv_core.errors import LsvError
+    from lsv_core.models.baseline import read_baseline
+
+    if not checkpoint.exists():
+        problems.append(Problem(where, f"{checkpoint} does not exist"))
+        return None
+    try:
+        baseline = read_baseline(checkpoint, arch, arch_kwargs)
+    except (LsvError, TypeError) as err:
+        problems.append(Problem(where, str(err)))
+        return None
+    if need_head and not baseline.has_head:
+        problems.append(Problem(where, f"{checkpoint} holds no AAM head (projection.*): fine-tuning needs the head "
+                                "the baseline was trained with (train it with `lsv train`)"))
+    return baseline
+
+
+def check_device(device: str, problems: list[Problem], where: str = "--device") -> None:
+    from lsv_core.device import pick_device
+    from lsv_core.errors import ConfigError
+
+    try:
+        pick_device(device)
+    except ConfigError as err:
+        problems.append(Problem(where, str(err)))
 
 
 def _check_baseline(config: StudyConfig, out: Preflight, problems: list[Problem], data_ready: bool) -> None:
-    from lsv_core.errors import LsvError
-    from lsv_core.models.baseline import read_baseline
     from search.config import DEFAULT_CHECKPOINT
 
     m = config.model
@@ -213,16 +279,11 @@ def _check_baseline(config: StudyConfig, out: Preflight, problems: list[Problem]
                    if m.train_if_missing else "train_if_missing is false")
             problems.append(Problem("model.checkpoint", f"{m.checkpoint} does not exist ({why})"))
         return
-    try:
-        baseline = read_baseline(m.checkpoint, m.arch, m.arch_kwargs)
-    except (LsvError, TypeError) as err:
-        problems.append(Problem("model.checkpoint", str(err)))
+    baseline = check_model(m.checkpoint, m.arch, m.arch_kwargs, problems, where="model.checkpoint", need_head=True)
+    if baseline is None:
         return
     out.baseline = baseline
-    if not baseline.has_head:
-        problems.append(Problem("model.checkpoint", f"{m.checkpoint} holds no AAM head (projection.*): fine-tuning "
-                                "needs the head the baseline was trained with (train it with `lsv train`)"))
-    elif out.train is not None:
+    if baseline.has_head and out.train is not None:
         n_classes = int(baseline.head["weight"].shape[0])
         if n_classes != len(out.train.speakers):
             problems.append(Problem("model.checkpoint", f"the head has {n_classes} classes but the training data "

@@ -383,3 +383,85 @@ def test_export_selector_problems(tiny_study_inputs: dict[str, Path], tmp_path: 
     refused(["export", str(toml), "--trial", "-3", "--out", str(tmp_path / "o")], capsys, tmp_path, "trial=-3")
     refused(["export", str(toml), "--out", str(tmp_path / "o")], capsys, tmp_path, "one of the arguments", code=2)
     assert os.listdir(tmp_path) == ["bad.toml"]
+
+
+# -- lsv evaluate / quantize / train / corpus -----------------------------------------------------------------
+def test_evaluate_bad_input(own_inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus, ckpt, skip = own_inputs["corpus"], own_inputs["checkpoint"], (own_inputs["cache"],)
+    base = ["evaluate", "--model", str(ckpt), "--data", str(corpus / "eval"), "--trials", str(corpus / "eval" / "trials"),
+            "--cache", str(own_inputs["cache"])]
+    for n in ("0", "-5"):
+        text = refused([*base, "--n-boot", n, "--json", str(tmp_path / "e.json")], capsys, tmp_path, "--n-boot",
+                       "should be >= 1", skip=skip)
+        assert "NaN" not in text
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    refused([*base, "--json", str(existing)], capsys, tmp_path, "--json", "exists; pass --force", skip=skip)
+    refused(["evaluate", "--model", str(tmp_path / "none.safetensors"), *base[3:]], capsys, tmp_path, "--model",
+            "does not exist", skip=skip)
+    refused([*base[:3], "--data", str(tmp_path / "nodata"), *base[5:]], capsys, tmp_path, "--data",
+            "does not exist", skip=skip)
+    refused([*base, "--cohort", str(tmp_path / "nocohort")], capsys, tmp_path, "--cohort", skip=skip)
+    utt, wav = _first_wav(corpus, "eval")
+    _rate_8k(wav)
+    text = refused(base, capsys, tmp_path, f"utterance {utt}", "8000 Hz", skip=skip)
+    assert "--resample" not in text
+
+
+def test_quantize_bad_input(own_inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lsv_core.models import load_checkpoint, save_checkpoint
+
+    corpus, ckpt, skip = own_inputs["corpus"], own_inputs["checkpoint"], (own_inputs["cache"],)
+    base = ["quantize", "--model", str(ckpt), "--corpus", str(corpus), "--cache", str(own_inputs["cache"]),
+            "--steps", "2"]
+    # Refused at once, before any Hessian trace or quantization (the old `--budget-mb -1` ran 74 s first).
+    refused([*base, "--budget-mb", "-1"], capsys, tmp_path, "--budget-mb", "should be > 0", skip=skip)
+    refused([*base, "--budget-mb", "0.000001"], capsys, tmp_path, "--budget-mb", "below the smallest model",
+            skip=skip)
+    existing = tmp_path / "q.json"
+    existing.write_text("{}")
+    refused([*base, "--bits", "4", "--json", str(existing)], capsys, tmp_path, "--json", "exists", skip=skip)
+    refused([*base, "--bits", "4", "--out", str(existing)], capsys, tmp_path, "--out", "exists", skip=skip)
+    refused([*base, "--recipe", str(tmp_path / "none.toml")], capsys, tmp_path, "--recipe", "none.toml",
+            skip=skip)
+    bad_recipe = tmp_path / "bad.json"
+    bad_recipe.write_text(json.dumps({"layers": {"conv9": 4}}))
+    refused([*base, "--recipe", str(bad_recipe)], capsys, tmp_path, "--recipe", "conv9", skip=skip)
+    refused([*base, "--bits", "5"], capsys, tmp_path, "--bits", "invalid choice", skip=skip)
+    refused([*base[:-1], "-1", "--bits", "4"], capsys, tmp_path, "total_steps=-1", skip=skip)
+    refused([*base, "--bits", "4", "--device", "tpu"], capsys, tmp_path, "--device", "tpu", skip=skip)
+    model, meta = load_checkpoint(ckpt)
+    headless = tmp_path / "headless.safetensors"
+    save_checkpoint(model, headless, metadata=meta)
+    refused(["quantize", "--model", str(headless), *base[3:], "--bits", "4"], capsys, tmp_path, "no AAM head",
+            skip=skip)
+    refused(["quantize", "--model", str(ckpt), "--train", str(tmp_path / "t"), "--eval", str(corpus / "eval"),
+             "--trials", str(corpus / "eval" / "trials"), "--bits", "4"], capsys, tmp_path, "--train",
+            "does not exist", skip=skip)
+
+
+def test_train_and_corpus_bad_input(own_inputs: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    corpus, skip = own_inputs["corpus"], (own_inputs["cache"],)
+    out = tmp_path / "new.safetensors"
+    base = ["train", "--corpus", str(corpus), "--out", str(out), "--cache", str(own_inputs["cache"])]
+    refused(["train", "--corpus", str(corpus), "--out", str(own_inputs["checkpoint"])], capsys, tmp_path, "--out",
+            "exists", skip=skip)
+    cfg = tmp_path / "train.json"
+    cfg.write_text(json.dumps({"stepz": 10}))
+    refused([*base, "--config", str(cfg)], capsys, tmp_path, "unknown field(s) ['stepz']", skip=skip)
+    cfg.write_text("{not json")
+    refused([*base, "--config", str(cfg)], capsys, tmp_path, "--config", "JSON", skip=skip)
+    refused([*base, "--steps", "0"], capsys, tmp_path, "--steps", "should be >= 1", skip=skip)
+    utt, wav = _first_wav(corpus, "train")
+    _corrupt(wav)
+    refused(base, capsys, tmp_path, f"utterance {utt}", "unreadable", skip=skip)
+    refused(["train", "--train", str(tmp_path / "nowhere"), "--out", str(out)], capsys, tmp_path, "--train",
+            "does not exist", skip=skip)
+    assert not out.exists()
+    refused(["corpus", "synth", "--out", str(corpus), "--speakers", "4", "--utts", "2", "--eval-speakers", "2"],
+            capsys, tmp_path, "not empty", "--force", skip=skip)
+    refused(["corpus", "synth", "--out", str(tmp_path / "c"), "--speakers", "0"], capsys, tmp_path, "speakers",
+            skip=skip)
+    refused(["corpus", "synth", "--out", str(tmp_path / "c"), "--workers", "0"], capsys, tmp_path, "workers",
+            skip=skip)
