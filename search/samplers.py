@@ -157,7 +157,9 @@ class _StudyState:
     distributions: dict[str, BaseDistribution]
     budget: int | None
     path: list[tuple[int, ...]]
-    seen: set[int] = field(default_factory=set)  # trial numbers already read (finished)
+    path_sizes: list[int] = field(default_factory=list)
+    next_number: int = 0  # trials below this number have been read at least once
+    pending: set[int] = field(default_factory=set)  # read while unfinished: read again
     asked: set[tuple[int, ...]] = field(default_factory=set)  # every recipe proposed or told so far
     points: dict[tuple[int, ...], tuple[float, int]] = field(default_factory=dict)  # recipe -> (eer, bytes)
     front: list[tuple[int, ...]] = field(default_factory=list)
@@ -222,27 +224,31 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
         return self._states[key]
 
     def _read_history(self, study: optuna.Study, state: _StudyState) -> None:
-        """Take in the trials that finished since the last call (and every recipe already asked)."""
+        """Take in the trials that finished since the last call (and every recipe already asked).
+
+        Only new trials and those unfinished at the last call are looked at. (Optuna's cached storage
+        fetches just the unfinished and new trials from the database, so the read stays flat too.)
+        """
         assert state.table is not None
-        changed = False
-        for t in study.get_trials(deepcopy=False):
-            if t.number in state.seen:
-                continue
+        trials = study.get_trials(deepcopy=False)
+        n_trials = len(trials)
+        for number in sorted(state.pending | set(range(state.next_number, n_trials))):
+            t = trials[number]
             idx = _trained_choices(state, t)
             if idx is not None:
                 state.asked.add(idx)
             if not t.state.is_finished():
+                state.pending.add(number)
                 continue
-            state.seen.add(t.number)
+            state.pending.discard(number)
             if t.state == TrialState.COMPLETE and idx is not None and t.values is not None:
                 eer, size = float(t.values[0]), int(t.values[1])
                 if math.isfinite(eer):
                     state.n_complete += 1
                     old = state.points.get(idx)
                     state.points[idx] = (eer, size) if old is None else (min(old[0], eer), size)
-                    changed = True
-        if changed:
-            state.front = _front(state.points)
+                    state.front = _add_to_front(state.front, state.points, idx)
+        state.next_number = max(state.next_number, n_trials)
 
     # -- proposals ---------------------------------------------------------------------------------------
     def _propose(self, state: _StudyState) -> tuple[int, ...]:
@@ -267,7 +273,7 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
     def _prior_point(self, state: _StudyState, extra: int) -> tuple[int, ...]:
         table = state.table
         assert table is not None
-        sizes = [table.size(p) for p in state.path]
+        sizes = state.path_sizes
         top = sizes[-1] if state.budget is None else min(sizes[-1], state.budget)
         target = self._rng.uniform(sizes[0], max(sizes[0], top))
         k = max(i for i, s in enumerate(sizes) if s <= target) if sizes[0] <= target else 0
@@ -339,11 +345,19 @@ def _ranked_steps(table: UnitTable, idx: Sequence[int], direction: int) -> list[
     return [(u, new) for _, _, u, new in out]
 
 
-def _front(points: Mapping[tuple[int, ...], tuple[float, int]]) -> list[tuple[int, ...]]:
-    from search.pareto import pareto_front
+def _add_to_front(front: list[tuple[int, ...]], points: Mapping[tuple[int, ...], tuple[float, int]],
+                  new: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The Pareto front (of (EER, bytes), both minimised) after ``points[new]`` arrived or improved, in
+    O(front) instead of re-sorting every point. Equal points do not dominate each other (search.pareto)."""
+    eer, size = points[new]
 
-    keys = list(points)
-    return [keys[i] for i in pareto_front([points[k] for k in keys])]
+    def dominates(a: tuple[float, int], b: tuple[float, int]) -> bool:
+        return a[0] <= b[0] and a[1] <= b[1] and a != b
+
+    rest = [f for f in front if f != new]
+    if any(dominates(points[f], (eer, size)) for f in rest):
+        return rest
+    return [f for f in rest if not dominates((eer, size), points[f])] + [new]
 
 
 def _trained_choices(state: _StudyState, trial: FrozenTrial) -> tuple[int, ...] | None:
@@ -371,7 +385,7 @@ def _build_state(study: optuna.Study, *, seed: int) -> _StudyState:
     if record is None or not record.config:
         warnings.warn("HessianPriorSampler: the study has no lsv record (not run by `lsv run`); "
                       "sampling at random", stacklevel=3)
-        return _StudyState(None, None, {}, None, [])
+        return _StudyState(None, None, {}, None, [], [])
     from lsv_core.quant.sensitivity import state_dict_digest
     from search.config import StudyConfig
     from search.space import SearchSpace
@@ -393,7 +407,8 @@ def _build_state(study: optuna.Study, *, seed: int) -> _StudyState:
                       stacklevel=3)
     table = unit_table(model, space, traces, seed=seed)
     dists = {p: CategoricalDistribution(list(space.choices)) for p in table.params}
-    return _StudyState(table, space, dists, config.size_budget_bytes, hull_path(table))
+    path = hull_path(table)
+    return _StudyState(table, space, dists, config.size_budget_bytes, path, [table.size(p) for p in path])
 
 
 def _load_baseline(config: Any) -> nn.Module:

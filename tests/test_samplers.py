@@ -82,6 +82,22 @@ def test_every_allocation_on_the_path_is_optimal_at_its_own_size(seed: int) -> N
         assert float(omega[np.arange(units), p].sum()) == pytest.approx(brute_force_min_omega(table, table.size(p)))
 
 
+def test_incremental_front_equals_the_front_of_all_points() -> None:
+    from search.pareto import pareto_front
+    from search.samplers import _add_to_front
+
+    rng = np.random.default_rng(0)
+    points: dict[tuple[int, ...], tuple[float, int]] = {}
+    front: list[tuple[int, ...]] = []
+    for i in range(300):
+        key = (int(rng.integers(0, 60)),)  # repeats: a recipe's EER may improve on a second run
+        eer, size = float(rng.integers(0, 40)), int(rng.integers(0, 40))  # ties on purpose
+        points[key] = (eer, size) if key not in points else (min(points[key][0], eer), points[key][1])
+        front = _add_to_front(front, points, key)
+        keys = list(points)
+        assert sorted(front) == sorted(keys[j] for j in pareto_front([points[k] for k in keys])), i
+
+
 # -- the sampler in a study ------------------------------------------------------------------------------
 def make_study(tmp_path: Path, name: str, sampler: str, seed: int, *, traces: bool = True,
                budget_mb: float | None = None) -> tuple[optuna.Study, SearchSpace, torch.nn.Module, object]:

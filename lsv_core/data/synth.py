@@ -9,7 +9,7 @@ a band limit and a room) and gets coloured background noise at a random SNR. Tra
 What makes the task hard enough that quantization costs accuracy (issue 14): speakers come in *families*
 of ``family_size`` that share accent and voice variant and differ only by small offsets of pitch, rate,
 range and formant scale, so every speaker has confusable siblings (a family is wholly train or wholly
-eval); the channel and the noise (5-20 dB) are nuisances the network must ignore; test segments are 1-2 s.
+eval); the channel and the noise (8-20 dB) are nuisances the network must ignore; test segments are 2-3 s.
 
 Every random choice derives from ``(seed, speaker, utterance index)`` only. espeak-ng also carries hidden
 state from one utterance to the next (see :mod:`lsv_core.data.espeak`), so each speaker's utterances are
@@ -77,10 +77,10 @@ _RATE_WPM_SPAN = (140, 210)
 _MIN_PITCH_BANDS = 4
 # A family member's offsets from its family's values: siblings are close enough to be confused on a
 # short segment, yet each keeps a stable identity (offsets are per speaker, jitter per utterance).
-_FAMILY_PITCH_SPREAD = 6  # pitch units, +-
-_FAMILY_RANGE_SPREAD = 8  # pitch-range units, +-
-_FAMILY_RATE_SPREAD = 0.08  # relative, +-
-_FAMILY_FORMANT_SPREAD = 0.03  # relative, +-
+_FAMILY_PITCH_SPREAD = 8  # pitch units, +-
+_FAMILY_RANGE_SPREAD = 10  # pitch-range units, +-
+_FAMILY_RATE_SPREAD = 0.10  # relative, +-
+_FAMILY_FORMANT_SPREAD = 0.04  # relative, +-
 # Per-utterance jitter around the speaker's values: small enough that the speaker stays recognisable.
 _PITCH_JITTER = 3
 _PITCH_RANGE_JITTER = 5
@@ -98,8 +98,8 @@ _EQ_ANCHORS_HZ = (100.0, 300.0, 900.0, 2700.0, 8000.0)
 _BAND_LOW_HZ = (150.0, 400.0)
 _BAND_HIGH_HZ = (3000.0, 5000.0)
 _BAND_ORDER = 4  # Butterworth-like magnitude roll-off of the band limit
-_RT60_S = (0.15, 0.6)
-_DRR_DB = (0.0, 10.0)
+_RT60_S = (0.1, 0.4)
+_DRR_DB = (3.0, 12.0)
 
 # Streams of SeedSequence([seed, stream, ...]): independent draws for each purpose.
 _STREAM_SPEAKERS, _STREAM_UTTERANCE, _STREAM_TRIALS = 0, 1, 2
@@ -173,16 +173,16 @@ class SynthConfig:
     sample_rate: int = 16000
     min_dur: float = 3.0
     max_dur: float = 5.0
-    eval_dur: tuple[float, float] | None = (1.0, 2.0)
-    snr_db: tuple[float, float] = (5.0, 20.0)
+    eval_dur: tuple[float, float] | None = (2.0, 3.0)
+    snr_db: tuple[float, float] = (8.0, 20.0)
     nontarget_ratio: float = 5.0
     accents: tuple[str, ...] | None = None
     variants: tuple[str, ...] | None = None
     family_size: int = DEFAULT_FAMILY_SIZE
     formant_scale: tuple[float, float] = (0.9, 1.1)
-    eq_db: float = 6.0
-    bandlimit_prob: float = 0.3
-    reverb_prob: float = 0.5
+    eq_db: float = 4.0
+    bandlimit_prob: float = 0.2
+    reverb_prob: float = 0.3
 
     def __post_init__(self) -> None:
         # Accept lists (from TOML/JSON) but store tuples, so the config stays hashable and comparable.
