@@ -45,7 +45,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -685,12 +685,28 @@ def check_corpus(out_dir: str | os.PathLike[str], manifest: str | os.PathLike[st
         raise DataError(f"{out_dir} holds no corpus (no corpus.json); synthesize it with `lsv corpus synth`")
     have = json.loads(here.read_text())
     for key in ("format", "config", "content_sha256"):
-        if have.get(key) != want.get(key):
+        if key == "config":
+            same = _effective_config(have.get(key)) == _effective_config(want.get(key))
+        else:
+            same = have.get(key) == want.get(key)
+        if not same:
             hint = ("this machine synthesised different audio (espeakng-loader "
                     f"{have.get('espeakng_loader_version')} here, {want.get('espeakng_loader_version')} there)"
                     if key == "content_sha256" else "another corpus config")
             raise DataError(f"{here}: {key} differs from {manifest} ({hint}); a baseline trained on the "
                             "corpus that manifest describes does not fit this one: retrain it (`make baseline`)")
+
+
+def _effective_config(recorded: object) -> SynthConfig | None:
+    """The config a ``corpus.json`` records, with the default eval-speaker count resolved (the CLI writes
+    it out, the library leaves it None: the same corpus)."""
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        config = SynthConfig(**recorded)
+    except (TypeError, ConfigError):
+        return None
+    return replace(config, eval_speakers=config.n_eval_speakers)
 
 
 _OWNED_ENTRIES = ("corpus.json", "wav", "train", "eval")
