@@ -142,8 +142,10 @@ def build_rows(bench: Workbench, omega: dict[str, dict[int, float]] | None) -> l
     return rows
 
 
-def run_row(bench: Workbench, row: RowSpec, seeds: list[int], base: MsftSchedule, n_boot: int) -> dict[str, Any]:
-    """Score ``row`` once per seed; ``base`` is the fine-tuning schedule (its budget, batch, lr, ...)."""
+def run_row(bench: Workbench, row: RowSpec, seeds: list[int], base: MsftSchedule, n_boot: int,
+            earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score ``row`` once per seed; ``base`` is the fine-tuning schedule (its budget, batch, lr, ...).
+    ``earlier``: this row from a previous run (``--extend``); its seeds are kept and not run again."""
     steps = base.total_steps
     model = bench.model
     recipe = row.recipe(model)
@@ -157,7 +159,14 @@ def run_row(bench: Workbench, row: RowSpec, seeds: list[int], base: MsftSchedule
     }
     out["compression_ratio"] = out["fp32_bytes"] / out["size_bytes"]
     out["weight_compression_ratio"] = fp32_w / out["weight_bytes"]
+    if earlier is not None:
+        if earlier["recipe"] != out["recipe"] or earlier["steps"] != out["steps"]:
+            raise SystemExit(f"--extend: row {row.key} of the earlier run has another recipe or budget")
+        out["per_seed"] = list(earlier["per_seed"])
+    done = {p["seed"] for p in out["per_seed"]}
     for seed in (seeds if row.seeded else seeds[:1]):
+        if seed in done or (not row.seeded and out["per_seed"]):
+            continue
         t0 = time.monotonic()
         schedule = dataclasses.replace(
             base, order=row.order, total_steps=steps if row.fine_tune else 0, seed=seed, eval_each_stage=False,
@@ -266,6 +275,10 @@ def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                                          if k in rows}
     if {"u2-msft", "u2-oneshot"} <= rows.keys():
         out["claim2_msft_beats_oneshot_2bit"] = _diff(rows, "u2-msft", "u2-oneshot")
+    for b in (3, 2):
+        # The paper's setting for MSFT: a mixed recipe, its layers quantized lowest bits first.
+        if {f"mixed@{b}b-msft", f"mixed@{b}b-oneshot"} <= rows.keys():
+            out[f"claim2_msft_beats_oneshot_mixed@{b}b"] = _diff(rows, f"mixed@{b}b-msft", f"mixed@{b}b-oneshot")
     c3: dict[str, Any] = {}
     for adaptive in ("adaptive-1b", "adaptive-1b-grad"):
         if {adaptive, "static-1b"} <= rows.keys():
@@ -356,6 +369,9 @@ def verdict_lines(v: dict[str, Any]) -> list[str]:
 
     if "claim2_msft_beats_oneshot_2bit" in v:
         lines.append(diff_line("claim 2", v["claim2_msft_beats_oneshot_2bit"]))
+    for b in (3, 2):
+        if f"claim2_msft_beats_oneshot_mixed@{b}b" in v:
+            lines.append(diff_line(f"claim 2 (mixed, {b} bit size)", v[f"claim2_msft_beats_oneshot_mixed@{b}b"]))
     for d in v.get("claim3_adaptive_beats_static_1bit", {}).values():
         lines.append(diff_line("claim 3", d))
     for b in (3, 2):
@@ -387,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=None, help="only these row keys (fp32 is always run)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
+    parser.add_argument("--extend", action="store_true",
+                        help="add --seeds to the rows already in --json (same study settings) instead of starting over")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table as markdown here")
     args = parser.parse_args(argv)
     config = load_study_config(args.study)
@@ -418,9 +436,18 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_start": os.getloadavg(),
     }
     print(f"{len(bench.trials)} trials, seeds {seeds}, {base.total_steps} steps, {len(specs)} rows", flush=True)
+    earlier: dict[str, dict[str, Any]] = {}
+    if args.extend and args.json.exists():
+        old = json.loads(args.json.read_text())
+        for key in ("schedule", "n_trials", "checkpoint"):
+            if old["meta"].get(key) != meta[key]:
+                parser.error(f"--extend: {args.json} was made with another {key} ({old['meta'].get(key)!r})")
+        earlier = {r["key"]: r for r in old["rows"]}
+        meta["seeds"] = sorted({*old["meta"]["seeds"], *seeds})
+        meta["runs"] = [*old["meta"].get("runs", [old["meta"].get("command")]), meta["command"]]
     results: list[dict[str, Any]] = []
     for row in specs:
-        results.append(run_row(bench, row, seeds, base, args.n_boot))
+        results.append(run_row(bench, row, seeds, base, args.n_boot, earlier.get(row.key)))
         by_key = {r["key"]: r for r in results}
         doc = {"meta": {**meta, "wall_s": time.monotonic() - t_start, "load_avg_end": os.getloadavg()},
                "rows": results, "verdicts": verdicts(by_key)}
