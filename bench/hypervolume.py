@@ -1,13 +1,31 @@
-"""Search quality: hypervolume after 16/32/64 trials for tpe, nsga2 and random, with and without the
-seed trials (uniform + allocator recipes) and the stage-aware early stopper, over several seeds.
+"""Search efficiency: what each search method pays, in full-trial equivalents, to reach 95 % of the
+reference hypervolume on the quickstart benchmark (issue 14).
 
-Hypervolume uses the project's reference point (search.pareto.reference_point: 2 x the baseline's
-EER, fp32 bytes) with sizes normalised by fp32 bytes, so numbers are comparable across runs. It is
-computed over the first k finished trials of each study (prefix), so one 64-trial study gives all three
-checkpoints. Run through ../shared/loopback-only (it starts Ray).
+Methods (sampler, seed trials, stage-aware early stopping), every other setting from ``--study``
+(default ``studies/quickstart.toml``: its baseline, corpus, space, budget, fine-tuning, trial subset):
 
-    ../shared/loopback-only .venv/bin/python bench/hypervolume.py --trials 16 32 64 --seeds 0 1 2 \
-        --json bench/results/hypervolume.json
+* ``random``, ``tpe``, ``nsga2``: Optuna's samplers alone (no seeds, no early stopping);
+* ``tpe+seeds+es``: TPE with the uniform and allocator seed trials and early stopping (the quickstart's
+  settings before issue 14);
+* ``hessian+seeds+es``: :class:`search.samplers.HessianPriorSampler` with seeds and early stopping.
+
+Cost: a trial trained to the end costs 1; one stopped after ``k`` of its ``n`` MSFT stages ``k / n`` (the
+budget is split evenly over stages); a memoized trial, a duplicate of a running one and a failed one cost
+0. Trials are taken in the order they finished.
+
+Hypervolume of (EER, size) with sizes normalised by the size budget, against the reference point (the
+worst EER worth keeping, the budget): ``--ref-eer`` (default: the median EER of the uniform 1-bit seed
+trials, the smallest model the quickstart seeds with). The reference front is the union of every run's
+finished trials (seeded runs include the uniform and allocator recipes). A run reaches the target when
+its hypervolume is >= ``--target`` x the reference front's; runs that never reach it are censored (their
+whole cost, marked ">").
+
+Every run's trials are kept in the JSON (``--resume`` continues a grid), so ``--analyze-only`` recomputes
+the table with another reference or target without training anything. Run through
+../shared/loopback-only (it starts Ray):
+
+    ../shared/loopback-only .venv/bin/python bench/hypervolume.py --seeds 0 1 2 3 4 --trials 40 \\
+        --json bench/results/hypervolume_issue14.json --resume
 """
 
 from __future__ import annotations
@@ -15,109 +33,232 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import re
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import optuna
-from optuna.trial import TrialState
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lsv_core.models import load_checkpoint
-from lsv_core.quant import BitRecipe, packed_size_bytes
-from search.config import parse_study_config
-from search.pareto import hypervolume, reference_point
-from search.study import run_study
+from lsv_core.atomic import write_text_atomic  # noqa: E402
 
-
-def config(out: Path, name: str, sampler: str, seeds: bool, early: bool, seed: int, trials: int,
-           steps: int, max_trials: int) -> dict:
-    return {
-        "study": {"name": name, "out_dir": str(out), "n_trials": trials, "concurrency": 2, "sampler": sampler,
-                  "seed": seed},
-        "model": {"checkpoint": "runs/baseline/model.safetensors", "train_if_missing": False},
-        "data": {"corpus": "data/corpus", "cache_dir": "runs/cache", "max_trials": max_trials,
-                 "synthesize_if_missing": False},
-        "space": {"granularity": "block", "bits": [1, 2, 3, 4, 8]},
-        "objectives": {"size_budget_mb": 0.1},
-        "msft": {"order": "bits", "total_steps": steps, "batch_size": 32, "stage_eval_frames": 200},
-        "seeds": {"uniform": seeds, "allocator_fractions": [0.08, 0.12] if seeds else []},
-        "early_stop": {"enabled": early, "margin": 1.0, "min_peers": 3},
-    }
+# name -> (sampler, seed trials, early stopping)
+METHODS: dict[str, tuple[str, bool, bool]] = {
+    "random": ("random", False, False),
+    "tpe": ("tpe", False, False),
+    "nsga2": ("nsga2", False, False),
+    "tpe+seeds+es": ("tpe", True, True),
+    "hessian+seeds+es": ("hessian", True, True),
+}
+BASELINE_METHOD = "random"
+_STAGE = re.compile(r"stopped after MSFT stage (\d+)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, nargs="+", default=[16, 32, 64])
-    ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "random"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=["seeds+es", "seeds", "es", "plain"],
-                    help="seeds+es | seeds | es | plain (seed trials and/or early stopping)")
-    ap.add_argument("--steps", type=int, default=40, help="MSFT steps per trial (the quickstart's 40)")
-    ap.add_argument("--max-trials", type=int, default=4000)
-    ap.add_argument("--json", type=Path, help="results file, rewritten after every study")
-    ap.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip their studies")
-    args = ap.parse_args()
-    if args.resume and not args.json:
-        ap.error("--resume needs --json")
+# -- running ---------------------------------------------------------------------------------------------
+def study_raw(base: dict[str, Any], out: Path, name: str, method: str, seed: int, trials: int) -> dict[str, Any]:
+    """The study's own config with the method's sampler, seeds and early stopping, in a scratch folder."""
+    sampler, seeded, early = METHODS[method]
+    raw = json.loads(json.dumps(base))
+    raw["study"].update({"name": name, "out_dir": str(out), "n_trials": trials, "sampler": sampler, "seed": seed})
+    raw.setdefault("model", {})["train_if_missing"] = False
+    raw.setdefault("data", {})["synthesize_if_missing"] = False
+    if not seeded:
+        raw["seeds"] = {"uniform": False, "allocator_fractions": []}
+    raw.setdefault("early_stop", {})["enabled"] = early
+    raw.pop("storage", None)
+    return raw
 
-    model, meta = load_checkpoint("runs/baseline/model.safetensors")
-    fp32 = packed_size_bytes(model, BitRecipe({}))
-    ref = reference_point([], fp32_bytes=fp32, baseline_eer=meta.get("eval", {}).get("eer"))
-    out = Path(tempfile.mkdtemp(prefix="lsv-hv-"))
-    rows = json.loads(args.json.read_text())["rows"] if args.resume and args.json.exists() else []
-    done = {(r["sampler"], r["variant"], r["seed"]) for r in rows}
-    try:
-        # Seeds outermost: a grid cut short still covers every sampler and variant.
-        for seed, sampler, variant in itertools.product(args.seeds, args.samplers, args.variants):
-            if (sampler, variant, seed) in done:
-                continue
-            name = f"hv-{sampler}-{variant.replace('+', '-')}-{seed}"
-            raw = config(out, name, sampler, "seeds" in variant, "es" in variant, seed, max(args.trials),
-                         args.steps, args.max_trials)
-            t0 = time.monotonic()
-            cfg = parse_study_config(raw)
-            run_study(cfg, progress=False)
-            study = optuna.load_study(study_name=name, storage=cfg.optuna_url)
-            # A suggestion that duplicated a running trial was asked again for free: it is not a trial.
-            finished = [t for t in study.trials if t.state.is_finished()
-                        and t.user_attrs.get("reason") != "duplicate of a running trial"]
-            row = {"sampler": sampler, "variant": variant, "seed": seed, "steps": args.steps,
-                   "wall_s": time.monotonic() - t0,
-                   "n_pruned": sum(t.state == TrialState.PRUNED for t in finished[:max(args.trials)]),
-                   "n_memoized": sum("memoized_from" in t.user_attrs for t in finished[:max(args.trials)])}
-            for k in args.trials:
-                pts = [(t.values[0], t.values[1]) for t in finished[:k] if t.state == TrialState.COMPLETE]
-                row[f"hv@{k}"] = hypervolume(pts, ref, size_scale=fp32) if pts else 0.0
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                save(args.json, ref, fp32, rows, args)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    print(f"reference point: EER {ref[0]:.2f} %, {ref[1]:.0f} bytes (sizes normalised by fp32 bytes)")
-    for sampler, variant in itertools.product(args.samplers, args.variants):
-        sel = [r for r in rows if r["sampler"] == sampler and r["variant"] == variant]
+
+def run_one(base: dict[str, Any], out: Path, method: str, seed: int, trials: int) -> dict[str, Any]:
+    """Run one study to ``trials`` trials; return every trial's outcome and cost, in finishing order."""
+    import optuna
+
+    from lsv_core.models import load_checkpoint
+    from lsv_core.quant import BitRecipe
+    from lsv_core.quant.msft import plan_stages
+    from search.config import parse_study_config
+    from search.study import run_study
+
+    name = f"hv-{method.replace('+', '-')}-{seed}"
+    cfg = parse_study_config(study_raw(base, out, name, method, seed, trials))
+    load0 = os.getloadavg()
+    t0 = time.monotonic()
+    run_study(cfg, progress=False)
+    wall = time.monotonic() - t0
+    model, _ = load_checkpoint(cfg.model.checkpoint)
+    study = optuna.load_study(study_name=name, storage=cfg.optuna_url)
+    rows = []
+    for t in study.trials:
+        if not t.state.is_finished():
+            continue
+        recipe = t.user_attrs.get("recipe") or {}
+        reason = t.user_attrs.get("reason") or ""
+        cost = 0.0
+        stage = None
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            cost = 0.0 if "memoized_from" in t.user_attrs else 1.0
+        elif t.state == optuna.trial.TrialState.PRUNED and (m := _STAGE.match(reason)):
+            stage = int(m.group(1))
+            n_stages = len(plan_stages(model, BitRecipe.from_mapping(recipe), cfg.msft.order, cfg.msft.n_groups))
+            cost = (stage + 1) / max(1, n_stages)
+        rows.append({
+            "number": t.number, "state": t.state.name, "values": t.values, "cost": cost, "stage": stage,
+            "finished": t.datetime_complete.isoformat() if t.datetime_complete else None,
+            "seed_label": t.user_attrs.get("seed"), "memoized_from": t.user_attrs.get("memoized_from"),
+            "reason": reason or None, "digest": t.user_attrs.get("digest"), "recipe": recipe,
+            "eer_ci": [t.user_attrs.get("eer_ci_low"), t.user_attrs.get("eer_ci_high")],
+        })
+    rows.sort(key=lambda r: (r["finished"] or "", r["number"]))
+    return {"method": method, "seed": seed, "trials": trials, "wall_s": wall, "load_avg_start": load0,
+            "load_avg_end": os.getloadavg(), "fp32_bytes": study.user_attrs.get("fp32_bytes"),
+            "budget_bytes": cfg.size_budget_bytes, "rows": rows}
+
+
+# -- analysis --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    eer: float  # percent
+    size: float  # bytes
+    hv: float  # of the union front, in EER points x (size / size budget)
+
+
+def complete_points(run: dict[str, Any]) -> list[tuple[float, float]]:
+    return [(r["values"][0], r["values"][1]) for r in run["rows"] if r["state"] == "COMPLETE" and r["values"]]
+
+
+def reference(runs: list[dict[str, Any]], ref_eer: float | None) -> Reference:
+    from search.pareto import hypervolume
+
+    budget = float(runs[0]["budget_bytes"])
+    if ref_eer is None:
+        uniform1 = [r["values"][0] for run in runs for r in run["rows"]
+                    if (r["seed_label"] or "").startswith("uniform-1") and r["state"] == "COMPLETE"]
+        if not uniform1:
+            raise SystemExit("no uniform 1-bit seed trial in the runs: give --ref-eer")
+        ref_eer = statistics.median(uniform1)
+    union = [p for run in runs for p in complete_points(run)]
+    return Reference(ref_eer, budget, hypervolume(union, (ref_eer, budget), size_scale=budget))
+
+
+def cost_curve(run: dict[str, Any], ref: Reference) -> list[tuple[float, float]]:
+    """(cumulative cost, hypervolume / reference hypervolume) after each finished trial."""
+    from search.pareto import hypervolume
+
+    points: list[tuple[float, float]] = []
+    spent = 0.0
+    curve = []
+    for r in run["rows"]:
+        spent += r["cost"]
+        if r["state"] == "COMPLETE" and r["values"]:
+            points.append((r["values"][0], r["values"][1]))
+        hv = hypervolume(points, (ref.eer, ref.size), size_scale=ref.size) if points else 0.0
+        curve.append((spent, hv / ref.hv))
+    return curve
+
+
+def cost_to_reach(run: dict[str, Any], ref: Reference, target: float) -> tuple[float, bool]:
+    """(cost at which the run first reaches ``target`` of the reference hypervolume, reached?)."""
+    curve = cost_curve(run, ref)
+    for spent, frac in curve:
+        if frac >= target:
+            return spent, True
+    return (curve[-1][0] if curve else 0.0), False
+
+
+def summarize(runs: list[dict[str, Any]], ref: Reference, target: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for method in METHODS:
+        sel = [r for r in runs if r["method"] == method]
         if not sel:
             continue
-        cells = []
-        for k in args.trials:
-            v = [r[f"hv@{k}"] for r in sel if f"hv@{k}" in r]
-            if not v:
-                continue
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells.append(f"hv@{k} {statistics.mean(v):.3f}±{sd:.3f}")
-        print(f"{sampler:7s} {variant:9s} n={len(sel)} " + "  ".join(cells))
+        costs = [cost_to_reach(r, ref, target) for r in sel]
+        finals = [cost_curve(r, ref)[-1][1] if r["rows"] else 0.0 for r in sel]
+        values = [c for c, _ in costs]
+        out[method] = {
+            "seeds": [r["seed"] for r in sel], "cost": values, "reached": [ok for _, ok in costs],
+            # Censored runs enter the median with their whole cost: a lower bound of what they would need.
+            "median_cost": statistics.median(values), "min_cost": min(values), "max_cost": max(values),
+            "n_reached": sum(ok for _, ok in costs), "final_hv_fraction": finals,
+            "total_cost": [sum(x["cost"] for x in r["rows"]) for r in sel],
+            "wall_s": [r["wall_s"] for r in sel],
+            "n_pruned": [sum(x["state"] == "PRUNED" and x["stage"] is not None for x in r["rows"]) for r in sel],
+            "n_memoized": [sum(x["memoized_from"] is not None for x in r["rows"]) for r in sel],
+        }
+    return out
 
 
-def save(path: Path, ref: tuple[float, float], fp32: int, rows: list[dict], args: argparse.Namespace) -> None:
-    from lsv_core.atomic import write_text_atomic
+def print_summary(summary: dict[str, Any], ref: Reference, target: float) -> None:
+    print(f"reference point: EER {ref.eer:.2f} %, {ref.size:.0f} bytes; reference hypervolume {ref.hv:.4f}; "
+          f"target {target:.0%}")
+    for method, s in summary.items():
+        cells = " ".join(f"{c:.2f}{'' if ok else '>'}" for c, ok in zip(s["cost"], s["reached"], strict=True))
+        print(f"{method:18s} median {s['median_cost']:6.2f} [{s['min_cost']:.2f}, {s['max_cost']:.2f}] "
+              f"reached {s['n_reached']}/{len(s['cost'])}  per seed: {cells}")
+    if BASELINE_METHOD in summary:
+        base = summary[BASELINE_METHOD]["median_cost"]
+        for method, s in summary.items():
+            if method != BASELINE_METHOD and base > 0:
+                print(f"  {method}: median cost / random's = {s['median_cost'] / base:.2f}")
 
+
+# -- main --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", type=Path, default=Path("studies/quickstart.toml"))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--trials", type=int, default=40, help="trials per study")
+    ap.add_argument("--target", type=float, default=0.95, help="fraction of the reference hypervolume")
+    ap.add_argument("--ref-eer", type=float, default=None, help="reference EER in percent")
+    ap.add_argument("--json", type=Path, required=True, help="results file, rewritten after every study")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --json, skip their studies")
+    ap.add_argument("--analyze-only", action="store_true", help="no new studies: recompute the summary")
+    args = ap.parse_args(argv)
+
+    import tomllib
+
+    base = tomllib.loads(args.study.read_text())
+    doc: dict[str, Any] = {"runs": []}
+    if (args.resume or args.analyze_only) and args.json.exists():
+        doc = json.loads(args.json.read_text())
+    runs: list[dict[str, Any]] = doc["runs"]
+    done = {(r["method"], r["seed"]) for r in runs}
+    if not args.analyze_only:
+        out = Path(tempfile.mkdtemp(prefix="lsv-hv-"))
+        try:
+            # Seeds outermost: a grid cut short still covers every method.
+            for seed, method in itertools.product(args.seeds, args.methods):
+                if (method, seed) in done:
+                    continue
+                run = run_one(base, out, method, seed, args.trials)
+                runs.append(run)
+                print(json.dumps({k: run[k] for k in ("method", "seed", "wall_s")} |
+                                 {"complete": len(complete_points(run)),
+                                  "cost": sum(r["cost"] for r in run["rows"])}), flush=True)
+                save(args.json, doc, args, base)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    ref = reference(runs, args.ref_eer)
+    summary = summarize(runs, ref, args.target)
+    doc["reference"] = {"eer": ref.eer, "size": ref.size, "hv": ref.hv, "target": args.target}
+    doc["summary"] = summary
+    save(args.json, doc, args, base)
+    print_summary(summary, ref, args.target)
+    return 0
+
+
+def save(path: Path, doc: dict[str, Any], args: argparse.Namespace, base: dict[str, Any]) -> None:
+    doc["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    doc["study"] = base
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({"reference": ref, "fp32_bytes": fp32, "rows": rows, "args": vars(args)},
-                                       indent=2, default=str), overwrite=True)
+    write_text_atomic(path, json.dumps(doc, indent=1, default=str) + "\n", overwrite=True)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""Benchmark: the paper's four findings on the embedded benchmark, over fine-tuning seeds.
+"""Benchmark: the paper's four findings on the embedded benchmark, over fine-tuning seeds, and whether the
+benchmark itself shows a trade-off (issue 14).
 
 Claims checked (docs/method.md, "known"; TASLP 2024 abstract):
 
@@ -10,9 +11,21 @@ Claims checked (docs/method.md, "known"; TASLP 2024 abstract):
 4. Mixed precision from the Hessian allocator beats uniform precision at equal size (sizes of uniform 3
    and 2 bits).
 
+The benchmark's own checks (``verdicts["benchmark"]``), against ``fp32-ft``, the float baseline fine-tuned
+with the same budget as every quantized row (``bench/fp32_control.py``):
+
+* converged: fine-tuning the baseline in fp32 moves its EER by less than the baseline's 95 % CI half-width;
+* a real trade-off: uniform 2 bit at least 0.5 pp worse than the control with separated CIs on every
+  seed, and uniform 1 bit (adaptive) at least 2 pp worse.
+
+Fine-tuning settings are the study's (``--study``, default ``studies/quickstart.toml``: its ``[msft]``
+budget, batch, learning rate and re-clustering interval, its baseline and corpus), so every row gets
+exactly the fine-tune a quickstart trial gets.
+
 Rows (each quantizes the trained baseline afresh, fine-tunes, scores all trials):
 
 * ``fp32``: the float baseline (seed-independent, scored once);
+* ``fp32-ft``: the fp32 control, the float baseline fine-tuned with the rows' budget (seeded);
 * ``km-{4,2,1}b`` and ``static-1b-noft``: k-means (or the static binary scale) with no fine-tuning
   (``total_steps=0``), to show what fine-tuning buys;
 * ``u{8,4,3,2}-oneshot``: every layer quantized at once (``order="one_shot"``), then fine-tuned;
@@ -20,7 +33,7 @@ Rows (each quantizes the trained baseline afresh, fine-tunes, scores all trials)
   uniform recipe the default ``order="bits"`` has a single stage and *is* one-shot, so ``"depth"`` is the
   progressive variant we can compare at uniform precision;
 * ``static-1b`` / ``adaptive-1b``: the two binary schemes, fine-tuned (one stage, like one-shot); the
-  adaptive levels are re-estimated by 2-means every ``--recluster-every`` steps (``centroid_update="kmeans"``,
+  adaptive levels are re-estimated by 2-means every ``msft.recluster_every`` steps (``centroid_update="kmeans"``,
   the library default). ``adaptive-1b-grad`` learns them by the shared-centroid gradient instead
   (``centroid_update="gradient"``): the ablation that shows why that is not the default (the gradient sums
   over half a layer's weights and collapses the network; it was the only behaviour before commit 63a937e,
@@ -37,7 +50,7 @@ per-seed CIs. Sizes are exact packed bytes (``packed_size_bytes``).
 
 Usage:
     python bench/seed_findings.py --quick --json bench/results/seed_findings_quick.json
-    python bench/seed_findings.py --json bench/results/seed_findings.json   # 3 seeds, 24 steps, all trials
+    python bench/seed_findings.py --json bench/results/seed_findings.json   # 3 seeds, the study's steps, all trials
 """
 
 from __future__ import annotations
@@ -58,17 +71,24 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dataclasses  # noqa: E402
+
 import torch  # noqa: E402
+from fp32_control import fine_tune_fp32  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lsv_core.atomic import write_text_atomic  # noqa: E402
-from lsv_core.quant import BitRecipe, KMQATConfig, packed_tensors, quantizable_layers  # noqa: E402
+from lsv_core.quant import BitRecipe, packed_tensors, quantizable_layers  # noqa: E402
 from lsv_core.quant.msft import MsftSchedule  # noqa: E402
 from lsv_core.quant.sensitivity import allocate_bits  # noqa: E402
-from lsv_core.workbench import DataPaths, Workbench, WorkbenchSpec  # noqa: E402
+from lsv_core.workbench import Workbench  # noqa: E402
+from search.config import load_study_config  # noqa: E402
 
 COMPRESSION_TARGET = 7.5  # claim 1: "about 8x"; the bar we hold 4 bit to
 MIXED_BIT_CHOICES = (1, 2, 3, 4, 8)
+# Issue 14's bar for a benchmark with a real trade-off (EER points over the fp32 control).
+TRADEOFF_2BIT_PP = 0.5
+TRADEOFF_1BIT_PP = 2.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,7 @@ class RowSpec:
     fine_tune: bool = True
     seeded: bool = True  # False: scored once (the float model)
     centroid_update: str = "kmeans"  # KMQATConfig.centroid_update; "gradient": the summed-gradient ablation
+    control: bool = False  # the fp32 control: the empty recipe fine-tuned (fp32_control.fine_tune_fp32)
 
 
 def weight_bytes(model: nn.Module, recipe: BitRecipe) -> int:
@@ -98,7 +119,8 @@ def build_rows(bench: Workbench, omega: dict[str, dict[int, float]] | None) -> l
     def uniform(bits: int, mode: str | None = None) -> Callable[[nn.Module], BitRecipe]:
         return lambda m: BitRecipe.uniform(m, bits, mode=mode)  # type: ignore[arg-type]
 
-    rows = [RowSpec("fp32", "fp32 baseline", lambda m: BitRecipe({}), fine_tune=False, seeded=False)]
+    rows = [RowSpec("fp32", "fp32 baseline", lambda m: BitRecipe({}), fine_tune=False, seeded=False),
+            RowSpec("fp32-ft", "fp32 control (fine-tuned, same budget)", lambda m: BitRecipe({}), control=True)]
     for b in (4, 2, 1):
         rows.append(RowSpec(f"km-{b}b", f"{b} bit k-means only (no FT)", uniform(b), fine_tune=False))
     rows.append(RowSpec("static-1b-noft", "1 bit static, no FT", uniform(1, "static"), fine_tune=False))
@@ -120,8 +142,11 @@ def build_rows(bench: Workbench, omega: dict[str, dict[int, float]] | None) -> l
     return rows
 
 
-def run_row(bench: Workbench, row: RowSpec, seeds: list[int], steps: int, lr: float,
-            recluster_every: int, n_boot: int) -> dict[str, Any]:
+def run_row(bench: Workbench, row: RowSpec, seeds: list[int], base: MsftSchedule, n_boot: int,
+            earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score ``row`` once per seed; ``base`` is the fine-tuning schedule (its budget, batch, lr, ...).
+    ``earlier``: this row from a previous run (``--extend``); its seeds are kept and not run again."""
+    steps = base.total_steps
     model = bench.model
     recipe = row.recipe(model)
     fp32_w = weight_bytes(model, BitRecipe({}))
@@ -134,17 +159,29 @@ def run_row(bench: Workbench, row: RowSpec, seeds: list[int], steps: int, lr: fl
     }
     out["compression_ratio"] = out["fp32_bytes"] / out["size_bytes"]
     out["weight_compression_ratio"] = fp32_w / out["weight_bytes"]
+    if earlier is not None:
+        if earlier["recipe"] != out["recipe"] or earlier["steps"] != out["steps"]:
+            raise SystemExit(f"--extend: row {row.key} of the earlier run has another recipe or budget")
+        out["per_seed"] = list(earlier["per_seed"])
+    done = {p["seed"] for p in out["per_seed"]}
     for seed in (seeds if row.seeded else seeds[:1]):
+        if seed in done or (not row.seeded and out["per_seed"]):
+            continue
         t0 = time.monotonic()
-        if not recipe:
+        schedule = dataclasses.replace(
+            base, order=row.order, total_steps=steps if row.fine_tune else 0, seed=seed, eval_each_stage=False,
+            kmqat=dataclasses.replace(base.kmqat, centroid_update=row.centroid_update))
+        if row.control:
+            ctl = fine_tune_fp32(bench, schedule, n_boot=n_boot)
+            res = ctl.result
+            per = {"seed": seed, "eer": res.eer, "eer_ci_low": res.eer_ci_low, "eer_ci_high": res.eer_ci_high,
+                   "min_dcf_001": res.min_dcf_001, "size_bytes": bench.fp32_bytes, "avg_bits": 32.0,
+                   "final_loss": ctl.final_loss}
+        elif not recipe:
             res = bench.evaluate_float(n_boot=n_boot, seed=seed)
             per = {"seed": seed, "eer": res.eer, "eer_ci_low": res.eer_ci_low, "eer_ci_high": res.eer_ci_high,
                    "min_dcf_001": res.min_dcf_001, "size_bytes": bench.fp32_bytes, "avg_bits": 32.0}
         else:
-            schedule = MsftSchedule(order=row.order, total_steps=steps if row.fine_tune else 0, lr=lr, seed=seed,
-                                    eval_each_stage=False,
-                                    kmqat=KMQATConfig(centroid_update=row.centroid_update,  # type: ignore[arg-type]
-                                                      recluster_every=recluster_every))
             res = bench.run(recipe, schedule, n_boot=n_boot)
             if res.size_bytes != out["size_bytes"]:
                 raise AssertionError(f"{row.key}: packed size {res.size_bytes} != predicted {out['size_bytes']}")
@@ -189,8 +226,32 @@ def _diff(rows: dict[str, dict[str, Any]], better: str, worse: str) -> dict[str,
             "sem_pp": sem, "wins": int((d > 0).sum()), "n": int(d.size), "significant_2sem": significant}
 
 
-def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def benchmark_verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Issue 14's bar: a converged baseline, and graded damage at 2 and 1 bit against the fp32 control."""
     out: dict[str, Any] = {}
+    if "fp32-ft" not in rows:
+        return out
+    fp32 = rows["fp32"]["per_seed"][0]
+    half = (fp32["eer_ci_high"] - fp32["eer_ci_low"]) / 2
+    moves = [p["eer"] - fp32["eer"] for p in rows["fp32-ft"]["per_seed"]]
+    out["converged"] = {"fp32_eer": fp32["eer"], "fp32_ci": [fp32["eer_ci_low"], fp32["eer_ci_high"]],
+                        "ci_half_width_pp": half, "moves_pp": moves, "mean_move_pp": float(np.mean(moves)),
+                        "ok": all(abs(m) < half for m in moves)}
+    control = {p["seed"]: p for p in rows["fp32-ft"]["per_seed"]}
+    for key, bar in (("u2-oneshot", TRADEOFF_2BIT_PP), ("adaptive-1b", TRADEOFF_1BIT_PP)):
+        if key not in rows:
+            continue
+        d = _diff(rows, "fp32-ft", key)
+        separated = [p["eer_ci_low"] > control[p["seed"]]["eer_ci_high"] for p in rows[key]["per_seed"]
+                     if p["seed"] in control]
+        out[f"tradeoff_{key}"] = {**d, "bar_pp": bar, "meets_bar": d["mean_gain_pp"] >= bar,
+                                  "cis_separated": separated,
+                                  "ok": d["mean_gain_pp"] >= bar and bool(separated) and all(separated)}
+    return out
+
+
+def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"benchmark": benchmark_verdicts(rows)}
     fp32 = rows["fp32"]["per_seed"][0]
     if "u4-oneshot" in rows:
         per = {}
@@ -208,8 +269,16 @@ def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "compression_ok": r["compression_ratio"] >= COMPRESSION_TARGET,
             "weight_compression_ok": r["weight_compression_ratio"] >= COMPRESSION_TARGET,
         }
+        if "fp32-ft" in rows:
+            # Lossless against the same fine-tune in fp32: the 4-bit row minus the control, paired by seed.
+            out["claim1_4bit_lossless"]["vs_control"] = {k: _diff(rows, "fp32-ft", k) for k in ("u4-oneshot", "u4-msft")
+                                                         if k in rows}
     if {"u2-msft", "u2-oneshot"} <= rows.keys():
         out["claim2_msft_beats_oneshot_2bit"] = _diff(rows, "u2-msft", "u2-oneshot")
+    for b in (3, 2):
+        # The paper's setting for MSFT: a mixed recipe, its layers quantized lowest bits first.
+        if {f"mixed@{b}b-msft", f"mixed@{b}b-oneshot"} <= rows.keys():
+            out[f"claim2_msft_beats_oneshot_mixed@{b}b"] = _diff(rows, f"mixed@{b}b-msft", f"mixed@{b}b-oneshot")
     c3: dict[str, Any] = {}
     for adaptive in ("adaptive-1b", "adaptive-1b-grad"):
         if {adaptive, "static-1b"} <= rows.keys():
@@ -275,6 +344,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def verdict_lines(v: dict[str, Any]) -> list[str]:
     """One line per comparison: gain in EER points (positive: the first row is better), wins over seeds."""
     lines = []
+    b = v.get("benchmark", {})
+    if "converged" in b:
+        c = b["converged"]
+        lines.append(f"benchmark: fp32 control moves EER by {', '.join(f'{m:+.2f}' for m in c['moves_pp'])} pp "
+                     f"(fp32 CI half-width {c['ci_half_width_pp']:.2f}): converged {c['ok']}")
+    for key in ("tradeoff_u2-oneshot", "tradeoff_adaptive-1b"):
+        if key in b:
+            t = b[key]
+            lines.append(f"benchmark: {t['worse']} - fp32 control = {t['mean_gain_pp']:+.2f} pp (bar {t['bar_pp']}), "
+                         f"CIs separated per seed {t['cis_separated']}: {'met' if t['ok'] else 'NOT met'}")
     if "claim1_4bit_lossless" in v:
         c = v["claim1_4bit_lossless"]
         inside = ", ".join(f"{k} {r['eer_mean']:.2f} {'in' if r['inside_fp32_ci'] else 'OUT of'} CI"
@@ -290,6 +369,9 @@ def verdict_lines(v: dict[str, Any]) -> list[str]:
 
     if "claim2_msft_beats_oneshot_2bit" in v:
         lines.append(diff_line("claim 2", v["claim2_msft_beats_oneshot_2bit"]))
+    for b in (3, 2):
+        if f"claim2_msft_beats_oneshot_mixed@{b}b" in v:
+            lines.append(diff_line(f"claim 2 (mixed, {b} bit size)", v[f"claim2_msft_beats_oneshot_mixed@{b}b"]))
     for d in v.get("claim3_adaptive_beats_static_1bit", {}).values():
         lines.append(diff_line("claim 3", d))
     for b in (3, 2):
@@ -311,33 +393,32 @@ def _nan_to_none(x: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="1 seed, 16 steps, 15000 trials (a few minutes on 2 CPU cores)")
+    parser.add_argument("--study", type=Path, default=Path("studies/quickstart.toml"),
+                        help="take the baseline, corpus and fine-tuning settings ([msft]) from this study")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 15000 trials")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default 0 1 2)")
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per row (default 24; quick 16)")
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--recluster-every", type=int, default=10,
-                        help="k-means re-generation of the centroids every N steps (default 10)")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per row (default: the study's)")
     parser.add_argument("--max-trials", type=int, default=None, help="trial subset (default all; quick 15000)")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--rows", nargs="+", default=None, help="only these row keys (fp32 is always run)")
-    parser.add_argument("--checkpoint", default="runs/baseline/model.safetensors")
-    parser.add_argument("--corpus", default="data/corpus")
-    parser.add_argument("--cache-dir", default="runs/cache")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
+    parser.add_argument("--extend", action="store_true",
+                        help="add --seeds to the rows already in --json (same study settings) instead of starting over")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table as markdown here")
     args = parser.parse_args(argv)
+    config = load_study_config(args.study)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    steps = args.steps if args.steps is not None else (16 if args.quick else 24)
+    base = config.msft_schedule()
+    if args.steps is not None:
+        base = dataclasses.replace(base, total_steps=args.steps)
     max_trials = args.max_trials if args.max_trials is not None else (15000 if args.quick else None)
 
     t_start = time.monotonic()
-    bench = Workbench.load(WorkbenchSpec(Path(args.checkpoint), DataPaths.corpus(args.corpus),
-                                         cache_dir=Path(args.cache_dir), max_trials=max_trials, subset_seed=0,
-                                         device=args.device), progress=False)
+    spec = config.workbench_spec().replace(max_trials=max_trials, subset_seed=0, device=args.device, codebook_dir=None)
+    bench = Workbench.load(spec, progress=False)
     t0 = time.monotonic()
-    omega = bench.sensitivities(cache_path=Path(args.cache_dir) / "hessian_traces.json", seed=0)
+    omega = bench.sensitivities(cache_path=config.data.cache_dir / "hessian_traces.json", seed=0)
     t_sens = time.monotonic() - t0
     specs = build_rows(bench, omega)
     if args.rows:
@@ -346,22 +427,32 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--rows: unknown keys {sorted(unknown)}; allowed: {[s.key for s in specs]}")
         specs = [s for s in specs if s.key == "fp32" or s.key in args.rows]
     meta = {
-        "quick": args.quick, "seeds": seeds, "steps": steps, "lr": args.lr, "recluster_every": args.recluster_every,
-        "n_trials": len(bench.trials), "max_trials": max_trials, "n_boot": args.n_boot,
-        "checkpoint": args.checkpoint, "corpus": args.corpus, "device": args.device,
+        "quick": args.quick, "seeds": seeds, "study": str(args.study), "schedule": base.to_dict(),
+        "steps": base.total_steps, "n_trials": len(bench.trials), "max_trials": max_trials, "n_boot": args.n_boot,
+        "checkpoint": str(spec.checkpoint), "corpus": str(spec.data.train.parent), "device": args.device,
         "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
         "torch": torch.__version__, "sensitivity_wall_s": t_sens, "command": " ".join(sys.argv),
+        "load_avg_start": os.getloadavg(),
     }
-    print(f"{len(bench.trials)} trials, seeds {seeds}, {steps} steps, {len(specs)} rows", flush=True)
+    print(f"{len(bench.trials)} trials, seeds {seeds}, {base.total_steps} steps, {len(specs)} rows", flush=True)
+    earlier: dict[str, dict[str, Any]] = {}
+    if args.extend and args.json.exists():
+        old = json.loads(args.json.read_text())
+        for key in ("schedule", "n_trials", "checkpoint"):
+            if old["meta"].get(key) != meta[key]:
+                parser.error(f"--extend: {args.json} was made with another {key} ({old['meta'].get(key)!r})")
+        earlier = {r["key"]: r for r in old["rows"]}
+        meta["seeds"] = sorted({*old["meta"]["seeds"], *seeds})
+        meta["runs"] = [*old["meta"].get("runs", [old["meta"].get("command")]), meta["command"]]
     results: list[dict[str, Any]] = []
-    for spec in specs:
-        results.append(run_row(bench, spec, seeds, steps, args.lr, args.recluster_every, args.n_boot))
+    for row in specs:
+        results.append(run_row(bench, row, seeds, base, args.n_boot, earlier.get(row.key)))
         by_key = {r["key"]: r for r in results}
-        doc = {"meta": {**meta, "wall_s": time.monotonic() - t_start}, "rows": results,
-               "verdicts": verdicts(by_key)}
+        doc = {"meta": {**meta, "wall_s": time.monotonic() - t_start, "load_avg_end": os.getloadavg()},
+               "rows": results, "verdicts": verdicts(by_key)}
         write_text_atomic(args.json, json.dumps(_nan_to_none(doc), indent=2) + "\n", overwrite=True)
-    print_table(results, f"Paper findings on the embedded benchmark ({len(seeds)} seed(s), {steps} steps)")
+    print_table(results, f"Paper findings on the embedded benchmark ({len(seeds)} seed(s), {base.total_steps} steps)")
     for line in verdict_lines(doc["verdicts"]):
         print(line)
     print(f"wall time {time.monotonic() - t_start:.0f} s; wrote {args.json}")

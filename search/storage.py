@@ -12,6 +12,7 @@ import optuna
 from sqlalchemy.exc import SQLAlchemyError
 
 from lsv_core.errors import ConfigError
+from search.samplers import HessianPriorSampler
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
@@ -82,6 +83,7 @@ SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
     "gp": lambda seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=8),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "hessian": lambda seed: HessianPriorSampler(seed=seed),
 }
 
 

@@ -174,8 +174,9 @@ class RayCluster:
     processes run in their own mount namespace with each of ``hidden`` covered by an empty tmpfs, so it
     sees a different filesystem than the driver (no shared study folder, or no data)."""
 
-    def __init__(self, hidden: list[Path], port: int | None = None) -> None:
+    def __init__(self, hidden: list[Path], port: int | None = None, head_cpus: int = 1, worker_cpus: int = 1) -> None:
         self.port = port or free_port()
+        self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.address = f"127.0.0.1:{self.port}"
         self.hidden = hidden
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -183,11 +184,11 @@ class RayCluster:
         self.ray = str(Path(sys.executable).parent / "ray")
 
     def start(self, timeout_s: float = 120.0) -> RayCluster:
-        subprocess.run([self.ray, "start", "--head", "--port", str(self.port), "--num-cpus", "1",
+        subprocess.run([self.ray, "start", "--head", "--port", str(self.port), "--num-cpus", str(self.head_cpus),
                         "--node-ip-address", "127.0.0.1", "--include-dashboard", "false"], env=self.env,
                        check=True, capture_output=True, timeout=timeout_s)
         mounts = " && ".join(f"mount -t tmpfs none {p}" for p in self.hidden) or "true"
-        worker = (f"{mounts} && exec {self.ray} start --address {self.address} --num-cpus 1 "
+        worker = (f"{mounts} && exec {self.ray} start --address {self.address} --num-cpus {self.worker_cpus} "
                   "--node-ip-address 127.0.0.1 --block")
         self.worker = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", worker],
                                        env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

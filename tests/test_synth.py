@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,19 @@ import soundfile
 from lsv_core.atomic import RefuseOverwrite
 from lsv_core.data import espeak
 from lsv_core.data.synth import (
+    CORPUS_FORMAT,
+    SpeakerParams,
     SynthConfig,
+    _apply_channel,
+    check_corpus,
     corpus_content_hash,
     make_trials,
+    speaker_digest,
     speaker_table,
     speaker_utterances,
     synthesize_corpus,
 )
-from lsv_core.errors import ConfigError
+from lsv_core.errors import ConfigError, DataError
 
 # Voices picked for their hidden randomness: Reed and klatt4 are Klatt voices (Reed breathy, drawing from
 # libc rand()), croak has strong pitch flutter, whisper is noise-excited.
@@ -69,13 +75,16 @@ def test_another_seed_gives_another_corpus(corpora: dict[str, Path]) -> None:
     assert corpus_content_hash(corpora["w1"]) != corpus_content_hash(corpora["seed1"])
 
 
-def test_wavs_are_16k_int16_mono_within_duration(corpora: dict[str, Path]) -> None:
+def test_wavs_are_16k_int16_mono_within_their_split_duration(corpora: dict[str, Path]) -> None:
     wavs = sorted((corpora["w1"] / "wav").glob("*/*.wav"))
     assert wavs
+    split_of = {s.spk_id: s.split for s in speaker_table(TINY)}
+    assert TINY.durations("eval") == (2.0, 3.0) and TINY.durations("train") == (3.0, 5.0)
     for wav in wavs:
         info = soundfile.info(wav)
         assert (info.samplerate, info.channels, info.subtype, info.format) == (16000, 1, "PCM_16", "WAV")
-        assert TINY.min_dur - DUR_TOLERANCE_S <= info.duration <= TINY.max_dur + DUR_TOLERANCE_S, wav
+        low, high = TINY.durations(split_of[wav.parent.name])
+        assert low - DUR_TOLERANCE_S <= info.duration <= high + DUR_TOLERANCE_S, wav
         samples, _ = soundfile.read(wav, dtype="int16")
         assert np.abs(samples).max() > 1000  # speech, not silence
 
@@ -207,22 +216,117 @@ def test_synthesize_depends_on_arguments_not_history(voice: str) -> None:
         np.testing.assert_array_equal(a, b)
 
 
-def test_speakers_are_spread_over_variants_pitch_bands_and_accents() -> None:
+def test_families_are_spread_over_variants_pitch_bands_and_accents() -> None:
     config = SynthConfig()
     speakers = speaker_table(config)
     assert speakers == speaker_table(config)
-    variants = {s.variant for s in speakers}
-    assert not variants & espeak.UNPITCHED_VARIANTS
-    max_uses = math.ceil(config.speakers / len(variants))
-    assert max(sum(s.variant == v for s in speakers) for v in variants) <= max_uses
-    # Speakers sharing a variant sit in different pitch bands (4 bands over pitch 10-90).
-    by_variant: dict[str, list[int]] = {}
+    assert len(speakers) == 400 and config.family_size == 4
+    families: dict[int, list] = {}
     for s in speakers:
-        by_variant.setdefault(s.variant, []).append((s.pitch - 10) // 20)
-    assert all(len(bands) == len(set(bands)) for bands in by_variant.values())
-    accent_counts = [sum(s.accent == a for s in speakers) for a in espeak.list_accents()]
+        families.setdefault(s.family, []).append(s)
+    assert all(len(members) == 4 for members in families.values())
+    heads = [members[0] for members in families.values()]
+    variants = {s.variant for s in heads}
+    assert not variants & espeak.UNPITCHED_VARIANTS
+    max_uses = math.ceil(len(families) / len(variants))
+    assert max(sum(s.variant == v for s in heads) for v in variants) <= max_uses
+    accent_counts = [sum(s.accent == a for s in heads) for a in espeak.list_accents()]
     assert max(accent_counts) - min(accent_counts) <= 2
-    assert sum(s.split == "eval" for s in speakers) == config.n_eval_speakers == 40
+    for members in families.values():
+        # Siblings share the voice and sit close together: the confusable voices.
+        assert len({(s.accent, s.variant) for s in members}) == 1
+        assert max(s.pitch for s in members) - min(s.pitch for s in members) <= 2 * 6 + 1
+        assert max(s.formant_scale for s in members) / min(s.formant_scale for s in members) <= 1.031 / 0.969
+        assert all(0.9 * 0.97 - 1e-6 <= s.formant_scale <= 1.1 * 1.03 + 1e-6 for s in members)
+        # A family is wholly train or wholly eval (80 eval speakers = 20 whole families).
+        assert len({s.split for s in members}) == 1
+    assert sum(s.split == "eval" for s in speakers) == config.n_eval_speakers == 80
+    # Families sharing a variant sit in different pitch bands (families' own pitch before the offsets).
+    bands: dict[str, list[float]] = {}
+    for members in families.values():
+        bands.setdefault(members[0].variant, []).append(np.mean([s.pitch for s in members]))
+    assert all(min(np.diff(sorted(b)), default=99) > 2 for b in bands.values())
+
+
+def test_family_size_one_gives_every_speaker_its_own_voice() -> None:
+    speakers = speaker_table(SynthConfig(speakers=60, family_size=1))
+    assert len({s.family for s in speakers}) == 60
+    assert len({(s.variant, (s.pitch - 10) // 20) for s in speakers}) == 60
+
+
+def _spectral_centroid(x: np.ndarray, sample_rate: int) -> float:
+    power = np.abs(np.fft.rfft(x.astype(np.float64))) ** 2
+    freqs = np.fft.rfftfreq(len(x), 1.0 / sample_rate)
+    return float((power * freqs).sum() / power.sum())
+
+
+def test_formant_scale_moves_the_spectrum_up() -> None:
+    quiet = SynthConfig(speakers=2, utts=3, eval_speakers=1, eval_dur=None, snr_db=(60.0, 60.0), eq_db=0.0,
+                        bandlimit_prob=0.0, reverb_prob=0.0)
+    base = SpeakerParams("spk0001", 0, "train", "en-us", "m3", pitch=40, pitch_range=50, rate_wpm=170)
+    centroids = {}
+    for scale in (0.9, 1.1):
+        speaker = SpeakerParams(**{**base.__dict__, "formant_scale": scale})
+        centroids[scale] = np.mean([_spectral_centroid(u.clean, 16000) for u in speaker_utterances(speaker, quiet)])
+    assert centroids[1.1] > 1.08 * centroids[0.9]
+
+
+def test_channel_band_limits_and_reverberates() -> None:
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    impulse = np.zeros(16000, dtype=np.float32)
+    impulse[100] = 1.0
+    off = SynthConfig(eq_db=0.0, bandlimit_prob=0.0, reverb_prob=0.0)
+    np.testing.assert_array_equal(_apply_channel(rng_a, impulse, off), impulse)
+    room = _apply_channel(rng_b, impulse, SynthConfig(eq_db=0.0, bandlimit_prob=1.0, reverb_prob=1.0))
+    assert len(room) == len(impulse)
+    # The room leaves energy well after the direct sound (at least 150 ms of RT60).
+    tail = room[100 + 800 :]
+    assert np.sum(tail**2) > 1e-3 * np.sum(room**2)
+    # The band limit: 1 kHz passes, 60 Hz and 7.5 kHz are cut (corners 150-400 Hz and 3-5 kHz).
+    gain = np.abs(np.fft.rfft(_apply_channel(np.random.default_rng(1), impulse, SynthConfig(
+        eq_db=0.0, bandlimit_prob=1.0, reverb_prob=0.0))))
+    freqs = np.fft.rfftfreq(len(impulse), 1 / 16000)
+    at = {f: gain[np.argmin(np.abs(freqs - f))] for f in (60, 1000, 7500)}
+    assert at[1000] > 0.9 and at[60] < 0.1 and at[7500] < 0.1
+
+
+# -- the corpus the shipped baseline was trained on --------------------------------------------------------
+SHIPPED = Path(__file__).resolve().parents[1] / "baselines" / "quickstart" / "corpus.json"
+
+
+def test_shipped_baseline_was_trained_on_the_default_corpus() -> None:
+    shipped = json.loads(SHIPPED.read_text())
+    # `lsv corpus synth` writes the default eval-speaker count out; SynthConfig() leaves it None.
+    config = SynthConfig(**shipped["config"])
+    assert replace(config, eval_speakers=None) == SynthConfig()
+    assert config.n_eval_speakers == SynthConfig().n_eval_speakers
+    assert shipped["format"] == CORPUS_FORMAT
+
+
+def test_this_machine_speaks_the_shipped_corpus_speakers_bit_identically() -> None:
+    """A fresh machine reproduces the corpus the shipped baseline was trained on: two speakers (one
+    training, one evaluation) synthesised here hash to what the manifest recorded."""
+    shipped = json.loads(SHIPPED.read_text())
+    config = SynthConfig()
+    speakers = speaker_table(config)
+    for speaker in (speakers[0], next(s for s in speakers if s.split == "eval")):
+        assert speaker_digest(speaker, config) == shipped["speaker_sha256"][speaker.spk_id], speaker.spk_id
+
+
+@pytest.mark.slow
+def test_this_machine_reproduces_the_whole_shipped_corpus(tmp_path: Path) -> None:
+    summary = synthesize_corpus(tmp_path / "corpus", SynthConfig(), workers=2, progress=False)
+    shipped = json.loads(SHIPPED.read_text())
+    assert summary.content_sha256 == shipped["content_sha256"]
+    check_corpus(tmp_path / "corpus", SHIPPED)  # what `make demo` checks before using the shipped baseline
+
+
+def test_check_corpus_names_what_differs(corpora: dict[str, Path], tmp_path: Path) -> None:
+    check_corpus(corpora["w1"], corpora["w2"] / "corpus.json")
+    with pytest.raises(DataError, match="content_sha256 differs|config differs"):
+        check_corpus(corpora["w1"], corpora["seed1"] / "corpus.json")
+    with pytest.raises(DataError, match="no corpus"):
+        check_corpus(tmp_path, corpora["w1"] / "corpus.json")
 
 
 @pytest.mark.parametrize(
@@ -233,6 +337,11 @@ def test_speakers_are_spread_over_variants_pitch_bands_and_accents() -> None:
         {"speakers": 4, "eval_speakers": 4},
         {"min_dur": 5.0, "max_dur": 3.0},
         {"snr_db": (30.0, 15.0)},
+        {"eval_dur": (2.0, 1.0)},
+        {"family_size": 0},
+        {"formant_scale": (0.5, 1.0)},
+        {"reverb_prob": 1.5},
+        {"eq_db": -1.0},
         {"variants": ("M3",)},
         {"accents": ("fr",)},
     ],

@@ -1,8 +1,15 @@
 """A deterministic synthetic multi-speaker corpus spoken by espeak-ng, in Kaldi layout.
 
-A *speaker* is a fixed combination of English accent, espeak-ng voice variant, base pitch, pitch range
-and speaking rate; each utterance jitters pitch, range and rate a little, speaks random sentences of
-common words for ``min_dur``-``max_dur`` seconds, and adds coloured background noise at a random SNR.
+A *speaker* is a fixed combination of English accent, espeak-ng voice variant, base pitch, pitch range,
+speaking rate and vocal-tract length (a formant scale); each utterance jitters pitch, range and rate a
+little, speaks random sentences of common words, passes through a random channel (equaliser, sometimes
+a band limit and a room) and gets coloured background noise at a random SNR. Training utterances last
+``min_dur``-``max_dur`` seconds, evaluation utterances ``eval_dur`` (short test segments).
+
+What makes the task hard enough that quantization costs accuracy (issue 14): speakers come in *families*
+of ``family_size`` that share accent and voice variant and differ only by small offsets of pitch, rate,
+range and formant scale, so every speaker has confusable siblings (a family is wholly train or wholly
+eval); the channel and the noise (8-20 dB) are nuisances the network must ignore; test segments are 2-3 s.
 
 Every random choice derives from ``(seed, speaker, utterance index)`` only. espeak-ng also carries hidden
 state from one utterance to the next (see :mod:`lsv_core.data.espeak`), so each speaker's utterances are
@@ -38,7 +45,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -47,19 +54,19 @@ import numpy as np
 
 from lsv_core.atomic import RefuseOverwrite, write_text_atomic
 from lsv_core.data import espeak
-from lsv_core.errors import ConfigError
+from lsv_core.errors import ConfigError, DataError
 
-# Default size: 160 train + 40 eval speakers x 20 utterances (4,000 wavs, 4.2 h of audio, 470 MB) gives
-# 7,600 target + 38,000 non-target eval trials; it took 35-39 s with workers=2 on a busy 2-core machine
-# (about 33 CPU-seconds: espeak-ng ~4 ms, noise ~2 ms, resampling ~1 ms per utterance).
-DEFAULT_SPEAKERS = 200
+# Default size: 320 train + 80 eval speakers x 20 utterances (8,000 wavs); the 1,600 short eval
+# utterances give 15,200 target + 76,000 non-target trials. Timings are in BENCHMARKS.md (issue 14).
+DEFAULT_SPEAKERS = 400
 DEFAULT_UTTS = 20
 DEFAULT_SEED = 0
+DEFAULT_FAMILY_SIZE = 4
 EVAL_FRACTION = 0.2
 """Share of speakers held out for evaluation when ``SynthConfig.eval_speakers`` is None."""
 DEFAULT_EVAL_SPEAKERS = round(EVAL_FRACTION * DEFAULT_SPEAKERS)  # 40
 
-CORPUS_FORMAT = "lsv-synth-corpus/1"
+CORPUS_FORMAT = "lsv-synth-corpus/2"
 
 _T = TypeVar("_T")
 
@@ -68,6 +75,12 @@ _PITCH_SPAN = (10, 90)  # outside this, pitch_adjust_tab saturates and voices tu
 _PITCH_RANGE_SPAN = (20, 80)
 _RATE_WPM_SPAN = (140, 210)
 _MIN_PITCH_BANDS = 4
+# A family member's offsets from its family's values: siblings are close enough to be confused on a
+# short segment, yet each keeps a stable identity (offsets are per speaker, jitter per utterance).
+_FAMILY_PITCH_SPREAD = 8  # pitch units, +-
+_FAMILY_RANGE_SPREAD = 10  # pitch-range units, +-
+_FAMILY_RATE_SPREAD = 0.10  # relative, +-
+_FAMILY_FORMANT_SPREAD = 0.04  # relative, +-
 # Per-utterance jitter around the speaker's values: small enough that the speaker stays recognisable.
 _PITCH_JITTER = 3
 _PITCH_RANGE_JITTER = 5
@@ -79,6 +92,14 @@ _TRIM_MARGIN_S = 0.02
 _FADE_S = 0.01
 _SENTENCE_PAUSE_S = (0.1, 0.3)  # silence between the sentences of one utterance
 _MAX_SENTENCES = 8
+# Channel: equaliser anchors (log-spaced, Hz), band-limit corners (Hz), room reverberation time (s) and
+# direct-to-reverberant ratio (dB). The room is a direct path plus exponentially decaying noise.
+_EQ_ANCHORS_HZ = (100.0, 300.0, 900.0, 2700.0, 8000.0)
+_BAND_LOW_HZ = (150.0, 400.0)
+_BAND_HIGH_HZ = (3000.0, 5000.0)
+_BAND_ORDER = 4  # Butterworth-like magnitude roll-off of the band limit
+_RT60_S = (0.1, 0.4)
+_DRR_DB = (3.0, 12.0)
 
 # Streams of SeedSequence([seed, stream, ...]): independent draws for each purpose.
 _STREAM_SPEAKERS, _STREAM_UTTERANCE, _STREAM_TRIALS = 0, 1, 2
@@ -129,11 +150,20 @@ class SynthConfig:
         eval_speakers: speakers held out for evaluation; None means ``round(EVAL_FRACTION * speakers)``
             (at least 1). Must leave at least one training speaker.
         sample_rate: output sample rate in Hz.
-        min_dur, max_dur: utterance duration bounds in seconds (after silence trimming).
+        min_dur, max_dur: training utterance duration bounds in seconds (after silence trimming).
+        eval_dur: (low, high) duration bounds of evaluation utterances in seconds; None means the
+            training bounds. Short test segments make verification harder.
         snr_db: (low, high) bounds of the uniform per-utterance signal-to-noise ratio in dB.
         nontarget_ratio: non-target eval trials per target trial (capped by the pairs that exist).
         accents: espeak-ng English accents to draw from; None means all of ``espeak.list_accents()``.
         variants: voice variants to draw from; None means every variant file except the unpitched ones.
+        family_size: speakers per family; siblings share accent and variant and differ by small
+            offsets of pitch, range, rate and formant scale (1: every speaker is a family of its own).
+        formant_scale: (low, high) bounds of a family's vocal-tract scale: espeak-ng's samples are
+            resampled as if spoken at this multiple of its rate, which scales formants, pitch and tempo.
+        eq_db: per-utterance equaliser gains are drawn in +-eq_db dB at a few log-spaced frequencies.
+        bandlimit_prob: share of utterances band-limited (telephone-like corners).
+        reverb_prob: share of utterances spoken in a synthetic room.
     """
 
     speakers: int = DEFAULT_SPEAKERS
@@ -143,14 +173,22 @@ class SynthConfig:
     sample_rate: int = 16000
     min_dur: float = 3.0
     max_dur: float = 5.0
-    snr_db: tuple[float, float] = (15.0, 30.0)
+    eval_dur: tuple[float, float] | None = (2.0, 3.0)
+    snr_db: tuple[float, float] = (8.0, 20.0)
     nontarget_ratio: float = 5.0
     accents: tuple[str, ...] | None = None
     variants: tuple[str, ...] | None = None
+    family_size: int = DEFAULT_FAMILY_SIZE
+    formant_scale: tuple[float, float] = (0.9, 1.1)
+    eq_db: float = 4.0
+    bandlimit_prob: float = 0.2
+    reverb_prob: float = 0.3
 
     def __post_init__(self) -> None:
         # Accept lists (from TOML/JSON) but store tuples, so the config stays hashable and comparable.
-        object.__setattr__(self, "snr_db", tuple(float(x) for x in self.snr_db))
+        for name in ("snr_db", "formant_scale", "eval_dur"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
         for name in ("accents", "variants"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -168,10 +206,21 @@ class SynthConfig:
             raise ConfigError(
                 f"min_dur={self.min_dur}, max_dur={self.max_dur}: need 0.5 <= min_dur <= max_dur (seconds)"
             )
+        if self.eval_dur is not None and (len(self.eval_dur) != 2 or not 0.5 <= self.eval_dur[0] <= self.eval_dur[1]):
+            raise ConfigError(f"eval_dur={self.eval_dur} should be (low, high) seconds with 0.5 <= low <= high")
         if len(self.snr_db) != 2 or self.snr_db[0] > self.snr_db[1]:
             raise ConfigError(f"snr_db={self.snr_db} should be (low, high) with low <= high, in dB")
         if self.nontarget_ratio < 0:
             raise ConfigError(f"nontarget_ratio={self.nontarget_ratio} should be >= 0")
+        if self.family_size < 1:
+            raise ConfigError(f"family_size={self.family_size} should be >= 1")
+        if len(self.formant_scale) != 2 or not 0.8 <= self.formant_scale[0] <= self.formant_scale[1] <= 1.25:
+            raise ConfigError(f"formant_scale={self.formant_scale} should be (low, high) with 0.8 <= low <= high <= 1.25")
+        if not 0.0 <= self.eq_db <= 20.0:
+            raise ConfigError(f"eq_db={self.eq_db} should be in [0, 20] dB")
+        for name in ("bandlimit_prob", "reverb_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} should be a probability in [0, 1]")
         if self.accents is not None:
             known = espeak.list_accents()
             unknown = sorted(set(self.accents) - set(known))
@@ -192,10 +241,21 @@ class SynthConfig:
             return self.eval_speakers
         return min(self.speakers - 1, max(1, round(EVAL_FRACTION * self.speakers)))
 
+    def durations(self, split: str) -> tuple[float, float]:
+        """(low, high) utterance duration in seconds for ``split`` ("train" or "eval")."""
+        if split == "eval" and self.eval_dur is not None:
+            return self.eval_dur
+        return self.min_dur, self.max_dur
+
+    @property
+    def longest_s(self) -> float:
+        return max(self.max_dur, self.eval_dur[1] if self.eval_dur is not None else 0.0)
+
 
 @dataclass(frozen=True)
 class SpeakerParams:
-    """One synthetic speaker: espeak-ng voice ``accent+variant`` with pitch/range (0-99) and rate (wpm)."""
+    """One synthetic speaker: espeak-ng voice ``accent+variant`` with pitch/range (0-99), rate (wpm) and
+    formant scale (vocal-tract length, 1 = the variant's own); ``family`` groups confusable siblings."""
 
     spk_id: str
     index: int
@@ -205,6 +265,8 @@ class SpeakerParams:
     pitch: int
     pitch_range: int
     rate_wpm: int
+    formant_scale: float = 1.0
+    family: int = 0
 
     @property
     def voice(self) -> str:
@@ -265,38 +327,55 @@ def _usable_variants(config: SynthConfig) -> list[str]:
 def speaker_table(config: SynthConfig) -> list[SpeakerParams]:
     """Draw the speakers of ``config``: deterministic in ``config.seed``.
 
-    To keep speakers apart, the (variant, pitch band) pairs are all different: speaker ``i`` takes
-    variant ``i mod V`` of a shuffled variant list and, on its ``i // V``-th use of that variant, the next
-    band of a per-variant shuffle of ``B = max(4, ceil(speakers / V))`` equal pitch bands. Accents rotate
-    so that each accent is used about equally and a variant's repeats get different accents.
+    Speaker ``i`` belongs to family ``i // family_size``. Families are kept apart: family ``f`` takes
+    variant ``f mod V`` of a shuffled variant list and, on its ``f // V``-th use of that variant, the next
+    band of a per-variant shuffle of ``B = max(4, ceil(families / V))`` equal pitch bands; accents rotate
+    so that each is used about equally and a variant's repeats get different accents. Siblings share
+    accent and variant and are drawn close together (``_FAMILY_*_SPREAD`` around the family's values):
+    they are the confusable voices. Evaluation speakers are whole families, drawn at random (the last
+    one cut short when ``eval_speakers`` is not a multiple of ``family_size``).
     """
     rng = np.random.default_rng([config.seed, _STREAM_SPEAKERS])
     variants = [str(v) for v in rng.permutation(_usable_variants(config))]
     accents = [str(a) for a in rng.permutation(sorted(config.accents or espeak.list_accents()))]
     n_var, n_acc = len(variants), len(accents)
-    n_bands = max(_MIN_PITCH_BANDS, math.ceil(config.speakers / n_var))
+    n_families = math.ceil(config.speakers / config.family_size)
+    n_bands = max(_MIN_PITCH_BANDS, math.ceil(n_families / n_var))
     band_orders = [rng.permutation(n_bands) for _ in range(n_var)]
-    eval_set = set(rng.choice(config.speakers, size=config.n_eval_speakers, replace=False).tolist())
+    eval_set: set[int] = set()
+    for f in rng.permutation(n_families).tolist():
+        members = range(f * config.family_size, min((f + 1) * config.family_size, config.speakers))
+        for i in members:
+            if len(eval_set) < config.n_eval_speakers:
+                eval_set.add(i)
     lo, hi = _PITCH_SPAN
     band_width = (hi - lo) / n_bands
     speakers = []
-    for i in range(config.speakers):
-        v, use = i % n_var, i // n_var
-        band = int(band_orders[v][use])
-        band_lo = lo + band * band_width
-        pitch = int(np.floor(band_lo + rng.uniform(0.0, band_width)))
-        speakers.append(
-            SpeakerParams(
-                spk_id=f"spk{i + 1:04d}",
-                index=i,
-                split="eval" if i in eval_set else "train",
-                accent=accents[(v + use) % n_acc],
-                variant=variants[v],
-                pitch=min(pitch, hi - 1),
-                pitch_range=int(rng.integers(_PITCH_RANGE_SPAN[0], _PITCH_RANGE_SPAN[1] + 1)),
-                rate_wpm=int(rng.integers(_RATE_WPM_SPAN[0], _RATE_WPM_SPAN[1] + 1)),
+    for f in range(n_families):
+        v, use = f % n_var, f // n_var
+        band_lo = lo + int(band_orders[v][use]) * band_width
+        pitch = band_lo + rng.uniform(0.0, band_width)
+        pitch_range = rng.uniform(*_PITCH_RANGE_SPAN)
+        rate = rng.uniform(*_RATE_WPM_SPAN)
+        formant = rng.uniform(*config.formant_scale)
+        for i in range(f * config.family_size, min((f + 1) * config.family_size, config.speakers)):
+            # A lone speaker (family_size 1) sits at its family's values: no sibling to keep apart from.
+            alone = config.family_size == 1
+            d_pitch, d_range, d_rate, d_formant = (0.0, 0.0, 0.0, 0.0) if alone else rng.uniform(-1.0, 1.0, 4)
+            speakers.append(
+                SpeakerParams(
+                    spk_id=f"spk{i + 1:04d}",
+                    index=i,
+                    split="eval" if i in eval_set else "train",
+                    accent=accents[(v + use) % n_acc],
+                    variant=variants[v],
+                    pitch=int(np.clip(round(pitch + d_pitch * _FAMILY_PITCH_SPREAD), lo, hi - 1)),
+                    pitch_range=int(np.clip(round(pitch_range + d_range * _FAMILY_RANGE_SPREAD), 0, 99)),
+                    rate_wpm=int(round(rate * (1 + d_rate * _FAMILY_RATE_SPREAD))),
+                    formant_scale=round(float(formant * (1 + d_formant * _FAMILY_FORMANT_SPREAD)), 4),
+                    family=f,
+                )
             )
-        )
     return speakers
 
 
@@ -397,10 +476,11 @@ def speaker_utterances(speaker: SpeakerParams, config: SynthConfig) -> Iterator[
 def _make_utterance(
     tts: espeak.Synthesizer, speaker: SpeakerParams, utt_index: int, config: SynthConfig
 ) -> Utterance:
-    """Steps: jitter pitch/range/rate; draw a target duration in [min_dur, max_dur] s; speak random
-    sentences (22050 Hz, silence trimmed) until it is reached; cut at a quiet frame near the target;
-    resample to ``config.sample_rate`` with soxr; set a random speech level; add coloured noise at a
-    random SNR.
+    """Steps: jitter pitch/range/rate; draw a target duration within the split's bounds; speak random
+    sentences (silence trimmed) until it is reached; cut at a quiet frame near the target; resample to
+    ``config.sample_rate`` with soxr, reading espeak-ng's samples as if taken at ``formant_scale`` times
+    its rate (the vocal-tract scale); pass through a random channel; set a random speech level; add
+    coloured noise at a random SNR.
     """
     import soxr  # imported here so that reading manifests does not need it
 
@@ -411,8 +491,10 @@ def _make_utterance(
     )
     rate = int(round(speaker.rate_wpm * rng.uniform(1 - _RATE_JITTER, 1 + _RATE_JITTER)))
     rate = int(np.clip(rate, *espeak.RATE_WPM_RANGE))
-    target_s = float(rng.uniform(config.min_dur, config.max_dur))
-    sr_in = espeak.SAMPLE_RATE
+    min_s, max_s = config.durations(speaker.split)
+    target_s = float(rng.uniform(min_s, max_s))
+    # Durations below are in output time: the samples play back formant_scale times faster.
+    sr_in = round(espeak.SAMPLE_RATE * speaker.formant_scale)
     target_n = int(target_s * sr_in)
     # Speak sentences until the target is reached, each sized for what is missing: espeak-ng speaks these
     # short words in 0.6-1.1x their nominal time (0.86x on average), so 1.2x words mostly reach it in one
@@ -426,7 +508,8 @@ def _make_utterance(
                 f"{speaker.voice} at {rate} wpm stayed below {target_s:.2f} s in {len(texts)} sentences"
             )
         missing_s = (target_n - total) / sr_in
-        text = _random_sentence(rng, math.ceil(missing_s * 1.2 * rate / 60) + 1)
+        words_per_s = rate * speaker.formant_scale / 60
+        text = _random_sentence(rng, math.ceil(missing_s * 1.2 * words_per_s) + 1)
         espeak_seed = int(rng.integers(1, 2**31 - 1))
         raw = tts.synthesize(text, speaker.voice, rate, pitch, pitch_range, espeak_seed)
         if pieces:
@@ -436,17 +519,18 @@ def _make_utterance(
         total = sum(len(p) for p in pieces)
     text = " ".join(texts)
     speech = np.concatenate(pieces)
-    speech = _cut_to_duration(speech, sr_in, target_s, config.min_dur)
+    speech = _cut_to_duration(speech, sr_in, target_s, min_s)
     if config.sample_rate != sr_in:
         speech = soxr.resample(speech, sr_in, config.sample_rate, quality="HQ").astype(np.float32)
+    speech = _apply_channel(rng, speech, config)
 
     level_dbfs = rng.uniform(*_SPEECH_LEVEL_DBFS)
     speech_rms = float(np.sqrt(np.mean(speech.astype(np.float64) ** 2)))
     clean = speech * np.float32(10 ** (level_dbfs / 20) / max(speech_rms, 1e-9))
     snr_db = float(rng.uniform(*config.snr_db))
     clean_power = float(np.mean(clean.astype(np.float64) ** 2))
-    # One FFT length per config (the clip is at most max_dur long; max() covers resampler rounding).
-    n_fft = _fft_length(max(len(clean), math.ceil(config.max_dur * config.sample_rate)))
+    # One FFT length per config (the clip is at most the longest duration; max() covers resampler rounding).
+    n_fft = _fft_length(max(len(clean), math.ceil(config.longest_s * config.sample_rate)))
     noise = _coloured_noise(rng, len(clean), n_fft, config.sample_rate) * np.float32(
         math.sqrt(clean_power / 10 ** (snr_db / 10))
     )
@@ -468,26 +552,85 @@ def _make_utterance(
     )
 
 
+def _room_response(rng: np.random.Generator, sample_rate: int) -> np.ndarray:
+    """A synthetic room impulse response: a unit direct path, then Gaussian noise decaying by 60 dB over
+    a random RT60, scaled to a random direct-to-reverberant ratio."""
+    rt60 = float(rng.uniform(*_RT60_S))
+    drr_db = float(rng.uniform(*_DRR_DB))
+    n = int(rt60 * sample_rate)
+    t = np.arange(1, n, dtype=np.float64) / sample_rate
+    tail = rng.standard_normal(n - 1) * np.exp(-6.9078 * t / rt60)  # ln(1000): 60 dB of amplitude
+    tail *= math.sqrt(10 ** (-drr_db / 10) / max(float(np.sum(tail**2)), 1e-20))
+    return np.r_[1.0, tail]
+
+
+def _apply_channel(rng: np.random.Generator, x: np.ndarray, config: SynthConfig) -> np.ndarray:
+    """``x`` through a random channel, keeping its length: an equaliser (gains in +-eq_db dB at
+    log-spaced anchors, interpolated over log frequency), with ``bandlimit_prob`` a band limit, and with
+    ``reverb_prob`` a synthetic room. The draws are made whatever is enabled, so one setting does not
+    shift the random stream of the next."""
+    sr = config.sample_rate
+    eq_gains_db = rng.uniform(-1.0, 1.0, len(_EQ_ANCHORS_HZ)) * config.eq_db
+    band = rng.random() < config.bandlimit_prob
+    low, high = rng.uniform(*_BAND_LOW_HZ), rng.uniform(*_BAND_HIGH_HZ)
+    room = _room_response(rng, sr) if rng.random() < config.reverb_prob else None
+    if config.eq_db == 0 and not band and room is None:
+        return x
+    # One FFT length per config and room: the room's tail must not wrap around onto the start.
+    n_fft = _fft_length(math.ceil(config.longest_s * sr) + 1 + int(_RT60_S[1] * sr))
+    n_fft = max(n_fft, _fft_length(len(x) + (0 if room is None else len(room))))
+    freqs = np.fft.rfftfreq(n_fft, d=1.0 / sr)
+    log_f = np.log(np.maximum(freqs, 1.0))
+    gain = 10 ** (np.interp(log_f, np.log(_EQ_ANCHORS_HZ), eq_gains_db) / 20)
+    if band:
+        f = np.maximum(freqs, 1.0)
+        gain = gain / np.sqrt((1 + (low / f) ** (2 * _BAND_ORDER)) * (1 + (f / high) ** (2 * _BAND_ORDER)))
+    spectrum = np.fft.rfft(x.astype(np.float64), n_fft) * gain
+    if room is not None:
+        spectrum *= np.fft.rfft(room, n_fft)
+    return np.fft.irfft(spectrum, n_fft)[: len(x)].astype(np.float32)
+
+
 def _wav_relpath(spk_id: str, utt_id: str) -> str:
     return f"wav/{spk_id}/{utt_id}.wav"
 
 
-def _synthesize_speaker_files(job: tuple[str, SpeakerParams, SynthConfig]) -> list[tuple[str, str, int]]:
-    """Worker body: write one speaker's wavs; returns [(utt_id, text, n_samples)] in utterance order."""
+def wav_bytes(utt: Utterance) -> bytes:
+    """The bytes :func:`synthesize_corpus` writes for ``utt`` (16-bit PCM WAV)."""
     import soundfile
 
+    # Encoded in memory and written once: libsndfile writing to a file makes many small syscalls
+    # (about 4 ms per file here against 0.5 ms); the bytes are the same.
+    encoded = io.BytesIO()
+    soundfile.write(encoded, utt.noisy, utt.sample_rate, subtype="PCM_16", format="WAV")
+    return encoded.getvalue()
+
+
+def speaker_digest(speaker: SpeakerParams, config: SynthConfig) -> str:
+    """sha256 (hex) over the wav bytes of ``speaker``'s utterances in order, as ``corpus.json`` records
+    it under ``speaker_sha256``: one speaker is enough to check that this machine reproduces a corpus."""
+    digest = hashlib.sha256()
+    for utt in speaker_utterances(speaker, config):
+        digest.update(wav_bytes(utt))
+    return digest.hexdigest()
+
+
+def _synthesize_speaker_files(
+    job: tuple[str, SpeakerParams, SynthConfig],
+) -> tuple[str, str, list[tuple[str, str, int]]]:
+    """Worker body: write one speaker's wavs; returns (speaker id, digest as in :func:`speaker_digest`,
+    [(utt_id, text, n_samples)] in utterance order)."""
     out_dir, speaker, config = job
     folder = Path(out_dir) / "wav" / speaker.spk_id
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    digest = hashlib.sha256()
     for utt in speaker_utterances(speaker, config):
-        # Encode in memory and write once: libsndfile writing to a file makes many small syscalls
-        # (about 4 ms per file here against 0.5 ms); the bytes are the same.
-        encoded = io.BytesIO()
-        soundfile.write(encoded, utt.noisy, utt.sample_rate, subtype="PCM_16", format="WAV")
-        (folder / f"{utt.utt_id}.wav").write_bytes(encoded.getvalue())
+        data = wav_bytes(utt)
+        (folder / f"{utt.utt_id}.wav").write_bytes(data)
+        digest.update(data)
         written.append((utt.utt_id, utt.text, len(utt.noisy)))
-    return written
+    return speaker.spk_id, digest.hexdigest(), written
 
 
 def make_trials(
@@ -527,6 +670,43 @@ def corpus_content_hash(out_dir: str | os.PathLike[str]) -> str:
     for path in sorted(root.glob("wav/*/*.wav"), key=lambda p: p.relative_to(root).as_posix()):
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def check_corpus(out_dir: str | os.PathLike[str], manifest: str | os.PathLike[str]) -> None:
+    """Raise :class:`DataError` unless the corpus in ``out_dir`` is the one ``manifest`` describes.
+
+    ``manifest`` is a ``corpus.json`` kept elsewhere (e.g. beside a baseline trained on that corpus): the
+    format, the config and the content hash must match, so a model shipped with the repository is only
+    ever fine-tuned and scored on the audio it was trained on.
+    """
+    want = json.loads(Path(manifest).read_text())
+    here = Path(out_dir) / "corpus.json"
+    if not here.is_file():
+        raise DataError(f"{out_dir} holds no corpus (no corpus.json); synthesize it with `lsv corpus synth`")
+    have = json.loads(here.read_text())
+    for key in ("format", "config", "content_sha256"):
+        if key == "config":
+            same = _effective_config(have.get(key)) == _effective_config(want.get(key))
+        else:
+            same = have.get(key) == want.get(key)
+        if not same:
+            hint = ("this machine synthesised different audio (espeakng-loader "
+                    f"{have.get('espeakng_loader_version')} here, {want.get('espeakng_loader_version')} there)"
+                    if key == "content_sha256" else "another corpus config")
+            raise DataError(f"{here}: {key} differs from {manifest} ({hint}); a baseline trained on the "
+                            "corpus that manifest describes does not fit this one: retrain it (`make baseline`)")
+
+
+def _effective_config(recorded: object) -> SynthConfig | None:
+    """The config a ``corpus.json`` records, with the default eval-speaker count resolved (the CLI writes
+    it out, the library leaves it None: the same corpus)."""
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        config = SynthConfig(**recorded)
+    except (TypeError, ConfigError):
+        return None
+    return replace(config, eval_speakers=config.n_eval_speakers)
 
 
 _OWNED_ENTRIES = ("corpus.json", "wav", "train", "eval")
@@ -621,6 +801,7 @@ def synthesize_corpus(
     speakers = speaker_table(config)
     jobs = [(str(out), spk, config) for spk in speakers]
     texts: dict[str, str] = {}
+    speaker_sha256: dict[str, str] = {}
     n_samples = 0
     # fork on Linux: works from scripts without an `if __name__ == "__main__"` guard and starts fast
     # (each speaker loads its own fresh espeak-ng instance, so nothing engine-related is inherited).
@@ -628,7 +809,8 @@ def synthesize_corpus(
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with context.Pool(min(workers, len(jobs))) as pool:
         results = pool.imap_unordered(_synthesize_speaker_files, jobs)
-        for speaker_result in _progress(results, len(jobs), config.utts, progress):
+        for spk_id, digest, speaker_result in _progress(results, len(jobs), config.utts, progress):
+            speaker_sha256[spk_id] = digest
             for utt_id, text, n in speaker_result:
                 texts[utt_id] = text
                 n_samples += n
@@ -669,6 +851,8 @@ def synthesize_corpus(
                 "pitch": s.pitch,
                 "pitch_range": s.pitch_range,
                 "rate_wpm": s.rate_wpm,
+                "formant_scale": s.formant_scale,
+                "family": s.family,
             }
             for s in speakers
         },
@@ -683,6 +867,7 @@ def synthesize_corpus(
         },
         "total_seconds": round(summary.total_seconds, 3),
         "content_sha256": summary.content_sha256,
+        "speaker_sha256": dict(sorted(speaker_sha256.items())),
     }
     # Last, so a folder without corpus.json is known to be incomplete.
     write_text_atomic(out / "corpus.json", json.dumps(info, indent=2) + "\n", overwrite=True)
