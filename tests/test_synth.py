@@ -12,7 +12,7 @@ import pytest
 import soundfile
 
 from lsv_core.atomic import RefuseOverwrite
-from lsv_core.data import espeak
+from lsv_core.data import espeak, synth
 from lsv_core.data.synth import (
     CORPUS_FORMAT,
     SpeakerParams,
@@ -235,9 +235,11 @@ def test_families_are_spread_over_variants_pitch_bands_and_accents() -> None:
     for members in families.values():
         # Siblings share the voice and sit close together: the confusable voices.
         assert len({(s.accent, s.variant) for s in members}) == 1
-        assert max(s.pitch for s in members) - min(s.pitch for s in members) <= 2 * 6 + 1
-        assert max(s.formant_scale for s in members) / min(s.formant_scale for s in members) <= 1.031 / 0.969
-        assert all(0.9 * 0.97 - 1e-6 <= s.formant_scale <= 1.1 * 1.03 + 1e-6 for s in members)
+        assert max(s.pitch for s in members) - min(s.pitch for s in members) <= 2 * synth._FAMILY_PITCH_SPREAD + 1
+        spread = synth._FAMILY_FORMANT_SPREAD
+        assert max(s.formant_scale for s in members) / min(s.formant_scale for s in members) <= (1 + spread + 1e-3) / (1 - spread - 1e-3)
+        low, high = config.formant_scale
+        assert all(low * (1 - spread) - 1e-3 <= s.formant_scale <= high * (1 + spread) + 1e-3 for s in members)
         # A family is wholly train or wholly eval (80 eval speakers = 20 whole families).
         assert len({s.split for s in members}) == 1
     assert sum(s.split == "eval" for s in speakers) == config.n_eval_speakers == 80
