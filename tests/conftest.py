@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +154,12 @@ def mlflow_server():
     server = MlflowServer().start()
     yield server
     server.stop()
+
+
+def spawn_driver(args: list[str], log: Path, prefix: list[str] | None = None) -> subprocess.Popen:
+    """`lsv ARGS` as a user's driver process (its own session, so a test can signal or kill its group),
+    stderr into ``log``."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "search.cli", *args], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from search.config import parse_study_config
 from search.study import run_study
-from tests.conftest import kill_ray_processes, study_raw_config, to_toml
+from tests.conftest import kill_ray_processes, spawn_driver, study_raw_config, to_toml
 from tests.services import RayCluster, unshare_available
 
 pytestmark = pytest.mark.slow
@@ -171,10 +171,8 @@ def test_driver_sigkill_resume_and_second_driver_against_postgres(
     toml = tmp_path / "pgcrash.toml"
     toml.write_text(to_toml(raw))
     cfg = parse_study_config(raw)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = tmp_path / "driver.log"
-    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", str(toml)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
+    proc = spawn_driver(["run", str(toml)], log)
     try:
         deadline = time.monotonic() + 300
         while len(_completed(url, "pgcrash")) < 1:

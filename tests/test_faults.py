@@ -9,7 +9,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,17 +18,11 @@ import pytest
 from optuna.trial import TrialState
 
 from search.config import parse_study_config
-from tests.conftest import kill_ray_processes, study_raw_config, to_toml
+from tests.conftest import kill_ray_processes, spawn_driver, study_raw_config, to_toml
 from tests.services import RayCluster, unshare_available
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _driver(args: list[str], log: Path, prefix: list[str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "search.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
 
 
 def _count(url: str, name: str, state: str) -> int:
@@ -79,7 +72,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_study_resumes(tiny_study_inputs
     cfg = parse_study_config(raw)
     for signum, code, after in ((signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 3)):
         log = tmp_path / f"driver-{signum}.log"
-        proc = _driver(["run", str(toml)], log)
+        proc = spawn_driver(["run", str(toml)], log)
         _wait(proc, log, lambda n=after: _count(cfg.optuna_url, "stops", "COMPLETE") >= n
               and _count(cfg.optuna_url, "stops", "RUNNING") >= 1, f"trial {after} running")
         if signum == signal.SIGINT:
@@ -97,7 +90,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_study_resumes(tiny_study_inputs
         lease = study.user_attrs["lsv.lease"]
         assert lease["released"] and lease["pid"] == proc.pid
     log = tmp_path / "driver-final.log"
-    proc = _driver(["run", str(toml)], log)
+    proc = spawn_driver(["run", str(toml)], log)
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     _assert_consistent(cfg, "stops", 7)
 
@@ -115,7 +108,7 @@ def test_worker_node_lost_mid_trial_is_retried_elsewhere(tiny_study_inputs: dict
     cluster = RayCluster(hidden=[tmp_path / "nothing-hidden"]).start()  # its own mount namespace
     try:
         log = tmp_path / "driver.log"
-        proc = _driver(["run", str(toml), "--address", cluster.address], log)
+        proc = spawn_driver(["run", str(toml), "--address", cluster.address], log)
         # Two trials at once on two one-CPU nodes: one of them runs on the worker node.
         _wait(proc, log, lambda: _count(cfg.optuna_url, "lostnode", "RUNNING") >= 2, "two trials running")
         time.sleep(2)
@@ -155,7 +148,7 @@ def test_disk_full_while_writing_packed_models(tiny_study_inputs: dict[str, Path
             assert time.monotonic() < deadline
             time.sleep(0.2)
         log = tmp_path / "driver.log"
-        proc = _driver(["run", str(toml)], log, prefix=["nsenter", "--mount", f"--target={holder.pid}"])
+        proc = spawn_driver(["run", str(toml)], log, prefix=["nsenter", "--mount", f"--target={holder.pid}"])
         _wait(proc, log, lambda: _count(cfg.optuna_url, "full", "COMPLETE") >= 2, "two trials")
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the volume to the last byte
         for chunk in (1 << 20, 4096, 1):
@@ -194,7 +187,7 @@ def test_mlflow_server_gone_for_a_while(tiny_study_inputs: dict[str, Path], mlfl
     toml.write_text(to_toml(raw))
     cfg = parse_study_config(raw)
     log = tmp_path / "driver.log"
-    proc = _driver(["run", str(toml)], log)
+    proc = spawn_driver(["run", str(toml)], log)
     try:
         _wait(proc, log, lambda: _count(cfg.optuna_url, "mlgone", "COMPLETE") >= 1, "a trial")
         mlflow_server.kill()

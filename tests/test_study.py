@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from search.config import parse_study_config
 from search.study import run_study
-from tests.conftest import kill_ray_processes, study_raw_config, to_toml
+from tests.conftest import kill_ray_processes, spawn_driver, study_raw_config, to_toml
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,10 +126,8 @@ def test_driver_sigkill_then_resume_loses_nothing(tiny_study_inputs: dict[str, P
     toml = tmp_path / "crash.toml"
     toml.write_text(to_toml(raw))
     cfg = parse_study_config(raw)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = tmp_path / "driver.log"
-    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", str(toml)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
+    proc = spawn_driver(["run", str(toml)], log)
     deadline = time.monotonic() + 240
     while len(_complete_numbers(cfg.optuna_url, "crash")) < 2:
         assert proc.poll() is None, "driver ended before it could be killed:\n" + log.read_text()[-3000:]

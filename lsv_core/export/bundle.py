@@ -42,7 +42,7 @@ from torch import nn
 
 from lsv_core.atomic import RefuseOverwrite, replace_dir
 from lsv_core.errors import CheckpointError, ConfigError
-from lsv_core.export.card import LayerRow, ModelCard, OnnxCheck, render_model_card
+from lsv_core.export.card import Accuracy, LayerRow, ModelCard, OnnxCheck, render_model_card
 from lsv_core.export.onnx_codebook import INPUT_NAME, OUTPUT_NAME, graph_template, save_codebook_onnx
 from lsv_core.export.packed import load_packed
 from lsv_core.export.wespeaker import (
@@ -70,21 +70,6 @@ FLOAT_ONNX_NAME = "model.float.onnx"
 MARKER_NAME = ".lsv-bundle.json"
 BUNDLE_FORMAT = "lsv-bundle/1"
 MIN_COSINE = 0.9999  # onnxruntime vs the quantized torch model, per embedding
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    """The model's scores as the card states them: ``eer*`` as recorded, ``reeval_*`` as re-measured by the
-    caller before exporting (EER in percent), accepted within ``eer_tolerance`` points."""
-
-    eer: float
-    eer_ci_low: float | None
-    eer_ci_high: float | None
-    min_dcf_001: float | None
-    reeval_eer: float
-    reeval_min_dcf_001: float
-    eer_tolerance: float
-    n_eval_trials: int
 
 
 @dataclass(frozen=True)
@@ -325,11 +310,8 @@ def _write(model: nn.Module, packed_file: Path, facts: BundleFacts, tmp: Path, f
     rows = [LayerRow(name, tuple(latent_weight(modules[name]).shape), recipe[name].token if name in recipe else "fp32",
                      slots[name].name) for name in quantizable_layers(model)]
     files = sorted([p.name for p in tmp.iterdir()] + ["model_card.md"])
-    acc = facts.accuracy
     card = ModelCard(
-        title=facts.title, arch=model.arch, eer=acc.eer, eer_ci_low=acc.eer_ci_low, eer_ci_high=acc.eer_ci_high,
-        min_dcf_001=acc.min_dcf_001, reeval_eer=acc.reeval_eer, reeval_min_dcf_001=acc.reeval_min_dcf_001,
-        eer_tolerance=acc.eer_tolerance, n_eval_trials=acc.n_eval_trials, size_bytes=size, tensor_bytes=tensor_bytes,
+        title=facts.title, arch=model.arch, accuracy=facts.accuracy, size_bytes=size, tensor_bytes=tensor_bytes,
         packed_file_bytes=packed_bytes, fp32_bytes=fp32, avg_bits=avg, layers=rows, provenance=facts.provenance,
         how_found=facts.how_found, files=_file_lines(files), onnx=check, float_onnx_max_abs_diff=float_diff,
         infer=settings,

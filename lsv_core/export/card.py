@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LayerRow", "ModelCard", "OnnxCheck", "render_model_card"]
+__all__ = ["Accuracy", "LayerRow", "ModelCard", "OnnxCheck", "render_model_card"]
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,10 @@ class OnnxCheck:
 
 
 @dataclass(frozen=True)
-class ModelCard:
-    """Everything the card states. ``eer*`` are the study's logged values; ``reeval_*`` the exporter's."""
+class Accuracy:
+    """The model's scores as the card states them: ``eer*`` as recorded, ``reeval_*`` as re-measured by the
+    caller before exporting (EER in percent), accepted within ``eer_tolerance`` points."""
 
-    title: str
-    arch: Mapping[str, Any]
     eer: float
     eer_ci_low: float | None
     eer_ci_high: float | None
@@ -59,6 +58,15 @@ class ModelCard:
     reeval_min_dcf_001: float
     eer_tolerance: float
     n_eval_trials: int
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything the card states (its accuracy: the study's logged values and the exporter's re-evaluation)."""
+
+    title: str
+    arch: Mapping[str, Any]
+    accuracy: Accuracy
     size_bytes: int  # model.onnx: the deployable file, the search objective
     tensor_bytes: int  # the packed tensors (model.packed.safetensors without its header)
     packed_file_bytes: int  # model.packed.safetensors with its header
@@ -121,7 +129,7 @@ def _size_lines(card: ModelCard) -> list[str]:
 def _check_lines(card: ModelCard) -> list[str]:
     lines = [
         f"* Re-evaluation of the packed model reproduced the logged EER (difference "
-        f"{abs(card.reeval_eer - card.eer):.2g} points, tolerance {card.eer_tolerance:g}).",
+        f"{abs(card.accuracy.reeval_eer - card.accuracy.eer):.2g} points, tolerance {card.accuracy.eer_tolerance:g}).",
         f"* `model.onnx` has exactly the {card.size_bytes:,} bytes the size objective predicted from the recipe.",
     ]
     if card.onnx is not None:
@@ -130,8 +138,8 @@ def _check_lines(card: ModelCard) -> list[str]:
                      f"{card.onnx.min_cosine:.7f} (required >= 0.9999), largest difference "
                      f"{card.onnx.max_abs_diff:.2g}, on random input at two lengths{real}.")
         if card.onnx.eer is not None:
-            lines.append(f"* Scored on the {card.n_eval_trials:,} trials, the onnxruntime embeddings give EER "
-                         f"{card.onnx.eer:.4f} % (torch: {card.reeval_eer:.4f} %).")
+            lines.append(f"* Scored on the {card.accuracy.n_eval_trials:,} trials, the onnxruntime embeddings give EER "
+                         f"{card.onnx.eer:.4f} % (torch: {card.accuracy.reeval_eer:.4f} %).")
     lines += [
         "* `model.packed.safetensors` loads back to a model with identical outputs.",
         "* `wespeaker_avg_model.pt` loads with `strict=True` into a freshly built network and through "
@@ -198,12 +206,12 @@ def render_model_card(card: ModelCard) -> str:
         "",
         "## Accuracy",
         "",
-        f"* EER **{card.eer:.2f} %**{_ci(card.eer_ci_low, card.eer_ci_high)} on {card.n_eval_trials:,} trials "
+        f"* EER **{card.accuracy.eer:.2f} %**{_ci(card.accuracy.eer_ci_low, card.accuracy.eer_ci_high)} on {card.accuracy.n_eval_trials:,} trials "
         "(the study's evaluation subset, `data.max_trials`).",
-        f"* minDCF (p_target = 0.01): **{card.min_dcf_001:.4f}**" if card.min_dcf_001 is not None
+        f"* minDCF (p_target = 0.01): **{card.accuracy.min_dcf_001:.4f}**" if card.accuracy.min_dcf_001 is not None
         else "* minDCF (p_target = 0.01): not logged",
-        f"* Re-evaluated at export from the packed file: EER {card.reeval_eer:.4f} %, minDCF(0.01) "
-        f"{card.reeval_min_dcf_001:.4f}; accepted because |EER - logged| <= {card.eer_tolerance:g} points.",
+        f"* Re-evaluated at export from the packed file: EER {card.accuracy.reeval_eer:.4f} %, minDCF(0.01) "
+        f"{card.accuracy.reeval_min_dcf_001:.4f}; accepted because |EER - logged| <= {card.accuracy.eer_tolerance:g} points.",
         "",
         "## Size",
         "",

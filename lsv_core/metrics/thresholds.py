@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from lsv_core.metrics.eer import _as_arrays
+
 __all__ = ["OperatingPoint", "eer_threshold", "min_dcf_threshold"]
 
 
@@ -34,21 +36,6 @@ class OperatingPoint:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _checked(scores: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = np.asarray(labels).ravel()
-    if s.shape != y.shape:
-        raise ValueError(f"scores and labels differ in length: {s.shape[0]} vs {y.shape[0]}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores contain NaN or Inf")
-    if not np.all((y == 0) | (y == 1)):
-        raise ValueError("labels must be 0 (nontarget) or 1 (target)")
-    y = y.astype(bool)
-    if y.all() or not y.any():
-        raise ValueError("need both target (1) and nontarget (0) trials")
-    return s, y
 
 
 def _curves(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,7 +63,7 @@ def eer_threshold(scores: object, labels: object) -> OperatingPoint:
     crosses the diagonal, between two neighbouring operating points; the threshold is interpolated
     between their scores by the same fraction (unseen scores fall between the trial scores too).
     """
-    s, y = _checked(scores, labels)
+    s, y = _as_arrays(scores, labels)
     t, p_miss, p_fa = _curves(s, y)
     d = p_miss - p_fa
     i = max(int(np.argmax(d >= 0)), 1)
@@ -94,7 +81,7 @@ def min_dcf_threshold(scores: object, labels: object, p_target: float = 0.01, c_
     """
     if not 0.0 < p_target < 1.0:
         raise ValueError(f"p_target={p_target} should be in (0, 1)")
-    s, y = _checked(scores, labels)
+    s, y = _as_arrays(scores, labels)
     t, p_miss, p_fa = _curves(s, y)
     i = int(np.argmin(c_miss * p_target * p_miss + c_fa * (1.0 - p_target) * p_fa))
     if i == 0:
