@@ -12,7 +12,7 @@ Claims checked (docs/method.md, "known"; TASLP 2024 abstract):
    and 2 bits).
 
 The benchmark's own checks (``verdicts["benchmark"]``), against ``fp32-ft``, the float baseline fine-tuned
-with the same budget as every quantized row (``bench/fp32_control.py``):
+with the same budget as every quantized row (``Workbench.run`` of the empty recipe, as studies run it):
 
 * converged: fine-tuning the baseline in fp32 moves its EER by less than the baseline's 95 % CI half-width;
 * a real trade-off: uniform 2 bit at least 0.5 pp worse than the control with separated CIs on every
@@ -46,7 +46,7 @@ The sensitivities Ω (Hutchinson traces x k-means error, docs/method.md) are com
 cached, so every seed fine-tunes the same mixed recipe; the seed changes the fine-tuning sampler, the
 torch initialisation and the k-means seed. EER is in percent; its 95 % CI is a percentile bootstrap over
 trials of each seed's model (``bootstrap_eer_ci``); the table gives mean ± sample std over seeds and the
-per-seed CIs. Sizes are exact packed bytes (``packed_size_bytes``).
+per-seed CIs. Sizes are the deployable ``model.onnx`` bytes (``packed_size_bytes``).
 
 Usage:
     python bench/seed_findings.py --quick --json bench/results/seed_findings_quick.json
@@ -74,7 +74,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataclasses  # noqa: E402
 
 import torch  # noqa: E402
-from fp32_control import fine_tune_fp32  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lsv_core.atomic import write_text_atomic  # noqa: E402
@@ -102,7 +101,7 @@ class RowSpec:
     fine_tune: bool = True
     seeded: bool = True  # False: scored once (the float model)
     centroid_update: str = "kmeans"  # KMQATConfig.centroid_update; "gradient": the summed-gradient ablation
-    control: bool = False  # the fp32 control: the empty recipe fine-tuned (fp32_control.fine_tune_fp32)
+    control: bool = False  # the fp32 control: the empty recipe fine-tuned (Workbench.run(BitRecipe({})))
 
 
 def weight_bytes(model: nn.Module, recipe: BitRecipe) -> int:
@@ -172,11 +171,10 @@ def run_row(bench: Workbench, row: RowSpec, seeds: list[int], base: MsftSchedule
             base, order=row.order, total_steps=steps if row.fine_tune else 0, seed=seed, eval_each_stage=False,
             kmqat=dataclasses.replace(base.kmqat, centroid_update=row.centroid_update))
         if row.control:
-            ctl = fine_tune_fp32(bench, schedule, n_boot=n_boot)
-            res = ctl.result
-            per = {"seed": seed, "eer": res.eer, "eer_ci_low": res.eer_ci_low, "eer_ci_high": res.eer_ci_high,
-                   "min_dcf_001": res.min_dcf_001, "size_bytes": bench.fp32_bytes, "avg_bits": 32.0,
-                   "final_loss": ctl.final_loss}
+            ctl = bench.run(BitRecipe({}), schedule, n_boot=n_boot)
+            per = {"seed": seed, "eer": ctl.eer, "eer_ci_low": ctl.eer_ci_low, "eer_ci_high": ctl.eer_ci_high,
+                   "min_dcf_001": ctl.min_dcf_001, "size_bytes": bench.fp32_bytes, "avg_bits": 32.0,
+                   "final_loss": ctl.stages[-1].loss if ctl.stages else None}
         elif not recipe:
             res = bench.evaluate_float(n_boot=n_boot, seed=seed)
             per = {"seed": seed, "eer": res.eer, "eer_ci_low": res.eer_ci_low, "eer_ci_high": res.eer_ci_high,
