@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,6 @@ def kill_ray_processes(pattern: str) -> list[int]:
     stop only the cluster they started, named by its GCS port or its session folder. Returns the pids.
     """
     import re
-    import signal
 
     rx = re.compile(pattern)
     parents: dict[int, int] = {}
@@ -125,12 +125,19 @@ def kill_ray_processes(pattern: str) -> list[int]:
             if ppid in doomed and pid not in doomed:
                 doomed.add(pid)
                 grew = True
-    for pid in doomed:
+    sigkill(doomed)
+    return sorted(doomed)
+
+
+def sigkill(pids: Iterable[int]) -> None:
+    """SIGKILL each of ``pids``; one that is already gone is not an error."""
+    import signal
+
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return sorted(doomed)
 
 
 @pytest.fixture(scope="session")

@@ -207,11 +207,9 @@ class RayCluster:
                         victims.append(int(entry.name))
                 except OSError:
                     continue
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        from tests.conftest import sigkill
+
+        sigkill(victims)
         return len(victims)
 
     def stop(self) -> None:
