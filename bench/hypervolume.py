@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--trials", type=int, default=40, help="trials per study")
-    ap.add_argument("--target", type=float, default=0.95, help="fraction of the reference hypervolume")
+    ap.add_argument("--target", type=float, nargs="+", default=[0.95],
+                    help="fraction(s) of the reference hypervolume; the first is the headline, the others are "
+                         "reported beside it (how the ranking depends on the target)")
     ap.add_argument("--ref-eer", type=float, default=None, help="reference EER in percent")
     ap.add_argument("--json", type=Path, required=True, help="results file, rewritten after every study")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --json, skip their studies")
@@ -245,11 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(out, ignore_errors=True)
     ref = reference(runs, args.ref_eer)
-    summary = summarize(runs, ref, args.target)
-    doc["reference"] = {"eer": ref.eer, "size": ref.size, "hv": ref.hv, "target": args.target}
+    summaries = {target: summarize(runs, ref, target) for target in args.target}
+    summary = summaries[args.target[0]]
+    doc["reference"] = {"eer": ref.eer, "size": ref.size, "hv": ref.hv, "target": args.target[0]}
+    doc["summary_by_target"] = {f"{t:g}": s for t, s in summaries.items()}
     doc["summary"] = summary
     save(args.json, doc, args, base)
-    print_summary(summary, ref, args.target)
+    for target, one in summaries.items():
+        print_summary(one, ref, target)
     return 0
 
 
