@@ -213,8 +213,9 @@ def summarize(runs: list[dict[str, Any]], ref: Reference, target: float,
     return out
 
 
-def print_summary(summary: dict[str, Any], ref: Reference, target: float) -> None:
-    print(f"reference point: EER {ref.eer:.2f} %, {ref.size:.0f} bytes; reference hypervolume {ref.hv:.4f}; "
+def print_summary(summary: dict[str, Any], ref: Reference, target: float, reference_hv: str | None = None) -> None:
+    hv = reference_hv if reference_hv is not None else f"{ref.hv:.4f}"
+    print(f"reference point: EER {ref.eer:.2f} %, {ref.size:.0f} bytes; reference hypervolume {hv}; "
           f"target {target:.0%}")
     for method, s in summary.items():
         cells = " ".join(f"{c:.2f}{'' if ok else '>'}" for c, ok in zip(s["cost"], s["reached"], strict=True))
@@ -280,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     for target, one in summaries.items():
         print_summary(one, ref, target)
     print("\nagainst each seed's own reference (the union of that seed's runs):")
+    per_seed_hv = "per seed " + ", ".join(f"{k}: {v.hv:.4f}" for k, v in per_seed.items())
     for target, one in paired.items():
-        print_summary(one, ref, target)
+        print_summary(one, ref, target, per_seed_hv)
     return 0
 
 
