@@ -223,7 +223,11 @@ def _run_stages(model: nn.Module, recipe: BitRecipe, data: FineTuneData, schedul
             base = global_step
 
             def on_step(step: int, _loss: float, base: int = base) -> bool:
-                recluster_all(model, base + step + 1, seed=schedule.seed)
+                # Codebooks regenerated after the last optimizer step would reach evaluation without one
+                # step of training against them; on the quickstart that final re-cluster was the largest
+                # source of seed-to-seed EER noise at 2-3 bits (BENCHMARKS.md "Where the noise came from").
+                if base + step + 1 < schedule.total_steps:
+                    recluster_all(model, base + step + 1, seed=schedule.seed)
                 return False
 
             stats = fit(model, head, sampler, optimizer, sched, on_step=on_step, progress=progress,
