@@ -185,6 +185,7 @@ class MsftSection(_Section):
     total_steps: int = _library(MsftSchedule, "total_steps")
     n_groups: int = _library(MsftSchedule, "n_groups", description="stages for the sensitivity and depth orders")
     lr: float = _library(MsftSchedule, "lr")
+    final_lr: float = _library(MsftSchedule, "final_lr", description="learning rate at the last step (exponential decay from lr)")
     batch_size: int = _library(MsftSchedule, "batch_size")
     stage_eval_frames: int | None = _library(MsftSchedule, "stage_eval_frames")
     centroid_update: CentroidUpdate = _library(KMQATConfig, "centroid_update")
@@ -325,7 +326,7 @@ class StudyConfig(_Section):
         """The runtime form of ``[msft]``, seeded with ``study.seed``."""
         m = self.msft
         return MsftSchedule(order=m.order, total_steps=m.total_steps, n_groups=m.n_groups, lr=m.lr,
-                            batch_size=m.batch_size, stage_eval_frames=m.stage_eval_frames, seed=self.study.seed,
+                            final_lr=m.final_lr, batch_size=m.batch_size, stage_eval_frames=m.stage_eval_frames, seed=self.study.seed,
                             kmqat=KMQATConfig(centroid_update=m.centroid_update, recluster_every=m.recluster_every))
 
     def digest(self) -> str:
@@ -341,6 +342,8 @@ class StudyConfig(_Section):
         for k in _DATA_FIELDS_SINCE_V2:
             if d["data"].get(k) == DataSection.model_fields[k].default:
                 d["data"].pop(k, None)
+        if d["msft"].get("final_lr") == MsftSection.model_fields["final_lr"].default:
+            d["msft"].pop("final_lr", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dump(self) -> dict[str, Any]:
