@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,9 @@ from lsv_core.data.trials import read_trials
 from lsv_core.errors import ConfigError
 from lsv_core.models import AAMSoftmax, build_model
 from lsv_core.quant import BitRecipe, quantizable_layers
+from lsv_core.quant.codebook import KMQATConfig
 from lsv_core.quant.msft import FineTuneData, MsftSchedule, StageMetrics, msft, plan_stages
-from lsv_core.quant.quantize import recipe_of
+from lsv_core.quant.quantize import layer_codebooks, recipe_of
 
 
 @pytest.fixture
@@ -124,3 +127,24 @@ def test_intermediate_stages_are_scored_on_cut_utterances(tiny: tuple[torch.nn.M
     assert any(cut != full for _, cut, full in seen)  # the cut really changes the scores here
     with pytest.raises(ConfigError, match="stage_eval_frames"):
         MsftSchedule(stage_eval_frames=0)
+
+
+def test_no_recluster_after_the_last_optimizer_step(tiny: tuple[torch.nn.Module, FineTuneData]) -> None:
+    """Codebooks re-generated after the final step would be evaluated without any training against them
+    (the quickstart's largest source of seed-to-seed noise): a schedule whose re-cluster falls on the last
+    step ends with the same codebooks as no re-clustering, while a mid-run re-cluster still happens."""
+    model, data = tiny
+    recipe = BitRecipe.uniform(model, 2)
+
+    def codebooks_after(recluster_every: int) -> dict[str, torch.Tensor]:
+        m = copy.deepcopy(model)
+        d = dataclasses.replace(data, head=copy.deepcopy(data.head), eval=None, trials=None)
+        schedule = MsftSchedule(total_steps=8, batch_size=4, crop_frames=50, lr=0.05, order="one_shot",
+                                kmqat=KMQATConfig(recluster_every=recluster_every))
+        msft(m, recipe, d, schedule)
+        return {name: levels for name, (levels, _, _) in layer_codebooks(m).items()}
+
+    never, at_end, midway = codebooks_after(0), codebooks_after(8), codebooks_after(4)
+    assert never.keys() == at_end.keys() == midway.keys()
+    assert all(torch.equal(never[n], at_end[n]) for n in never)
+    assert any(not torch.equal(never[n], midway[n]) for n in never)

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from lsv_core.errors import ConfigError
 from lsv_core.models import build_model
 from lsv_core.quant import BitRecipe, packed_size_bytes, quantizable_layers
+from lsv_core.quant.msft import MsftSchedule
 from search.cli import main
 from search.config import SpaceSection, load_study_config, parse_study_config
 from search.scheduler import StageParetoStopper, dominated_by_margin
@@ -70,6 +71,23 @@ def test_digest_ignores_run_length_but_not_the_space() -> None:
     a = parse_study_config(base)
     assert a.digest() == parse_study_config(base, n_trials=99).digest()
     assert a.digest() != parse_study_config({**base, "space": {"bits": [2, 4]}}).digest()
+
+
+def test_msft_final_lr_reaches_the_schedule_and_keeps_old_digests() -> None:
+    """``[msft] final_lr`` was added after studies were made: left at the library's default it does not
+    enter the digest (those studies still resume); set, it changes the digest and the trials' schedule."""
+    base = {"study": {"name": "x"}, "msft": {"lr": 0.004}}
+    plain = parse_study_config(base)
+    assert plain.msft_schedule().final_lr == MsftSchedule().final_lr
+    # The digest this config had before the field existed (computed at commit 2d971ee).
+    assert plain.digest() == "6ef3c77d6c9a526c"
+    assert plain.digest() == parse_study_config({**base, "msft": {"lr": 0.004,
+                                                                  "final_lr": MsftSchedule().final_lr}}).digest()
+    set_ = parse_study_config({**base, "msft": {"lr": 0.004, "final_lr": 0.0002}})
+    assert set_.msft_schedule().final_lr == 0.0002 and set_.msft_schedule().lr == 0.004
+    assert set_.digest() != plain.digest()
+    with pytest.raises(ConfigError, match="final_lr"):
+        parse_study_config({**base, "msft": {"final_lr": 0}})
 
 
 # -- space --------------------------------------------------------------------------------------------------
