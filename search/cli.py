@@ -360,7 +360,7 @@ def _choices(study: object, within_pp: float) -> dict[str, dict | None]:
             "eer": control.eer, "text": f"EER {control.eer:.2f} % [{control.eer_ci_low:.2f}, {control.eer_ci_high:.2f}]"
                                         " (same fine-tuning, nothing quantized)"},
         "knee": about(knee_point(points)),
-        "knee, CI-aware (smallest not significantly worse)": about(ci_knee_point(points)),
+        "knee, CI-aware (smallest not significantly worse than the knee)": about(ci_knee_point(points)),
     }
     if control is not None:
         out["smallest not significantly worse than the control"] = about(smallest_not_worse_than(points, control))
