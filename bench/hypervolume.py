@@ -133,8 +133,6 @@ def complete_points(run: dict[str, Any]) -> list[tuple[float, float]]:
 
 
 def reference(runs: list[dict[str, Any]], ref_eer: float | None) -> Reference:
-    from search.pareto import hypervolume
-
     budget = float(runs[0]["budget_bytes"])
     if ref_eer is None:
         uniform1 = [r["values"][0] for run in runs for r in run["rows"]
@@ -142,8 +140,15 @@ def reference(runs: list[dict[str, Any]], ref_eer: float | None) -> Reference:
         if not uniform1:
             raise SystemExit("no uniform 1-bit seed trial in the runs: give --ref-eer")
         ref_eer = statistics.median(uniform1)
+    return Reference(ref_eer, budget, union_hypervolume(runs, ref_eer, budget))
+
+
+def union_hypervolume(runs: list[dict[str, Any]], ref_eer: float, size: float) -> float:
+    """Hypervolume of the union of ``runs``' finished trials against (``ref_eer``, ``size``)."""
+    from search.pareto import hypervolume
+
     union = [p for run in runs for p in complete_points(run)]
-    return Reference(ref_eer, budget, hypervolume(union, (ref_eer, budget), size_scale=budget))
+    return hypervolume(union, (ref_eer, size), size_scale=size)
 
 
 def per_seed_references(runs: list[dict[str, Any]], ref: Reference) -> dict[int, Reference]:
@@ -153,13 +158,8 @@ def per_seed_references(runs: list[dict[str, Any]], ref: Reference) -> dict[int,
     at 2-3 bits; against a reference made of every seed's luckiest points a run of an unlucky seed can
     never reach the target, whatever its method. Against its own seed's union, methods are compared on
     the same fine-tuning draws (a paired design)."""
-    from search.pareto import hypervolume
-
-    out = {}
-    for seed in sorted({r["seed"] for r in runs}):
-        union = [p for run in runs if run["seed"] == seed for p in complete_points(run)]
-        out[seed] = Reference(ref.eer, ref.size, hypervolume(union, (ref.eer, ref.size), size_scale=ref.size))
-    return out
+    return {seed: Reference(ref.eer, ref.size, union_hypervolume([r for r in runs if r["seed"] == seed], ref.eer, ref.size))
+            for seed in sorted({r["seed"] for r in runs})}
 
 
 def cost_curve(run: dict[str, Any], ref: Reference) -> list[tuple[float, float]]:

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    from lsv_core.quant import BitRecipe
     from lsv_core.quant.sensitivity import state_dict_digest
     from search.config import load_study_config
     from search.samplers import _load_baseline, unit_table
@@ -82,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ref = table.choices.index(REFERENCE)
 
     def token_of(recipe: dict[str, Any]) -> tuple[int, ...]:
-        def tok(v: Any) -> str:
-            return f"1{v.get('mode', 'a')[0]}" if isinstance(v, dict) else str(v)
-        return tuple(table.choices.index(tok(recipe[space.units[u][0]])) for u in units)
+        idx = table.from_params(space.params_from_recipe(BitRecipe.from_mapping(recipe)))
+        if idx is None:
+            raise SystemExit(f"a grid recipe is not a recipe of {args.study}'s space: {recipe}")
+        return idx
 
     points = grid_points(json.loads(args.grid.read_text()), token_of)
     keep = {k: float(np.mean(v)) for k, v in points.items() if min(k) > 0}  # choice 0 is 1 bit
