@@ -7,7 +7,10 @@ Methods (sampler, seed trials, stage-aware early stopping), every other setting 
 * ``random``, ``tpe``, ``nsga2``: Optuna's samplers alone (no seeds, no early stopping);
 * ``tpe+seeds+es``: TPE with the uniform and allocator seed trials and early stopping (the quickstart's
   settings before issue 14);
-* ``hessian+seeds+es``: :class:`search.samplers.HessianPriorSampler` with seeds and early stopping.
+* ``hessian+seeds+es``: :class:`search.samplers.HessianPriorSampler` with seeds and early stopping;
+* ``probe+seeds+es``: :class:`search.samplers.ProbePriorSampler` with the uniform seeds (not Ω's
+  allocator seeds) and early stopping. Its unit probes are the run's first cost (their CPU-seconds over a
+  full trial's), so the comparison pays for what the prior measured.
 
 Cost: a trial trained to the end costs 1; one stopped after ``k`` of its ``n`` MSFT stages ``k / n`` (the
 budget is split evenly over stages); a memoized trial, a duplicate of a running one and a failed one cost
@@ -55,6 +58,7 @@ METHODS: dict[str, tuple[str, bool, bool]] = {
     "nsga2": ("nsga2", False, False),
     "tpe+seeds+es": ("tpe", True, True),
     "hessian+seeds+es": ("hessian", True, True),
+    "probe+seeds+es": ("probe", True, True),
 }
 BASELINE_METHOD = "random"
 _STAGE = re.compile(r"stopped after MSFT stage (\d+)")
@@ -70,6 +74,8 @@ def study_raw(base: dict[str, Any], out: Path, name: str, method: str, seed: int
     raw.setdefault("data", {})["synthesize_if_missing"] = False
     if not seeded:
         raw["seeds"] = {"uniform": False, "allocator_fractions": []}
+    elif sampler == "probe":  # its own allocations come from the probes; Ω's would cost Hessian traces
+        raw["seeds"] = {**raw.get("seeds", {}), "allocator_fractions": []}
     raw.setdefault("early_stop", {})["enabled"] = early
     raw.pop("storage", None)
     return raw
@@ -83,6 +89,7 @@ def run_one(base: dict[str, Any], out: Path, method: str, seed: int, trials: int
     from lsv_core.quant import BitRecipe
     from lsv_core.quant.msft import plan_stages
     from search.config import parse_study_config
+    from search.record import RECORD_ATTR
     from search.study import run_study
 
     name = f"hv-{method.replace('+', '-')}-{seed}"
@@ -112,12 +119,28 @@ def run_one(base: dict[str, Any], out: Path, method: str, seed: int, trials: int
             "finished": t.datetime_complete.isoformat() if t.datetime_complete else None,
             "seed_label": t.user_attrs.get("seed"), "memoized_from": t.user_attrs.get("memoized_from"),
             "reason": reason or None, "digest": t.user_attrs.get("digest"), "recipe": recipe,
+            "trial_wall_s": t.user_attrs.get("trial_wall_s"),
             "eer_ci": [t.user_attrs.get("eer_ci_low"), t.user_attrs.get("eer_ci_high")],
         })
     rows.sort(key=lambda r: (r["finished"] or "", r["number"]))
+    probes = (study.user_attrs.get(RECORD_ATTR) or {}).get("unit_probes")
+    if probes:
+        rows.insert(0, probe_row(probes, rows, cfg.resources.cpu))
     return {"method": method, "seed": seed, "trials": trials, "wall_s": wall, "load_avg_start": load0,
             "load_avg_end": os.getloadavg(), "fp32_bytes": study.user_attrs.get("fp32_bytes"),
             "budget_bytes": cfg.size_budget_bytes, "rows": rows}
+
+
+def probe_row(probes: dict[str, Any], rows: list[dict[str, Any]], trial_cpus: float) -> dict[str, Any]:
+    """The unit probes as the run's first cost: their CPU-seconds over a full trial's (median wall time of
+    the trials trained to the end, each on ``trial_cpus`` CPUs)."""
+    full = [r["trial_wall_s"] for r in rows if r["cost"] == 1.0 and r.get("trial_wall_s")]
+    if not full:
+        raise SystemExit("cannot price the unit probes: no trial of the run was trained to the end")
+    cost = probes["wall_s"] * probes.get("threads", 1) / (statistics.median(full) * trial_cpus)
+    return {"number": -1, "state": "PROBES", "values": None, "cost": cost, "stage": None, "finished": None,
+            "seed_label": "unit probes", "memoized_from": None, "reason": f"{probes['wall_s']:.1f} s on "
+            f"{probes.get('threads', 1)} thread(s)", "digest": None, "recipe": {}, "eer_ci": [None, None]}
 
 
 # -- analysis --------------------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ interval over recipes, and both costs per kB saved with their ranks.
         --json bench/results/proxy_check_issue14.json
 
 Units, choices and byte costs come from the sampler's own :func:`search.samplers.unit_table` for
-``--study`` (default the quickstart), with the Hessian traces cached under its ``data.cache_dir``.
+``--study`` (default the quickstart), with the Hessian traces cached under its ``data.cache_dir``
+(``--prior hessian``) or the unit probes, measured when it starts (``--prior probe``, about 35 s; the column
+headed Ω then holds the probes' estimated damage):
+
+    python bench/proxy_check.py --grid bench/results/hypervolume_issue14b.json --prior probe \
+        --json bench/results/proxy_check_probe.json
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", type=Path, required=True, help="bench/hypervolume.py results")
     ap.add_argument("--study", type=Path, default=Path("studies/quickstart.toml"))
+    ap.add_argument("--prior", choices=("hessian", "probe"), default="hessian",
+                    help="hessian: Ω from the cached traces; probe: the unit probes, measured now (lsv_core.quant.probe)")
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -73,12 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     config = load_study_config(args.study)
     model = _load_baseline(config)
     space = SearchSpace.build(model, config.space)
-    cache = json.loads((config.data.cache_dir / "hessian_traces.json").read_text())
-    digest = state_dict_digest(model)
-    entries = [e for e in cache["entries"].values() if e.get("model") == digest]
-    if not entries:
-        raise SystemExit(f"no Hessian traces of {config.model.checkpoint} in {config.data.cache_dir}: run the study first")
-    table = unit_table(model, space, entries[0]["traces"])
+    if args.prior == "probe":
+        import torch
+
+        from lsv_core.workbench import Workbench
+
+        torch.set_num_threads(1)
+        bench = Workbench.load(config.workbench_spec().replace(device="cpu"), progress=False)
+        probes = bench.probe(space.unit_layers(), space.choices, progress=True)
+        print(f"probes: {probes.wall_s:.1f} s on 1 thread")
+        table = unit_table(model, space, None, probe=probes)
+    else:
+        cache = json.loads((config.data.cache_dir / "hessian_traces.json").read_text())
+        digest = state_dict_digest(model)
+        entries = [e for e in cache["entries"].values() if e.get("model") == digest]
+        if not entries:
+            raise SystemExit(f"no Hessian traces of {config.model.checkpoint} in {config.data.cache_dir}: run the study first")
+        table = unit_table(model, space, entries[0]["traces"])
     units = list(space.units)
     ref = table.choices.index(REFERENCE)
 
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('measured_rank', ''):>4} {om_kb:9.1f} {r.get('omega_rank', ''):>6}")
     if args.json is not None:
         doc = {"grid": str(args.grid), "study": str(args.study), "n_recipes": len(points), "n_fit": len(y),
-               "intercept": intercept, "spearman_measured_vs_omega": rho, "rows": rows, "command": " ".join(sys.argv)}
+               "intercept": intercept, "prior": args.prior, "spearman_measured_vs_omega": rho, "rows": rows, "command": " ".join(sys.argv)}
         write_text_atomic(args.json, json.dumps(doc, indent=1) + "\n", overwrite=True)
     return 0
 

@@ -11,6 +11,9 @@ noise. Time is measured inside the sampler (``infer_relative_search_space``, ``s
 ``sample_independent``), separately from the whole ask-to-tell step; memory is the driver process's RSS.
 
     python bench/sampler_scale.py --samplers hessian tpe --trials 1000 --json bench/results/sampler_scale.json
+
+``probe`` gets its unit probes from the fake objective itself (each unit alone at 1 and 2 bit, the rest at
+4 bit), as a real study gets them from one-shot scoring.
 """
 
 from __future__ import annotations
@@ -112,13 +115,28 @@ def run(sampler_name: str, trials: int, budget_bits: int | None, seed: int, work
         total = sum(hidden[n] * omega[n][spec.bits] for n, spec in recipe.items())
         return 1.0 + 20.0 * total / norm + (int(recipe.digest()[:6], 16) % 1000) * 1e-4
 
+    probes = None
+    if sampler_name == "probe":
+        # The probe protocol applied to the fake objective (no model to score): each unit alone at each
+        # probed width, every other unit at the context width.
+        from lsv_core.quant.probe import ProbeResult, context_token, probe_tokens
+
+        ctx = context_token(space.choices)
+
+        def at(overrides: dict[str, str]) -> float:
+            return fake_eer(space.recipe_from_params({f"b:{u}": overrides.get(u, ctx) for u in space.units}))
+
+        ref = at({})
+        probes = ProbeResult(ctx, ref, {u: {t: at({u: t}) - ref for t in probe_tokens(space.choices, ctx)}
+                                        for u in space.units}).to_dict()
     config.study_dir.mkdir(parents=True, exist_ok=True)
     timed = TimedSampler(SAMPLERS[sampler_name](seed))
     study = optuna.create_study(study_name=name, storage=optuna.storages.RDBStorage(config.optuna_url),
                                 directions=["minimize", "minimize"], sampler=timed)
     save_record(study, None, StudyRecord(name=name, digest=config.digest(), config=config.model_dump(mode="json"),
                                          layers=layers, baseline_digest=state_dict_digest(model),
-                                         fp32_bytes=packed_size_bytes(model, BitRecipe({})), hessian_traces=traces))
+                                         fp32_bytes=packed_size_bytes(model, BitRecipe({})), hessian_traces=traces,
+                                         unit_probes=probes))
     searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r), budget_bytes=budget,
                                make_config=lambda r, k: {"recipe": r.to_dict(), "optuna_trial": k},
                                sink=lambda record: None, max_trials=trials)

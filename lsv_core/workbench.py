@@ -31,6 +31,7 @@ from lsv_core.models import AAMSoftmax
 from lsv_core.models.baseline import Baseline, read_baseline
 from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.msft import FineTuneData, MsftSchedule, StageMetrics, msft
+from lsv_core.quant.probe import ProbeResult
 from lsv_core.quant.quantize import latent_weight
 from lsv_core.quant.recipe import ALLOWED_BITS, BitRecipe, SpecLike, quantizable_layers
 from lsv_core.quant.size import average_bits, packed_size_bytes
@@ -301,3 +302,16 @@ class Workbench:
             traces = self.hessian_traces(n_probes=n_probes, n_batches=n_batches, cache_path=cache_path, seed=seed)
         errors = quantization_errors(self.model, bit_choices, seed=seed)
         return sensitivity(traces, errors)
+
+    def probe(self, units: Mapping[str, list[str]], choices: tuple[str, ...] | list[str], *,
+              max_frames: int | None = 100, progress: bool = False) -> ProbeResult:
+        """One-shot probes of each unit (name -> its layers) on this workbench's trials
+        (:func:`lsv_core.quant.probe.probe_units`); ``max_frames`` cuts each test utterance (1 s by
+        default: a probe ranks units, it does not need the final EER's precision)."""
+        from lsv_core.quant.probe import probe_units
+
+        def score(model: nn.Module) -> float:
+            return evaluate(model.eval(), self.eval_store, self.trials, n_boot=0, max_frames=max_frames).eer
+
+        return probe_units(self.model, units, choices, score, codebooks=self.codebooks, progress=progress,
+                           settings={"max_frames": max_frames, "n_trials": len(self.trials)})

@@ -96,21 +96,39 @@ def preflight_nodes(config: StudyConfig, record: StudyRecord, baseline_ref: Any)
                           what="the trials")
 
 
+def _one_trial_options(config: StudyConfig, excluded: list[str]) -> dict[str, Any]:
+    """Ray task options: one trial's resources, on a node the preflight did not exclude, no retry."""
+    options: dict[str, Any] = {"num_cpus": config.resources.cpu, "num_gpus": config.resources.gpu, "max_retries": 0}
+    if excluded:
+        from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn
+
+        options["scheduling_strategy"] = NodeLabelSchedulingStrategy(hard={"ray.io/node-id": NotIn(*excluded)})
+    return options
+
+
 def hessian_on_worker(config: StudyConfig, shared_ref: Any, excluded: list[str]) -> dict[str, float]:
     """The baseline's Hessian traces, computed by a Ray task with one trial's resources on a worker node."""
     import ray
 
     from search.trial import hessian_task
 
-    options: dict[str, Any] = {"num_cpus": config.resources.cpu, "num_gpus": config.resources.gpu, "max_retries": 0}
-    if excluded:
-        from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn
-
-        options["scheduling_strategy"] = NodeLabelSchedulingStrategy(hard={"ray.io/node-id": NotIn(*excluded)})
+    options = _one_trial_options(config, excluded)
     spec = config.workbench_spec().replace(codebook_dir=None).to_dict()
     task = ray.remote(hessian_task).options(**options)
     return ray.get(task.remote(spec, shared_ref, str(config.data.cache_dir.resolve() / "hessian_traces.json"),
                                config.study.seed))
+
+
+def probe_on_worker(config: StudyConfig, shared_ref: Any, excluded: list[str], units: dict[str, list[str]],
+                    choices: list[str]) -> dict[str, Any]:
+    """The unit probes (:meth:`Workbench.probe`), measured by a Ray task with one trial's resources."""
+    import ray
+
+    from search.trial import probe_task
+
+    options = _one_trial_options(config, excluded)
+    spec = config.workbench_spec().replace(codebook_dir=None).to_dict()
+    return ray.get(ray.remote(probe_task).options(**options).remote(spec, shared_ref, units, choices))
 
 
 def run_trials(config: StudyConfig, searcher: AskTellSearcher, shared: SharedInputs, excluded: list[str],

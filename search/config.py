@@ -214,8 +214,9 @@ class ResourcesSection(_Section):
     """What one trial gets from Ray (``cpu``, ``gpu``: fractions share a GPU), where it runs, and what the
     driver does with a node that fails the preflight (``bad_nodes``: ``"stop"`` the study, or ``"skip"``
     the node). ``device``: ``"auto"`` is the GPU Ray assigned the trial, else the CPU (a trial with ``gpu =
-    0`` never touches a GPU, even on a GPU node). ``hessian``: where the baseline's Hessian traces are
-    computed, on the ``"driver"`` or on a ``"worker"`` (a Ray task with one trial's resources)."""
+    0`` never touches a GPU, even on a GPU node). ``hessian``: where the baseline's Hessian traces (and the
+    ``probe`` sampler's unit probes) are computed, on the ``"driver"`` or on a ``"worker"`` (a Ray task with
+    one trial's resources)."""
 
     cpu: float = Field(default=1, gt=0)
     gpu: float = Field(default=0, ge=0)

@@ -46,6 +46,7 @@ class StudyRecord:
     fp32_bytes: int | None = None
     baseline_eval: Mapping[str, Any] | None = None  # the checkpoint's own evaluation (lsv train), if any
     hessian_traces: Mapping[str, float] | None = None  # per layer, once computed
+    unit_probes: Mapping[str, Any] | None = None  # lsv_core.quant.probe.ProbeResult.to_dict(), once measured
     lsv_version: str | None = None
     # What size_bytes counts: the bytes of this deployable file format (lsv_core.export.CODEBOOK_ONNX_FORMAT).
     # None: a study made when sizes counted the packed tensors only (not comparable with today's).
@@ -62,6 +63,9 @@ class StudyRecord:
 
     def with_traces(self, traces: Mapping[str, float]) -> StudyRecord:
         return replace(self, hessian_traces={k: float(v) for k, v in traces.items()})
+
+    def with_probes(self, probes: Mapping[str, Any]) -> StudyRecord:
+        return replace(self, unit_probes=dict(probes))
 
 
 def save_record(study: optuna.Study, study_dir: Path | None, record: StudyRecord) -> None:

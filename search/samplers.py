@@ -41,12 +41,15 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from lsv_core.errors import LsvError
+
 if TYPE_CHECKING:
     from torch import nn
 
+    from lsv_core.quant.probe import ProbeResult
     from search.space import SearchSpace
 
-__all__ = ["HessianPriorSampler", "UnitTable", "hull_path", "unit_table"]
+__all__ = ["HessianPriorSampler", "ProbePriorSampler", "UnitTable", "hull_path", "unit_table"]
 
 
 # -- the prior: per-unit bytes and sensitivity -----------------------------------------------------------
@@ -78,11 +81,12 @@ class UnitTable:
 
 
 def unit_table(model: nn.Module, space: SearchSpace, traces: Mapping[str, float] | None, *,
-               seed: int = 0) -> UnitTable:
-    """Byte costs and Ω of every (unit, choice) of ``space`` over ``model`` (the float baseline).
+               seed: int = 0, probe: ProbeResult | None = None) -> UnitTable:
+    """Byte costs and sensitivity of every (unit, choice) of ``space`` over ``model`` (the float baseline).
 
-    ``traces``: the baseline's per-layer Hessian traces (:meth:`Workbench.hessian_traces`); None means
-    Ω is the k-means error alone (every trace 1).
+    The sensitivity is Ω from ``traces`` (the baseline's per-layer Hessian traces,
+    :meth:`Workbench.hessian_traces`; None means the k-means error alone, every trace 1), or, when
+    ``probe`` is given, the probes' EER damage (:func:`lsv_core.quant.probe.estimated_damage`).
     """
     from lsv_core.quant import packed_size_bytes
     from lsv_core.quant.recipe import LayerSpec
@@ -91,24 +95,40 @@ def unit_table(model: nn.Module, space: SearchSpace, traces: Mapping[str, float]
     params = tuple(f"b:{u}" for u in space.units)
     choices = space.choices
     specs = [LayerSpec.from_token(t) for t in choices]
-    layers = {u: list(ls) + [s for s, owner in space.tied.items() if owner in ls] for u, ls in space.units.items()}
+    layers = space.unit_layers()
     needed = [n for ls in layers.values() for n in ls]
-    omega_by_mode: dict[str | None, dict[str, dict[int, float]]] = {}
     bit_choices = sorted({s.bits for s in specs})
-    for mode in sorted({s.mode for s in specs if s.bits == 1} or {"adaptive"}):
-        errors = quantization_errors(model, bit_choices, seed=seed, binary_mode=mode, layers=needed)
-        use = traces if traces is not None else dict.fromkeys(needed, 1.0)
-        omega_by_mode[mode] = sensitivity({n: float(use[n]) for n in needed}, errors)
+    omega_of: dict[str, dict[str, float]] = {}
+    if probe is not None:
+        from lsv_core.quant.probe import estimated_damage
+
+        multi = [b for b in bit_choices if b > 1]
+        errors = quantization_errors(model, multi, seed=seed, layers=needed) if multi else {}
+        unit_errors = {u: {b: sum(errors[n][b] for n in ls) for b in multi} for u, ls in layers.items()}
+        missing = sorted(set(space.units) - set(probe.damage))
+        if missing:
+            raise LsvError(f"the unit probes do not cover units {missing} of the search space")
+        omega_of = estimated_damage(probe, unit_errors, choices)
+    else:
+        omega_by_mode: dict[str | None, dict[str, dict[int, float]]] = {}
+        for mode in sorted({s.mode for s in specs if s.bits == 1} or {"adaptive"}):
+            errors = quantization_errors(model, bit_choices, seed=seed, binary_mode=mode, layers=needed)
+            use = traces if traces is not None else dict.fromkeys(needed, 1.0)
+            omega_by_mode[mode] = sensitivity({n: float(use[n]) for n in needed}, errors)
+        for unit in space.units:
+            omega_of[unit] = {}
+            for tok, spec in zip(choices, specs, strict=True):
+                table = omega_by_mode[spec.mode if spec.bits == 1 else next(iter(omega_by_mode))]
+                omega_of[unit][tok] = sum(table[n][spec.bits] for n in layers[unit])
     base = {p: choices[0] for p in params}
     base_bytes = packed_size_bytes(model, space.recipe_from_params(base))
     cost = np.zeros((len(params), len(choices)), dtype=np.int64)
     omega = np.zeros((len(params), len(choices)))
     for u, (unit, name) in enumerate(zip(space.units, params, strict=True)):
-        for c, spec in enumerate(specs):
+        for c in range(len(choices)):
             if c:
                 cost[u, c] = packed_size_bytes(model, space.recipe_from_params({**base, name: choices[c]})) - base_bytes
-            table = omega_by_mode[spec.mode if spec.bits == 1 else next(iter(omega_by_mode))]
-            omega[u, c] = sum(table[n][spec.bits] for n in layers[unit])
+            omega[u, c] = omega_of[unit][choices[c]]
     return UnitTable(params, choices, cost, omega, int(base_bytes))
 
 
@@ -164,6 +184,7 @@ class _StudyState:
     points: dict[tuple[int, ...], tuple[float, int]] = field(default_factory=dict)  # recipe -> (eer, bytes)
     front: list[tuple[int, ...]] = field(default_factory=list)
     n_complete: int = 0
+    running: dict[int, tuple[int, ...]] = field(default_factory=dict)  # unfinished trial number -> recipe
 
 
 class HessianPriorSampler(optuna.samplers.BaseSampler):
@@ -177,12 +198,16 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
     """
 
     _MAX_DRAWS = 64
+    _MAX_CANDIDATES = 512
 
     def __init__(self, seed: int | None = None, *, n_startup: int = 6, prior_share: float = 0.25,
-                 mutation_rate: float | None = None, second_step: float = 0.3) -> None:
+                 mutation_rate: float | None = None, second_step: float = 0.3, acquisition: bool = False,
+                 explore: float = 0.25) -> None:
         if n_startup < 0 or not 0.0 <= prior_share <= 1.0 or not 0.0 <= second_step <= 1.0:
             raise ValueError(f"n_startup={n_startup} should be >= 0, prior_share={prior_share} and "
                              f"second_step={second_step} in [0, 1]")
+        if not 0.0 <= explore <= 1.0:
+            raise ValueError(f"explore={explore} should be in [0, 1]")
         if mutation_rate is not None and not 0.0 <= mutation_rate <= 1.0:
             raise ValueError(f"mutation_rate={mutation_rate} should be in [0, 1] or None")
         self._rng = np.random.default_rng(seed)
@@ -191,6 +216,8 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
         self.prior_share = prior_share
         self.mutation_rate = mutation_rate
         self.second_step = second_step
+        self.acquisition = acquisition
+        self.explore = explore
         self._random = optuna.samplers.RandomSampler(seed=seed)
         self._states: dict[int, _StudyState] = {}
 
@@ -217,10 +244,13 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
     # -- per-study state -------------------------------------------------------------------------------
+    _prior = "hessian"
+
     def _state(self, study: optuna.Study) -> _StudyState:
         key = study._study_id
         if key not in self._states:
-            self._states[key] = _build_state(study, seed=0 if self._seed is None else int(self._seed))
+            self._states[key] = _build_state(study, seed=0 if self._seed is None else int(self._seed),
+                                             prior=self._prior)
         return self._states[key]
 
     def _read_history(self, study: optuna.Study, state: _StudyState) -> None:
@@ -239,8 +269,11 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
                 state.asked.add(idx)
             if not t.state.is_finished():
                 state.pending.add(number)
+                if idx is not None:
+                    state.running[number] = idx
                 continue
             state.pending.discard(number)
+            state.running.pop(number, None)
             if t.state == TrialState.COMPLETE and idx is not None and t.values is not None:
                 eer, size = float(t.values[0]), int(t.values[1])
                 if math.isfinite(eer):
@@ -254,6 +287,10 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
     def _propose(self, state: _StudyState) -> tuple[int, ...]:
         table = state.table
         assert table is not None
+        if self.acquisition and self._rng.random() >= self.explore:
+            best = self._acquire(state)
+            if best is not None:
+                return best
         use_front = state.n_complete >= self.n_startup and state.front and self._rng.random() >= self.prior_share
         for attempt in range(self._MAX_DRAWS):
             # Later attempts widen the perturbation so a crowded neighbourhood still yields a new recipe.
@@ -305,6 +342,51 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
             parent[u] = self._step(parent[u], int(self._rng.choice((-1, 1))), len(table.choices))
         return tuple(parent)
 
+    def _acquire(self, state: _StudyState) -> tuple[int, ...] | None:
+        """The candidate with the largest predicted hypervolume gain, or None when none gains.
+
+        Candidates: the prior's path and every single-unit step from a front point (at most
+        ``_MAX_CANDIDATES`` of those, drawn at random), fitted to the budget, not asked before. The EER of
+        a candidate is predicted from its prior score (Σ Ω, or the probes' summed damage) through the
+        monotone map the finished trials calibrate (:func:`_calibrate`); a step from a front point moves
+        that point's measured EER by the map's difference instead, so the prior's additive error is only
+        paid once. Running trials count at their predicted EER (nothing lands on top of them).
+        """
+        table = state.table
+        assert table is not None
+        known = list(state.points.items())
+        curve = _calibrate([_prior_score(table, idx) for idx, _ in known], [p[0] for _, p in known])
+        if curve is None:
+            return None
+
+        def predict(idx: tuple[int, ...], parent: tuple[int, ...] | None = None) -> float:
+            value = float(np.interp(_prior_score(table, idx), *curve))
+            if parent is not None:
+                value += state.points[parent][0] - float(np.interp(_prior_score(table, parent), *curve))
+            return value
+
+        candidates: dict[tuple[int, ...], tuple[int, ...] | None] = {}
+        for p in state.path:
+            fitted = self._fit_budget(state, p)
+            if fitted is not None and fitted not in state.asked:
+                candidates.setdefault(fitted, None)
+        steps = [(f, u, c) for f in state.front for u in range(len(f)) for c in range(len(table.choices)) if c != f[u]]
+        if len(steps) > self._MAX_CANDIDATES:
+            steps = [steps[i] for i in self._rng.choice(len(steps), self._MAX_CANDIDATES, replace=False)]
+        for f, u, c in steps:
+            moved = self._fit_budget(state, f[:u] + (c,) + f[u + 1:])
+            if moved is not None and moved not in state.asked:
+                candidates[moved] = f if moved[:u] + moved[u + 1:] == f[:u] + f[u + 1:] else None
+        if not candidates:
+            return None
+        base = [p for _, p in known] + [(predict(idx), table.size(idx)) for idx in state.running.values()]
+        ref = (max(e for e, _ in base), float(state.budget if state.budget is not None else state.path_sizes[-1] + 1))
+        stairs = _staircase(base)
+        gains = [(_hv_gain(stairs, (predict(idx, parent), table.size(idx)), ref), idx)
+                 for idx, parent in candidates.items()]
+        gain, best = max(gains, key=lambda g: g[0])
+        return best if gain > 0 else None
+
     @staticmethod
     def _step(c: int, direction: int, n: int) -> int:
         return min(n - 1, max(0, c + direction))
@@ -325,6 +407,78 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
             current[u] = c
             size = table.size(current)
         return tuple(current)
+
+
+def _prior_score(table: UnitTable, idx: Sequence[int]) -> float:
+    """Σ over units of the prior's sensitivity at the recipe's choices (Ω, or probe damage)."""
+    return float(table.omega[np.arange(len(idx)), np.asarray(idx)].sum())
+
+
+def _staircase(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The Pareto front of (eer, size) points as (size, eer), size ascending and EER strictly descending."""
+    out: list[tuple[float, float]] = []
+    for eer, size in sorted(points, key=lambda p: (p[1], p[0])):
+        if not out or eer < out[-1][1]:
+            if out and out[-1][0] == size:
+                out.pop()
+            out.append((float(size), float(eer)))
+    return out
+
+
+def _hv_gain(stairs: Sequence[tuple[float, float]], point: tuple[float, float], ref: tuple[float, float]) -> float:
+    """Hypervolume (EER x bytes, against ``ref``) that ``point`` adds to the front ``stairs`` (from
+    :func:`_staircase`): the area under the front's step function and above the point's EER, from the
+    point's size to the reference size. O(front) at worst, usually a few steps."""
+    import bisect
+
+    eer, size = point
+    ref_eer, ref_size = ref
+    if eer >= ref_eer or size >= ref_size:
+        return 0.0
+    k = bisect.bisect_right(stairs, (size, math.inf))  # front points no larger than the new one
+    level = min(ref_eer, stairs[k - 1][1]) if k else ref_eer
+    gain, x = 0.0, size
+    for s, e in stairs[k:]:
+        if level <= eer or s >= ref_size:
+            break
+        gain += (level - eer) * (s - x)
+        x, level = s, min(level, e)
+    if level > eer:
+        gain += (level - eer) * (ref_size - x)
+    return gain
+
+
+def _calibrate(scores: Sequence[float], eers: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Knots of the non-decreasing map from prior score to EER that fits the finished trials best
+    (isotonic least squares, pool-adjacent-violators), for ``np.interp`` (flat beyond the ends). None
+    until two distinct scores have finished."""
+    if len({round(x, 12) for x in scores}) < 2:
+        return None
+    order = np.argsort(np.asarray(scores), kind="stable")
+    xs = np.asarray(scores, dtype=float)[order]
+    blocks: list[list[float]] = []  # [sum of eer, count, x sum]
+    for x, y in zip(xs, np.asarray(eers, dtype=float)[order], strict=True):
+        blocks.append([y, 1.0, x])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
+            y2, n2, x2 = blocks.pop()
+            blocks[-1][0] += y2
+            blocks[-1][1] += n2
+            blocks[-1][2] += x2
+    knots_x = np.array([b[2] / b[1] for b in blocks])
+    knots_y = np.array([b[0] / b[1] for b in blocks])
+    return knots_x, knots_y
+
+
+class ProbePriorSampler(HessianPriorSampler):
+    """``sampler = "probe"``: :class:`HessianPriorSampler` with the unit probes' measured EER damage
+    (:mod:`lsv_core.quant.probe`) as its prior instead of Ω, and proposals chosen by predicted hypervolume
+    gain (``acquisition``; one in four, ``explore``, is the parent's random move instead)."""
+
+    _prior = "probe"
+
+    def __init__(self, seed: int | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("acquisition", True)
+        super().__init__(seed, **kwargs)
 
 
 def _ranked_steps(table: UnitTable, idx: Sequence[int], direction: int) -> list[tuple[int, int]]:
@@ -362,7 +516,6 @@ def _add_to_front(front: list[tuple[int, ...]], points: Mapping[tuple[int, ...],
 
 def _trained_choices(state: _StudyState, trial: FrozenTrial) -> tuple[int, ...] | None:
     """The choices of the recipe a trial really trained: the repaired one when the driver repaired it."""
-    from lsv_core.errors import LsvError
     from lsv_core.quant import BitRecipe
 
     assert state.table is not None and state.space is not None
@@ -376,9 +529,9 @@ def _trained_choices(state: _StudyState, trial: FrozenTrial) -> tuple[int, ...] 
     return state.table.from_params(params)
 
 
-def _build_state(study: optuna.Study, *, seed: int) -> _StudyState:
-    """The prior of ``study`` from its record: baseline, search space, budget, Hessian traces."""
-    from lsv_core.errors import LsvError
+def _build_state(study: optuna.Study, *, seed: int, prior: str = "hessian") -> _StudyState:
+    """The prior of ``study`` from its record: baseline, search space, budget, and its Hessian traces
+    (``prior="hessian"``) or unit probes (``prior="probe"``)."""
     from search.record import stored_record
 
     record = stored_record(study)
@@ -400,6 +553,16 @@ def _build_state(study: optuna.Study, *, seed: int) -> _StudyState:
     if record.baseline_digest is not None and state_dict_digest(model) != record.baseline_digest:
         raise LsvError(f"HessianPriorSampler: {config.model.checkpoint} is not the baseline study "
                        f"{record.name!r} was made with (state-dict digest differs)")
+    if prior == "probe":
+        from lsv_core.quant.probe import ProbeResult
+
+        if not record.unit_probes:
+            raise LsvError(f"study {record.name!r} has no unit probes in its record; `lsv run` measures them "
+                           "before the first trial when study.sampler = \"probe\"")
+        table = unit_table(model, space, None, seed=seed, probe=ProbeResult.from_dict(record.unit_probes))
+        dists = {p: CategoricalDistribution(list(space.choices)) for p in table.params}
+        path = hull_path(table)
+        return _StudyState(table, space, dists, config.size_budget_bytes, path, [table.size(p) for p in path])
     traces = record.hessian_traces
     if traces is None:
         warnings.warn(f"study {record.name!r} has no Hessian traces in its record (no allocator seeds, no "

@@ -69,6 +69,10 @@ class SearchSpace:
     def distributions(self) -> dict[str, CategoricalDistribution]:
         return {f"b:{u}": CategoricalDistribution(list(self.choices)) for u in self.units}
 
+    def unit_layers(self) -> dict[str, list[str]]:
+        """Every unit's layers, the shortcuts tied to them included (what a unit's choice quantizes)."""
+        return {u: list(ls) + [s for s, owner in self.tied.items() if owner in ls] for u, ls in self.units.items()}
+
     def recipe_from_params(self, params: Mapping[str, str]) -> BitRecipe:
         mapping: dict[str, LayerSpec | None] = dict(self.fixed)
         for unit, layers in self.units.items():

@@ -12,7 +12,7 @@ import optuna
 from sqlalchemy.exc import SQLAlchemyError
 
 from lsv_core.errors import ConfigError
-from search.samplers import HessianPriorSampler
+from search.samplers import HessianPriorSampler, ProbePriorSampler
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
@@ -84,6 +84,7 @@ SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "gp": lambda seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=8),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
     "hessian": lambda seed: HessianPriorSampler(seed=seed),
+    "probe": lambda seed: ProbePriorSampler(seed=seed),
 }
 
 

@@ -157,6 +157,8 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         seeded = "seeded" in study.user_attrs
         if config.msft.order == "sensitivity" or (not seeded and config.seeds.allocator_fractions):
             omega = _sensitivities(config, study, record, pre, shared_ref, excluded)
+        if config.study.sampler == "probe" and not record.unit_probes:
+            record = _unit_probes(config, study, record, pre, shared_ref, excluded)
         if not seeded:
             for label, recipe in _seed_recipes(config, space, model, omega):
                 study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
@@ -441,6 +443,43 @@ def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord
                                           seed=config.study.seed)
         save_record(study, config.study_dir, record.with_traces(traces))
     return sensitivity(traces, quantization_errors(pre.baseline.model, seed=config.study.seed))
+
+
+def _unit_probes(config: StudyConfig, study: optuna.Study, record: StudyRecord, pre: Preflight, shared_ref: Any,
+                 excluded: list[str]) -> StudyRecord:
+    """Measure the unit probes the "probe" sampler's prior needs (:meth:`Workbench.probe`), on the driver or a
+    worker as ``resources.hessian`` says, with one trial's CPU threads; stored in the study's record.
+    ``wall_s`` counts the whole measurement, loading the data included (what the search paid for it)."""
+    import dataclasses
+
+    import torch
+
+    from lsv_core.quant.probe import ProbeResult
+
+    assert pre.baseline is not None and pre.space is not None
+    units, choices = pre.space.unit_layers(), list(pre.space.choices)
+    t0 = time.monotonic()
+    if config.resources.hessian == "worker":
+        from search.cluster import probe_on_worker
+
+        console.print(f"probing {len(units)} units on a worker ...")
+        probes = ProbeResult.from_dict(probe_on_worker(config, shared_ref, excluded, units, choices))
+    else:
+        from lsv_core.workbench import Workbench
+
+        console.print(f"probing {len(units)} units on the driver ...")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(config.resources.cpu)))
+        try:
+            bench = Workbench.load(config.workbench_spec().replace(codebook_dir=None), baseline=pre.baseline,
+                                   progress=False)
+            probes = bench.probe(units, choices)
+        finally:
+            torch.set_num_threads(threads)
+    probes = dataclasses.replace(probes, wall_s=time.monotonic() - t0)
+    record = (stored_record(study) or record).with_probes(probes.to_dict())  # traces saved meanwhile stay
+    save_record(study, config.study_dir, record)
+    return record
 
 
 def _seed_recipes(config: StudyConfig, space: SearchSpace, model: Any, omega: dict | None) -> list[tuple[str, BitRecipe]]:

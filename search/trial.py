@@ -104,6 +104,15 @@ def hessian_task(spec: dict[str, Any], shared: SharedInputs, cache_path: str, se
     return _workbench_for(spec, shared).hessian_traces(cache_path=cache_path, seed=seed)
 
 
+def probe_task(spec: dict[str, Any], shared: SharedInputs, units: dict[str, list[str]],
+               choices: list[str]) -> dict[str, Any]:
+    """Ray task: the unit probes on a worker (``resources.hessian = "worker"``); a ProbeResult dict."""
+    import ray
+
+    spec = {**spec, "device": trial_device(spec.get("device", "auto"), ray.get_gpu_ids())}
+    return _workbench_for(spec, shared).probe(units, choices).to_dict()
+
+
 def layer_sensitivity(omega: dict[str, dict[Any, float]] | None, recipe: BitRecipe) -> dict[str, float] | None:
     """Per-layer sensitivity at the recipe's bits, Ω_l(b_l), for the MSFT "sensitivity" order."""
     if omega is None:

@@ -27,7 +27,7 @@ MODEL = build_model("ThinResNet", m_channels=4, first_stride=2, embed_dim=32)
 @pytest.mark.parametrize(
     ("section", "value", "expected"),
     [
-        ({"study": {"name": "x", "sampler": "cmaes"}}, "cmaes", r"study\.sampler \(got 'cmaes'\): allowed samplers are \['gp', 'hessian', 'nsga2', 'random', 'tpe'\]"),
+        ({"study": {"name": "x", "sampler": "cmaes"}}, "cmaes", r"study\.sampler \(got 'cmaes'\): allowed samplers are \['gp', 'hessian', 'nsga2', 'probe', 'random', 'tpe'\]"),
         ({"study": {"name": "x"}, "space": {"bits": [1, 5]}}, "5", r"space\.bits \(got \[1, 5\]\): allowed bit widths are \[1, 2, 3, 4, 8\]"),
         ({"study": {"name": "bad name!"}}, "name", r"study\.name \(got 'bad name!'\)"),
         ({"study": {"name": "x", "n_trials": 0}}, "0", r"study\.n_trials \(got 0\): Input should be greater than or equal to 1"),
