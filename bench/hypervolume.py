@@ -27,8 +27,12 @@ Every run's trials are kept in the JSON (``--resume`` continues a grid), so ``--
 the table with another reference or target without training anything. Run through
 ../shared/loopback-only (it starts Ray):
 
-    ../shared/loopback-only .venv/bin/python bench/hypervolume.py --seeds 0 1 2 3 4 --trials 40 \\
-        --json bench/results/hypervolume_issue14.json --resume
+    ../shared/loopback-only .venv/bin/python bench/hypervolume.py --methods probe+seeds+es tpe nsga2 \\
+        --seeds 0 1 2 3 4 --trials 32 --json bench/results/hypervolume_issue14c.json --resume
+    ../shared/loopback-only .venv/bin/python bench/hypervolume.py --methods random --seeds 0 1 2 3 4 \\
+        --trials 64 --json bench/results/hypervolume_issue14c.json --resume
+
+(``--trials`` applies to the studies started by that call; the analysis takes each run as it is.)
 """
 
 from __future__ import annotations

@@ -40,7 +40,10 @@ Rows (each quantizes the trained baseline afresh, fine-tunes, scores all trials)
   see ``bench/results/seed_findings_before_binary_fix.json``);
 * ``mixed@3b-msft`` / ``mixed@2b-msft``: :func:`allocate_bits` at the exact packed size of uniform 3 / 2
   bits (bit choices 1, 2, 3, 4, 8; adaptive binary), MSFT ``order="bits"`` (lowest bits first);
-  ``mixed@{3,2}b-oneshot`` (same recipe, one-shot) separates the allocation from the schedule.
+  ``mixed@{3,2}b-oneshot`` (same recipe, one-shot) separates the allocation from the schedule;
+* ``probe-mixed@{3,2}b-oneshot``: the study's search space (``--study``'s units and choices) allocated by
+  the unit probes instead of Ω (:func:`probe_allocations`: the least summed probe damage within the same
+  size), one-shot like the quickstart's trials.
 
 The sensitivities Ω (Hutchinson traces x k-means error, docs/method.md) are computed once with seed 0 and
 cached, so every seed fine-tunes the same mixed recipe; the seed changes the fine-tuning sampler, the
@@ -112,7 +115,41 @@ def weight_bytes(model: nn.Module, recipe: BitRecipe) -> int:
                    if k in prefixes or k.startswith(tuple(p + "." for p in prefixes))))
 
 
-def build_rows(bench: Workbench, omega: dict[str, dict[int, float]] | None) -> list[RowSpec]:
+def probe_allocations(bench: Workbench, study: Path, bits: tuple[int, ...]) -> tuple[dict[int, BitRecipe], dict[str, Any]]:
+    """The search space's recipe (``study``'s units and choices) with the least summed probe damage
+    (:mod:`lsv_core.quant.probe`) within the exact size of uniform ``b`` bit, for each ``b``: every recipe of
+    the unit space is scored (choices^units of them, so coarse spaces only), sizes from the sampler's table."""
+    import itertools
+
+    from search.samplers import unit_table
+    from search.space import SearchSpace
+
+    config = load_study_config(study)
+    model = bench.model
+    space = SearchSpace.build(model, config.space)
+    n_units, n_choices = len(space.units), len(space.choices)
+    if n_choices ** n_units > 2_000_000:
+        raise SystemExit(f"probe-mixed rows enumerate the unit space: {n_choices}^{n_units} recipes is too many")
+    probes = bench.probe(space.unit_layers(), space.choices, progress=True)
+    table = unit_table(model, space, None, probe=probes)
+    combos = np.array(list(itertools.product(range(n_choices), repeat=n_units)), dtype=np.int64)
+    rows = np.arange(n_units)
+    damage = table.omega[rows, combos].sum(axis=1)
+    sizes = table.base_bytes + table.cost[rows, combos].sum(axis=1)
+    out = {}
+    for b in bits:
+        budget = bench.size_of(BitRecipe.uniform(model, b))
+        fits = np.flatnonzero(sizes <= budget)
+        best = fits[np.lexsort((sizes[fits], damage[fits]))[0]]
+        recipe = space.recipe_from_params(table.to_params(combos[best]))
+        if bench.size_of(recipe) > budget:
+            raise SystemExit(f"probe-mixed@{b}b: {bench.size_of(recipe)} B exceeds uniform {b} bit's {budget} B")
+        out[b] = recipe
+    return out, {"probes": probes.to_dict(), "recipes": {str(b): r.to_dict() for b, r in out.items()}}
+
+
+def build_rows(bench: Workbench, omega: dict[str, dict[int, float]] | None,
+               probe_mixed: dict[int, BitRecipe] | None = None) -> list[RowSpec]:
     model = bench.model
 
     def uniform(bits: int, mode: str | None = None) -> Callable[[nn.Module], BitRecipe]:
@@ -138,6 +175,9 @@ def build_rows(bench: Workbench, omega: dict[str, dict[int, float]] | None) -> l
                                 lambda m, r=mixed[b]: r, order="bits"))
             rows.append(RowSpec(f"mixed@{b}b-oneshot", f"mixed @ size of {b} bit, one-shot FT",
                                 lambda m, r=mixed[b]: r))
+    for b, recipe in (probe_mixed or {}).items():
+        rows.append(RowSpec(f"probe-mixed@{b}b-oneshot", f"mixed by unit probes @ size of {b} bit, one-shot FT",
+                            lambda m, r=recipe: r))
     return rows
 
 
@@ -287,7 +327,7 @@ def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["claim3_adaptive_beats_static_1bit"] = c3
     for b in (3, 2):
         c: dict[str, Any] = {}
-        for mixed in (f"mixed@{b}b-msft", f"mixed@{b}b-oneshot"):
+        for mixed in (f"mixed@{b}b-msft", f"mixed@{b}b-oneshot", f"probe-mixed@{b}b-oneshot"):
             if mixed not in rows:
                 continue
             for uni in (f"u{b}-oneshot", f"u{b}-msft"):
@@ -418,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     omega = bench.sensitivities(cache_path=config.data.cache_dir / "hessian_traces.json", seed=0)
     t_sens = time.monotonic() - t0
-    specs = build_rows(bench, omega)
+    probe_mixed, probe_meta = None, None
+    if args.rows is None or any(r.startswith("probe-mixed@") for r in args.rows):
+        probe_mixed, probe_meta = probe_allocations(bench, args.study, (3, 2))
+    specs = build_rows(bench, omega, probe_mixed)
     if args.rows:
         unknown = set(args.rows) - {s.key for s in specs}
         if unknown:
@@ -431,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
         "torch": torch.__version__, "sensitivity_wall_s": t_sens, "command": " ".join(sys.argv),
-        "load_avg_start": os.getloadavg(),
+        "load_avg_start": os.getloadavg(), "probe_mixed": probe_meta,
     }
     print(f"{len(bench.trials)} trials, seeds {seeds}, {base.total_steps} steps, {len(specs)} rows", flush=True)
     earlier: dict[str, dict[str, Any]] = {}

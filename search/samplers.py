@@ -18,6 +18,16 @@ and robust), and both sample many recipes that are far off the front. This sampl
   (rank r with probability ∝ 2^-r), sometimes with a second random step. The real results steer where to
   look (which front point, so which size), the prior steers what to change.
 
+:class:`ProbePriorSampler` (``sampler = "probe"``) keeps the same machinery with two changes. Its prior is
+measured instead of estimated: the unit probes of the study record (:mod:`lsv_core.quant.probe`: each unit
+alone quantized one-shot to 1 bit and to its lowest multi-bit width, the EER damage on the evaluation
+trials), in place of Ω. And it proposes by **predicted hypervolume gain** (``acquisition``): the candidates
+are the prior's allocation path and every one-unit move of a front point; a candidate's EER is predicted
+from its summed damage through a non-decreasing curve fitted to the finished trials (isotonic regression),
+a move from a front point shifting that point's measured EER by the curve's difference; running trials
+count at their predicted EER; the candidate that adds the most hypervolume is asked. One proposal in four
+(``explore``) is a random front move or prior point as above, so the prior's mistakes still get tried.
+
 Every proposal fits the size budget (it is repaired along the Ω-per-byte order, so the driver's own repair
 never changes it) and was not asked before in this study (duplicates are drawn again; the driver would
 answer them from memory anyway). Without Hessian traces in the record (a study with no allocator seeds and
@@ -185,6 +195,7 @@ class _StudyState:
     front: list[tuple[int, ...]] = field(default_factory=list)
     n_complete: int = 0
     running: dict[int, tuple[int, ...]] = field(default_factory=dict)  # unfinished trial number -> recipe
+    worst_eer: float = -math.inf  # over every finished trial (the acquisition's reference EER)
 
 
 class HessianPriorSampler(optuna.samplers.BaseSampler):
@@ -281,6 +292,7 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
                     old = state.points.get(idx)
                     state.points[idx] = (eer, size) if old is None else (min(old[0], eer), size)
                     state.front = _add_to_front(state.front, state.points, idx)
+                    state.worst_eer = max(state.worst_eer, eer)
         state.next_number = max(state.next_number, n_trials)
 
     # -- proposals ---------------------------------------------------------------------------------------
@@ -379,8 +391,10 @@ class HessianPriorSampler(optuna.samplers.BaseSampler):
                 candidates[moved] = f if moved[:u] + moved[u + 1:] == f[:u] + f[u + 1:] else None
         if not candidates:
             return None
-        base = [p for _, p in known] + [(predict(idx), table.size(idx)) for idx in state.running.values()]
-        ref = (max(e for e, _ in base), float(state.budget if state.budget is not None else state.path_sizes[-1] + 1))
+        # The front alone spans the finished trials' hypervolume; the reference EER is the worst finished one.
+        base = [state.points[f] for f in state.front] + [(predict(idx), table.size(idx)) for idx in state.running.values()]
+        ref = (max([state.worst_eer] + [e for e, _ in base]),
+               float(state.budget if state.budget is not None else state.path_sizes[-1] + 1))
         stairs = _staircase(base)
         gains = [(_hv_gain(stairs, (predict(idx, parent), table.size(idx)), ref), idx)
                  for idx, parent in candidates.items()]
