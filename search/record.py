@@ -2,10 +2,10 @@
 
 It holds the config digest (a study is resumed only with the config it was made with), the config
 itself, the baseline's quantizable layer order, its ``state_dict`` digest, fp32 packed size and
-training-time evaluation, and the Hessian traces once they are computed. Readers (``lsv status``,
-``lsv report``, ``lsv export``) take these from the record instead of loading the baseline's weights,
-so they work from any machine that reaches the storage. A copy is written to ``<study dir>/study.json``
-for people and scripts on the driver's machine.
+training-time evaluation, and the Hessian traces and the unit probes (``sampler = "probe"``) once they
+are computed. Readers (``lsv status``, ``lsv report``, ``lsv export``) take these from the record instead
+of loading the baseline's weights, so they work from any machine that reaches the storage. A copy is
+written to ``<study dir>/study.json`` for people and scripts on the driver's machine.
 """
 
 from __future__ import annotations
