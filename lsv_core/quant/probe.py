@@ -63,7 +63,7 @@ class ProbeResult:
 
 def context_token(choices: Sequence[str]) -> str:
     """The width every other unit holds during a probe: 4 bit when it is a choice (lossless on every
-    benchmark we ran), else the widest multi-bit choice below it, else the widest choice."""
+    benchmark we ran), else the widest multi-bit choice below 4 bit, else the narrowest one above it."""
     specs = {t: LayerSpec.from_token(t) for t in choices}
     multi = [t for t, s in specs.items() if s.bits > 1]
     below = [t for t in multi if specs[t].bits <= 4]
@@ -104,22 +104,16 @@ def probe_units(model: nn.Module, units: Mapping[str, Sequence[str]], choices: S
         recipe = BitRecipe({n: LayerSpec.from_token(overrides.get(u, context)) for u, ls in units.items() for n in ls})
         return float(score(quantize(copy.deepcopy(model), recipe, codebooks=codebooks)))
 
-    jobs = [(u, t) for u in units for t in tokens]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs) + 1, desc="probing units", unit="probe")
-    reference = scored({})
+    jobs = [(u, t) for u in units for t in tokens]
     damage: dict[str, dict[str, float]] = {u: {} for u in units}
-    if bar is not None:
+    with tqdm(total=len(jobs) + 1, desc="probing units", unit="probe", disable=not progress) as bar:
+        reference = scored({})
         bar.update()
-    for u, t in jobs:
-        damage[u][t] = scored({u: t}) - reference
-        if bar is not None:
+        for u, t in jobs:
+            damage[u][t] = scored({u: t}) - reference
             bar.update()
-    if bar is not None:
-        bar.close()
     return ProbeResult(context, reference, damage, wall_s=time.monotonic() - t0, threads=torch.get_num_threads(),
                        settings=dict(settings or {}))
 
