@@ -15,22 +15,40 @@ CORPUS ?= data/corpus
 SHIPPED := baselines/quickstart
 BASELINE ?= runs/baseline/model.safetensors
 PYTEST_ARGS ?=
+# Every version `make install` resolves is pinned here (torch aside: the CPU wheel or the GPU machine's own build);
+# `make lock` re-resolves it on purpose, in a throwaway venv, after which the whole suite must pass again.
+LOCK := constraints.txt
+# WeSpeaker's own model files, for the tests that compare our networks with them (--no-deps: its package
+# pulls heavy optional dependencies that the model files do not need).
+WESPEAKER := wespeaker-unofficial==0.0.2
 
-.PHONY: install test test-fast demo demo-fresh baseline lint bench clean
+.PHONY: install lock test test-fast demo demo-fresh baseline lint bench clean
 
 install: $(STAMP) $(INFER_WHEELS)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "$(WESPEAKER)"
 	touch $(STAMP)
+
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q "$(TORCH_SPEC)"
+	.lock-venv/bin/pip install -q -e ".[dev]"
+	{ echo "# make lock: the versions make install uses (torch is installed on its own first)."; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -iv '^torch=='; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 # Wheels of the four packages an exported infer.py needs: the test that runs infer.py in a fresh venv
 # installs them from here, offline (tests run inside loopback-only). Needs the network, like install.
 $(INFER_WHEELS): $(STAMP) lsv_core/export/inference.py
-	$(BIN)/pip download -q -d $(VENV)/wheels-infer $$($(BIN)/python -c \
+	$(BIN)/pip download -q -c $(LOCK) -d $(VENV)/wheels-infer $$($(BIN)/python -c \
 		"from lsv_core.export.inference import INFER_REQUIREMENTS as r; print(' '.join(r))")
 	touch $(INFER_WHEELS)
 

@@ -188,6 +188,27 @@ def test_codebook_initialised_by_kmeans_and_assignment_is_nearest() -> None:
     assert layer_model[0] is layer
 
 
+def test_assignment_is_canonical_when_levels_repeat() -> None:
+    """36 weights at 8 bit: k-means leaves 220 repeated levels. A latent trained past the top level and the
+    dequantized weight it stands for must pack to the same bytes (the trial's packed file and the exported
+    model.onnx are written from these two)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3, bias=False)
+    quantize(nn.Sequential(conv), {"0": 8})
+    q = quantizer_of(conv)
+    latent = latent_weight(conv)
+    levels = q.levels(latent)
+    assert torch.unique(levels).numel() == 36 < levels.numel()
+    with torch.no_grad():
+        latent[0, 0, 0, 0] = levels.max() + 0.01  # drifted above the top centroid while fine-tuning
+        latent[0, 0, 0, 1] = levels.min() - 0.01
+    index = q.assign(latent)
+    assert torch.equal(levels[index.long()], conv.weight.detach())
+    assert torch.equal(q.assign(conv.weight.detach()), index)
+    first = torch.searchsorted(levels, levels[index.long()])
+    assert torch.equal(index.long(), first)  # the first position holding each value
+
+
 def test_ste_gradient_reaches_latent_weights_and_centroids() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8, bias=False))

@@ -215,10 +215,17 @@ class CodebookQuantizer(WeightQuantizer):
         return torch.sort(self.centroids.detach())[0]
 
     def assign(self, latent: Tensor) -> Tensor:
+        """Index into :meth:`levels`; with repeated levels (k-means with more centroids than distinct
+        weights, e.g. 256 for a 36-weight conv at 8 bit), always the first position holding the value.
+
+        So the packed bytes are a function of the quantized weight values alone: a weight trained past the
+        top level and the same model re-packed from its dequantized weights give identical bytes."""
         index, order = nearest_index(latent, self.centroids)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=order.device)
-        return rank[index].to(torch.uint8)
+        ascending = self.centroids.detach()[order]
+        first = torch.searchsorted(ascending, ascending[rank[index]], right=False)
+        return first.to(torch.uint8)
 
     @torch.no_grad()
     def recluster(self, latent: Tensor, seed: int = 0) -> bool:
