@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from search.config import StudyConfig
     from search.space import SearchSpace
 
-__all__ = ["Listings", "Preflight", "PreflightFailed", "Problem", "check_data", "check_device", "check_model",
-           "check_outputs", "check_ray_address", "preflight_study"]
+__all__ = ["Listings", "Preflight", "PreflightFailed", "Problem", "check_architecture", "check_data", "check_device",
+           "check_model", "check_outputs", "check_ray_address", "preflight_study"]
 
 RAY_CONNECT_TIMEOUT_S = 10.0
 
@@ -253,6 +253,17 @@ def check_model(checkpoint: Path, arch: str | None, arch_kwargs: dict, problems:
         problems.append(Problem(where, f"{checkpoint} holds no AAM head (projection.*): fine-tuning needs the head "
                                 "the baseline was trained with (train it with `lsv train`)"))
     return baseline
+
+
+def check_architecture(name: str, kwargs: dict, problems: list[Problem], where: str = "--model") -> None:
+    """The model name and its arguments as the registry accepts them (the flag named when they are not)."""
+    from lsv_core.errors import ConfigError
+    from lsv_core.models.registry import model_arguments
+
+    try:
+        model_arguments(name, kwargs)
+    except ConfigError as err:
+        problems.append(Problem(where, str(err)))
 
 
 def check_device(device: str, problems: list[Problem], where: str = "--device") -> None:

@@ -97,6 +97,16 @@ def _validated_kwargs(name: str, spec: ModelSpec, kwargs: dict[str, Any]) -> dic
     return merged
 
 
+def model_arguments(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """All arguments of model ``name`` (its defaults updated with ``kwargs``), checked without building it.
+
+    Raises ConfigError naming the argument, the value and what is allowed.
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ConfigError(f"model name={name!r} is not known; allowed: {available_models()}")
+    return _validated_kwargs(name, _REGISTRY[name], kwargs)
+
+
 def build_model(name: str, **kwargs: Any) -> SpeakerEmbedder:
     """Build a speaker-embedding network by WeSpeaker name; ``available_models()`` lists the names.
 
@@ -109,10 +119,7 @@ def build_model(name: str, **kwargs: Any) -> SpeakerEmbedder:
 
     Raises ConfigError naming the argument, the value and what is allowed.
     """
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ConfigError(f"model name={name!r} is not known; allowed: {available_models()}")
-    spec = _REGISTRY[name]
-    full_kwargs = _validated_kwargs(name, spec, kwargs)
-    model = spec.factory(**full_kwargs)
+    full_kwargs = model_arguments(name, kwargs)
+    model = _REGISTRY[name].factory(**full_kwargs)
     model.arch = {"name": name, "kwargs": full_kwargs}
     return model
