@@ -34,10 +34,10 @@ class Bounded:
 
     def allowed(self) -> str:
         """What the flag accepts, in words (used in the error and by the tests)."""
-        parts = [f">= {self.ge:g}" if self.ge is not None else "", f"> {self.gt:g}" if self.gt is not None else "",
-                 f"<= {self.le:g}" if self.le is not None else ""]
+        parts = [f"{op} {bound:g}" for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le))
+                 if bound is not None]
         what = "an integer" if self.kind is int else "a finite number"
-        return " ".join([what, " and ".join(p for p in parts if p)]).strip()
+        return f"{' and '.join(parts)} ({what})" if parts else what
 
     def __call__(self, text: str) -> int | float:
         try:
