@@ -600,7 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--alias", default=default_of(ExportOptions, "alias"),
                     help="registry alias to point at the new version")
     ex.add_argument("--eer-tolerance", type=Bounded(float, ge=0), default=default_of(ExportOptions, "eer_tolerance"),
-                    help="allowed |re-evaluated - logged| EER, in percent points")
+                    help="allowed |re-evaluated - logged| EER in percent points, checked before anything is "
+                    "written (model.onnx is compared with the torch model by embeddings and trial scores, "
+                    "not by EER)")
     ex.set_defaults(func=_export)
     for command in entry_points(group=COMMAND_GROUP):  # e.g. `lsv report`, from the dashboards package
         command.load()(sub)
