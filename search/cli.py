@@ -265,7 +265,11 @@ def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
     check_device(args.device, problems)
     fields = ("--corpus",) * 3 if args.corpus is not None else ("--train", "--eval", "--trials")
     listings = check_data(spec.data, problems, fields=fields, cache_dir=args.cache, train_subset=spec.train_subset)
-    baseline = check_model(args.model, args.arch, spec.arch_kwargs, problems, need_head=True)
+    head_uses = [what for what, used in ((f"fine-tuning (--steps {args.steps})", args.steps > 0),
+                                         ("the Hessian allocator (--budget-mb)", args.budget_mb is not None),
+                                         ("the sensitivity order (--msft sensitivity)", args.msft == "sensitivity"))
+                 if used]
+    baseline = check_model(args.model, args.arch, spec.arch_kwargs, problems, need_head=head_uses)
     recipe = None
     if baseline is not None:
         if baseline.has_head and listings.train is not None:
