@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = corpus.add_parser("synth", help="generate the deterministic espeak-ng multi-speaker corpus")
     s.add_argument("--out", required=True, type=Path)
-    s.add_argument("--speakers", type=Bounded(int, ge=2), default=DEFAULT_SPEAKERS, help="total speakers (train + eval)")
+    s.add_argument("--speakers", type=Bounded(int, ge=2), default=DEFAULT_SPEAKERS,
+                   help="total speakers (train + eval)")
     s.add_argument("--utts", type=Bounded(int, ge=2), default=DEFAULT_UTTS, help="utterances per speaker")
     s.add_argument("--eval-speakers", type=Bounded(int, ge=1), default=DEFAULT_EVAL_SPEAKERS)
     s.add_argument("--seed", type=SEED, default=DEFAULT_SEED)
@@ -497,14 +498,17 @@ def build_parser() -> argparse.ArgumentParser:
     how = q.add_mutually_exclusive_group(required=True)
     how.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="uniform precision")
     how.add_argument("--recipe", type=Path, help="recipe file (.json or .toml): layer -> bits")
-    how.add_argument("--budget-mb", type=Bounded(float, gt=0), help="mixed precision from the Hessian allocator (MB = 1e6 B)")
+    how.add_argument("--budget-mb", type=Bounded(float, gt=0),
+                     help="mixed precision from the Hessian allocator (MB = 1e6 B)")
     q.add_argument("--binary-mode", choices=binary_modes(), default=DEFAULT_BINARY_MODE)
     q.add_argument("--msft", choices=ORDERS, default=default_of(MsftSchedule, "order"),
                    help="stage order of multi-stage fine-tuning (one_shot: all layers at once)")
-    q.add_argument("--steps", type=setting_flag(MsftSchedule, "total_steps", int), default=default_of(MsftSchedule, "total_steps"),
+    q.add_argument("--steps", type=setting_flag(MsftSchedule, "total_steps", int),
+                   default=default_of(MsftSchedule, "total_steps"),
                    help="total fine-tuning steps (0: k-means only)")
     q.add_argument("--lr", type=setting_flag(MsftSchedule, "lr", float), default=default_of(MsftSchedule, "lr"))
-    q.add_argument("--batch-size", type=setting_flag(MsftSchedule, "batch_size", int), default=default_of(MsftSchedule, "batch_size"),
+    q.add_argument("--batch-size", type=setting_flag(MsftSchedule, "batch_size", int),
+                   default=default_of(MsftSchedule, "batch_size"),
                    help="fine-tuning batch size (crops per step)")
     q.add_argument("--centroids", choices=CENTROID_UPDATES, default=default_of(KMQATConfig, "centroid_update"),
                    help="how centroids adapt during fine-tuning")
@@ -512,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train", help="training data: Kaldi dir or VoxCeleb folder (the baseline's speakers)")
     q.add_argument("--eval", help="evaluation data: Kaldi dir or VoxCeleb folder")
     q.add_argument("--trials", help="trial list over --eval (VoxCeleb or Kaldi form)")
-    q.add_argument("--train-speakers", type=setting_flag(TrainingSubset, "speakers", int), default=default_of(TrainingSubset, "speakers"),
+    q.add_argument("--train-speakers", type=setting_flag(TrainingSubset, "speakers", int),
+                   default=default_of(TrainingSubset, "speakers"),
                    help="fine-tune on this many random training speakers (seeded by --seed)")
     q.add_argument("--train-utts-per-speaker", type=setting_flag(TrainingSubset, "utts_per_speaker", int),
                    default=default_of(TrainingSubset, "utts_per_speaker"),
@@ -532,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("data", type=Path, help="Kaldi data dir or VoxCeleb folder")
     dc.add_argument("--cache", type=Path, default=Path("runs/cache"), help="cache folder (a study's data.cache_dir)")
     dc.add_argument("--dtype", choices=("float16", "float32"), default=default_of(StoreConfig, "dtype"))
-    dc.add_argument("--shard-utts", type=setting_flag(StoreConfig, "shard_utts", int), default=default_of(StoreConfig, "shard_utts"))
+    dc.add_argument("--shard-utts", type=setting_flag(StoreConfig, "shard_utts", int),
+                    default=default_of(StoreConfig, "shard_utts"))
     dc.add_argument("--workers", type=WORKERS, help="processes computing fbank (default: the CPU count, at most 8)")
     dc.set_defaults(func=_data_cache)
     da = data.add_parser("audit", help="check every audio file (readable, non-empty, 16 kHz, long enough)")
@@ -585,14 +591,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("study", type=Path, help="study config (.toml)")
     pick = ex.add_mutually_exclusive_group(required=True)
     pick.add_argument("--trial", type=TRIAL_NUMBER, help="this Optuna trial number")
-    pick.add_argument("--max-size-mb", type=Bounded(float, gt=0), help="lowest EER with model size <= X MB (1e6 bytes of model.onnx)")
+    pick.add_argument("--max-size-mb", type=Bounded(float, gt=0),
+                      help="lowest EER with model size <= X MB (1e6 bytes of model.onnx)")
     pick.add_argument("--max-eer", type=Bounded(float, ge=0, le=100), help="smallest model with EER <= Y percent")
     pick.add_argument("--knee", action="store_true", help="the knee of the Pareto front")
     pick.add_argument("--knee-ci", action="store_true",
                       help="the smallest model not significantly worse than the knee (paired bootstrap)")
     pick.add_argument("--not-worse-than-control", action="store_true",
                       help="the smallest model not significantly worse than the study's fp32 control")
-    pick.add_argument("--within-pp", type=Bounded(float, ge=0), help="the smallest model within X EER points of the fp32 control")
+    pick.add_argument("--within-pp", type=Bounded(float, ge=0),
+                      help="the smallest model within X EER points of the fp32 control")
     ex.add_argument("--require-verified", action="store_true",
                     help="refuse a trial `lsv verify` has not re-run")
     ex.add_argument("--out", required=True, type=Path, help="folder to create")
