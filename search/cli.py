@@ -318,8 +318,8 @@ def _status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from search.config import load_study_config
-    from search.record import read_record
     from search.results import study_status
+    from search.storage import read_record
 
     config = load_study_config(args.study)
     _, study = read_record(config)
