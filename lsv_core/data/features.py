@@ -1,5 +1,5 @@
-"""Features of a data set held in memory; the filterbanks themselves are :mod:`lsv_core.data.fbank`'s
-(Kaldi-compatible, as WeSpeaker's front end), re-exported here."""
+"""Features of a data set held in memory; the filterbanks themselves are
+:mod:`lsv_core.data.audio`'s (Kaldi-compatible, as WeSpeaker's front end), re-exported here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lsv_core.data.fbank import FbankConfig, fbank, features_of_file
+from lsv_core.data.audio import FbankConfig, fbank, features_of_file
 from lsv_core.data.manifest import DataSet
 
 if TYPE_CHECKING:
