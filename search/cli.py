@@ -19,6 +19,7 @@ from rich.console import Console
 
 from lsv_core.atomic import write_text_atomic
 from lsv_core.errors import LsvError
+from search.flags import SEED, TRIAL_NUMBER, WORKERS, Bounded, setting_flag
 
 __all__ = ["COMMAND_GROUP", "EXIT_BAD_INPUT", "EXIT_FAILED_TRIALS", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
 
@@ -329,8 +330,8 @@ def _status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from search.config import load_study_config
-    from search.record import read_record
     from search.results import study_status
+    from search.storage import read_record
 
     config = load_study_config(args.study)
     _, study = read_record(config)
@@ -418,7 +419,6 @@ def _export(args: argparse.Namespace) -> int:
 def _add_loading_flags(p: argparse.ArgumentParser) -> None:
     from lsv_core.data.loader import FEATURE_MODES, DataLoading
     from lsv_core.settings import default_of
-    from search.flags import setting_flag
 
     p.add_argument("--features", choices=FEATURE_MODES, default=default_of(DataLoading, "features"),
                    help="where features come from: memory, the sharded store in --cache, audio (fbank on the "
@@ -428,23 +428,11 @@ def _add_loading_flags(p: argparse.ArgumentParser) -> None:
                    help="DataLoader worker processes for training batches (default: 0 on CPU, 4 on GPU)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lsv_core.data.store import StoreConfig
-    from lsv_core.data.subset import TrainingSubset
-    from lsv_core.quant.codebook import CENTROID_UPDATES, KMQATConfig
-    from lsv_core.quant.msft import ORDERS, MsftSchedule
-    from lsv_core.quant.recipe import ALLOWED_BITS, DEFAULT_BINARY_MODE, binary_modes
-    from lsv_core.settings import default_of
-    from search.flags import SEED, TRIAL_NUMBER, WORKERS, Bounded, setting_flag
-    from search.trial_export import ExportOptions
-    from search.verify import VerifyPlan
-
-    p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    corpus = sub.add_parser("corpus", help="embedded synthetic corpus").add_subparsers(dest="action", required=True)
+def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv corpus synth`."""
     from lsv_core.data.synth import DEFAULT_EVAL_SPEAKERS, DEFAULT_SEED, DEFAULT_SPEAKERS, DEFAULT_UTTS
 
+    corpus = sub.add_parser("corpus", help="embedded synthetic corpus").add_subparsers(dest="action", required=True)
     s = corpus.add_parser("synth", help="generate the deterministic espeak-ng multi-speaker corpus")
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--speakers", type=Bounded(int, ge=2), default=DEFAULT_SPEAKERS,
@@ -456,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing corpus")
     s.set_defaults(func=_corpus_synth)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv train`."""
     t = sub.add_parser("train", help="train a baseline speaker-embedding network (AAM-softmax)")
     t.add_argument("--corpus", help="corpus root holding train/, eval/ and eval/trials")
     t.add_argument("--train", help="Kaldi data dir or VoxCeleb folder to train on")
@@ -476,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     t.set_defaults(func=_train)
 
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv evaluate`."""
     e = sub.add_parser("evaluate", help="score a model on a trial list (EER %%, minDCF, bootstrap CI)")
     e.add_argument("--model", required=True, type=Path, help="our checkpoint (.safetensors), a packed model, "
                    "or a WeSpeaker avg_model.pt (then give --arch)")
@@ -489,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, help="also write the result here")
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_evaluate)
+
+
+def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv quantize`."""
+    from lsv_core.data.subset import TrainingSubset
+    from lsv_core.quant.codebook import CENTROID_UPDATES, KMQATConfig
+    from lsv_core.quant.msft import ORDERS, MsftSchedule
+    from lsv_core.quant.recipe import ALLOWED_BITS, DEFAULT_BINARY_MODE, binary_modes
+    from lsv_core.settings import default_of
 
     q = sub.add_parser("quantize", help="quantize a baseline with a bit recipe (k-means codebooks + MSFT)")
     q.add_argument("--model", required=True, type=Path, help="baseline checkpoint written by `lsv train`, or a "
@@ -532,6 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true")
     q.set_defaults(func=_quantize)
 
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv data cache | audit | prepare voxceleb`."""
+    from lsv_core.data.store import StoreConfig
+    from lsv_core.settings import default_of
+
     data = sub.add_parser("data", help="prepare, check and cache data").add_subparsers(dest="action", required=True)
     dc = data.add_parser("cache", help="build the content-keyed feature store of a data dir ahead of a study")
     dc.add_argument("data", type=Path, help="Kaldi data dir or VoxCeleb folder")
@@ -556,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     vox.add_argument("--force", action="store_true", help="replace an existing --out folder")
     vox.set_defaults(func=_data_prepare_voxceleb)
 
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv run`."""
     r = sub.add_parser("run", help="run or resume a bit-width search study (Optuna + Ray + MLflow)")
     r.add_argument("study", type=Path, help="study config (.toml), e.g. studies/quickstart.toml")
     r.add_argument("--address", help="Ray cluster address HOST:PORT (default: a local Ray)")
@@ -566,11 +578,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over: the existing study folder is moved aside (never deleted)")
     r.set_defaults(func=_run)
 
+
+def _add_status_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv status`."""
     st = sub.add_parser("status", help="progress and Pareto front of a study, without running anything")
     st.add_argument("study", type=Path, help="study config (.toml)")
     st.add_argument("--json", action="store_true")
     st.add_argument("--within-pp", type=Bounded(float, ge=0), default=0.5,
                     help="also show the smallest model within X EER points of the fp32 control (default 0.5)")
+    st.set_defaults(func=_status)
+
+
+def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv verify`."""
+    from lsv_core.settings import default_of
+    from search.verify import VerifyPlan
 
     v = sub.add_parser("verify", help="re-run front / knee / given trials with other seeds and longer fine-tuning")
     v.add_argument("study", type=Path, help="study config (.toml)")
@@ -584,7 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning steps as a multiple of the study's")
     v.add_argument("--address", help="Ray cluster address HOST:PORT (default: a local Ray)")
     v.set_defaults(func=_verify)
-    st.set_defaults(func=_status)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv export`."""
+    from lsv_core.settings import default_of
+    from search.trial_export import ExportOptions
 
     ex = sub.add_parser("export", help="verify one trial and export it (model.onnx with codebooks, torch-free "
                                        "infer.py, packed model, WeSpeaker .pt, model card)")
@@ -616,6 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "written (model.onnx is compared with the torch model by embeddings and trial scores, "
                     "not by EER)")
     ex.set_defaults(func=_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add_parser in (_add_corpus_parser, _add_train_parser, _add_evaluate_parser, _add_quantize_parser,
+                       _add_data_parser, _add_run_parser, _add_status_parser, _add_verify_parser, _add_export_parser):
+        add_parser(sub)
     for command in entry_points(group=COMMAND_GROUP):  # e.g. `lsv report`, from the dashboards package
         command.load()(sub)
     return p

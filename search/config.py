@@ -24,7 +24,8 @@ from lsv_core.quant.msft import MsftSchedule, Order
 from lsv_core.quant.recipe import ALLOWED_BITS, binary_modes
 from lsv_core.settings import bounds_of, default_of
 from lsv_core.workbench import DataPaths, WorkbenchSpec
-from search.storage import SAMPLERS, redacted
+from search.redaction import redacted
+from search.sampler_names import SAMPLER_NAMES
 
 __all__ = ["StudyConfig", "load_study_config", "parse_study_config"]
 
@@ -61,8 +62,8 @@ class StudySection(_Section):
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, v: str) -> str:
-        if v not in SAMPLERS:
-            raise ValueError(f"allowed samplers are {sorted(SAMPLERS)}")
+        if v not in SAMPLER_NAMES:
+            raise ValueError(f"allowed samplers are {sorted(SAMPLER_NAMES)}")
         return v
 
     @field_validator("name")

@@ -156,8 +156,8 @@ def export_trial(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
         ExportMismatch: the packed file, its recipe or the re-evaluation disagrees with the study's record.
         StudyNotRun: the study was never run.
     """
-    from search.record import read_record
     from search.results import load_control, load_points
+    from search.storage import read_record
     from search.tracking import StudyTracker
     from search.verify import NoControl, verification_of
 

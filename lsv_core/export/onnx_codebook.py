@@ -488,8 +488,8 @@ def codebook_onnx_size(model: nn.Module, recipe: BitRecipe | None = None) -> int
 
 def codebook_onnx_bytes(model: nn.Module) -> bytes:
     """The serialized ONNX file of ``model`` as quantized now (float layers stay float32)."""
+    from lsv_core.quant.layout import PACKED_SUFFIX, packed_tensors
     from lsv_core.quant.quantize import recipe_of
-    from lsv_core.quant.size import PACKED_SUFFIX, packed_tensors
 
     template = graph_template(model)
     recipe = recipe_of(model)
