@@ -15,7 +15,13 @@ from typing import Any
 from lsv_core.errors import ConfigError
 from lsv_core.models.campplus import NONLINEARITIES, CAMPPlus
 from lsv_core.models.dfresnet import GEMINI_DEPTHS, wespeaker_gemini_dfresnet
-from lsv_core.models.ecapa_tdnn import ECAPA_VARIANTS, MFA_CHANNELS, RES2_SCALE, ECAPATDNN, wespeaker_ecapa_tdnn
+from lsv_core.models.ecapa_tdnn import (
+    ECAPA_VARIANTS,
+    ECAPATDNN,
+    MFA_CHANNELS,
+    RES2_SCALE,
+    wespeaker_ecapa_tdnn,
+)
 from lsv_core.models.embedder import SpeakerEmbedder
 from lsv_core.models.pooling import POOLING_FUNCS
 from lsv_core.models.resnet import RESNET_DEPTHS, thin_resnet, wespeaker_resnet
