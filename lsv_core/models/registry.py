@@ -23,6 +23,7 @@ from lsv_core.models.ecapa_tdnn import (
     wespeaker_ecapa_tdnn,
 )
 from lsv_core.models.embedder import SpeakerEmbedder
+from lsv_core.models.plugin import build_from_factory, is_factory_reference
 from lsv_core.models.pooling import POOLING_FUNCS
 from lsv_core.models.resnet import RESNET_DEPTHS, thin_resnet, wespeaker_resnet
 
@@ -159,10 +160,16 @@ def build_model(name: str, **kwargs: Any) -> SpeakerEmbedder:
     dict has WeSpeaker's keys and shapes; ``forward`` maps fbank ``(batch, frames, feat_dim)`` to the
     scoring embedding ``(batch, embed_dim)``.
 
+    A ``package.module:function`` name builds a network from that factory instead (a plugin,
+    :mod:`lsv_core.models.plugin`): ``kwargs`` go to the factory, which must take ``feat_dim``.
+
     Raises ConfigError naming the argument, the value and what is allowed.
     """
+    if is_factory_reference(name) and name not in _REGISTRY:
+        return build_from_factory(name, **kwargs)  # type: ignore[return-value]
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ConfigError(f"model name={name!r} is not known; allowed: {available_models()}")
+        raise ConfigError(f"model name={name!r} is not known; allowed: {available_models()} or a model factory "
+                          "'package.module:function'")
     spec = _REGISTRY[name]
     full_kwargs = _validated_kwargs(name, spec, kwargs)
     model = spec.factory(**full_kwargs)
