@@ -5,6 +5,7 @@ file, the WeSpeaker state dict, Hessian traces, unit probes and search units."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -204,3 +205,54 @@ def test_block_granularity_splits_se_res2blocks_into_their_parts() -> None:
     assert space.units["layer3.se_res2block.3"] == ["layer3.se_res2block.3.linear1", "layer3.se_res2block.3.linear2"]
     assert space.units["pool"] == ["pool.linear1", "pool.linear2"]
     assert len(space.units) == 1 + 3 * 4 + 3
+
+
+# -- the deployable bundle, infer.py and `lsv quantize --arch` ------------------------------------------------------
+def test_infer_script_embeds_with_a_quantized_ecapa_bundle(tmp_path: Path) -> None:
+    from lsv_core.data.audio import read_audio
+    from lsv_core.data.features import fbank
+    from lsv_core.export import infer_script
+    from lsv_core.metrics.thresholds import eer_threshold
+    from tests.conftest import write_tone
+    from tests.test_deploy import _bundle
+
+    model = randomized(build_model("ECAPA_TDNN", **{**SMALL, "feat_dim": 80}), seed=10)
+    quantize(model, BitRecipe.uniform(model, 4), config=KMQATConfig(kmeans_max_iter=8))
+    model.eval()
+    bundle = _bundle(tmp_path, model, {"eer": eer_threshold([0.9, 0.5, 0.2, 0.1], [1, 1, 0, 0])})
+    wavs = [write_tone(tmp_path / f"{i}.wav", seconds=2.0 + i, freq=200.0 + 10 * i, seed=i) for i in range(2)]
+    npy = tmp_path / "emb.npy"
+    assert infer_script.main(["--bundle", str(bundle), "embed", *map(str, wavs), "--out", str(npy)]) == 0
+    with torch.no_grad():
+        want = np.concatenate([model(torch.from_numpy(fbank(read_audio(w)))[None]).numpy() for w in wavs])
+    assert _cosines(np.load(npy), want).min() >= 0.9999
+
+
+def _train_speakers(corpus: Path) -> int:
+    return len({line.split()[1] for line in (corpus / "train" / "utt2spk").read_text().splitlines() if line.strip()})
+
+
+@pytest.mark.parametrize("name", [
+    "ECAPA_TDNN_GLOB_c512",
+    pytest.param("ECAPA_TDNN_c512", marks=pytest.mark.slow),
+    pytest.param("ECAPA_TDNN_c1024", marks=pytest.mark.slow),
+    pytest.param("ECAPA_TDNN_GLOB_c1024", marks=pytest.mark.slow),
+    pytest.param("CAMPPlus", marks=pytest.mark.slow),
+])
+def test_lsv_quantize_arch_runs_on_a_wespeaker_checkpoint(name: str, tiny_study_inputs: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    from search.cli import main
+
+    corpus, cache = tiny_study_inputs["corpus"], tiny_study_inputs["cache"]
+    module = wespeaker_module("campplus" if name == "CAMPPlus" else "ecapa_tdnn")
+    wespeaker = getattr(module, name)(feat_dim=80, embed_dim=32)
+    # WeSpeaker's average_model.py output: its own network's state dict plus the AAM head.
+    state = {**wespeaker.state_dict(), "projection.weight": torch.randn(_train_speakers(corpus), 32)}
+    torch.save(state, tmp_path / "avg_model.pt")
+    packed, report = tmp_path / "q.safetensors", tmp_path / "q.json"
+    assert main(["quantize", "--model", str(tmp_path / "avg_model.pt"), "--arch", name, "--arch-kwargs",
+                 '{"embed_dim": 32}', "--corpus", str(corpus), "--cache", str(cache), "--bits", "4", "--steps", "1",
+                 "--batch-size", "4", "--device", "cpu", "--out", str(packed), "--json", str(report)]) == 0
+    model = load_packed(packed)
+    assert model.arch["name"] == name
+    assert json.loads(report.read_text())["size_bytes"] == packed_size_bytes(model)
