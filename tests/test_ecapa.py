@@ -256,3 +256,28 @@ def test_lsv_quantize_arch_runs_on_a_wespeaker_checkpoint(name: str, tiny_study_
     model = load_packed(packed)
     assert model.arch["name"] == name
     assert json.loads(report.read_text())["size_bytes"] == packed_size_bytes(model)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("ECAPA_TDNN", SMALL),
+                                              ("CAMPPlus", {"feat_dim": 40, "embed_dim": 32, "growth_rate": 8,
+                                                            "bn_size": 2, "init_channels": 16})])
+def test_float_onnx_export_has_a_dynamic_frame_axis(name: str, kwargs: dict, tmp_path: Path) -> None:
+    from lsv_core.export.onnx_export import check_onnx, export_onnx
+
+    model = randomized(build_model(name, **kwargs), seed=11)
+    path = export_onnx(model, tmp_path / "float.onnx")
+    assert check_onnx(path, model, lengths=(200, 317), atol=1e-4) <= 1e-4
+
+
+def test_lsv_train_trains_a_small_ecapa(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:
+    from lsv_core.models import load_checkpoint
+    from lsv_core.train import TrainConfig, train_baseline
+
+    corpus = tiny_study_inputs["corpus"]
+    kwargs = {"channels": 16, "mfa_channels": 48, "embed_dim": 16}
+    config = TrainConfig(model="ECAPA_TDNN", model_kwargs=kwargs, steps=4, batch_size=8, device="cpu")
+    train_baseline(config, corpus / "train", out=tmp_path / "ecapa.safetensors", progress=False,
+                   cache_dir=tiny_study_inputs["cache"])
+    model, meta = load_checkpoint(tmp_path / "ecapa.safetensors", with_extra=True)
+    assert model.arch["name"] == "ECAPA_TDNN" and model.arch["kwargs"]["channels"] == 16
+    assert meta["extra_tensors"]["weight"].shape == (_train_speakers(corpus), 16)  # the AAM head, for fine-tuning
