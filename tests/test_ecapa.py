@@ -232,8 +232,10 @@ def _train_speakers(corpus: Path) -> int:
     return len({line.split()[1] for line in (corpus / "train" / "utt2spk").read_text().splitlines() if line.strip()})
 
 
+# About 30 s each on 2 cores (k-means over 6-15 M weights): slow; `lsv quantize --factory` (test_plugin.py) runs
+# the same command path in the fast set, and load_pretrained is tested for every name above.
 @pytest.mark.parametrize("name", [
-    "ECAPA_TDNN_GLOB_c512",
+    pytest.param("ECAPA_TDNN_GLOB_c512", marks=pytest.mark.slow),
     pytest.param("ECAPA_TDNN_c512", marks=pytest.mark.slow),
     pytest.param("ECAPA_TDNN_c1024", marks=pytest.mark.slow),
     pytest.param("ECAPA_TDNN_GLOB_c1024", marks=pytest.mark.slow),
@@ -258,9 +260,12 @@ def test_lsv_quantize_arch_runs_on_a_wespeaker_checkpoint(name: str, tiny_study_
     assert json.loads(report.read_text())["size_bytes"] == packed_size_bytes(model)
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [("ECAPA_TDNN", SMALL),
-                                              ("CAMPPlus", {"feat_dim": 40, "embed_dim": 32, "growth_rate": 8,
-                                                            "bn_size": 2, "init_channels": 16})])
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("ECAPA_TDNN", SMALL),
+    # CAM++'s codebook ONNX already runs at two frame counts in test_campplus.py; this trace costs 15-30 s.
+    pytest.param("CAMPPlus", {"feat_dim": 40, "embed_dim": 32, "growth_rate": 8, "bn_size": 2, "init_channels": 16},
+                 marks=pytest.mark.slow),
+])
 def test_float_onnx_export_has_a_dynamic_frame_axis(name: str, kwargs: dict, tmp_path: Path) -> None:
     from lsv_core.export.onnx_export import check_onnx, export_onnx
 
