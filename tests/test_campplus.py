@@ -116,3 +116,16 @@ def test_search_units_are_dense_layers_and_dense_blocks() -> None:
                                  "xvector.transit2.linear", "xvector.block3", "xvector.transit3.linear",
                                  "xvector.dense.linear"]
     assert len(stage.units["xvector.block2"]) == 4 * 24
+
+
+def test_embedding_layer_policy_finds_the_layers_after_pooling() -> None:
+    from lsv_core.quant.recipe import QuantPolicy, apply_policy, embedding_layers
+
+    campplus = build_model("CAMPPlus", **SMALL)
+    ecapa = build_model("ECAPA_TDNN", channels=16, mfa_channels=32, embed_dim=16)
+    resnet = build_model("ThinResNet", pooling_func="ASTP", two_emb_layer=True)
+    assert embedding_layers(campplus) == ["xvector.dense.linear"]  # a 1x1 Conv1d on the pooled vector
+    assert embedding_layers(ecapa) == ["linear"]  # not the attentive pooling's convs
+    assert embedding_layers(resnet) == ["seg_1", "seg_2"]
+    recipe = apply_policy(BitRecipe.uniform(campplus, 2), campplus, QuantPolicy(embedding_layers=8))
+    assert recipe["xvector.dense.linear"].bits == 8 and recipe["xvector.transit3.linear"].bits == 2
