@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,46 @@ def test_a_network_without_an_onnx_export_has_no_size() -> None:
     quantize(model, BitRecipe.uniform(model, 4))
     with pytest.raises(ConfigError, match=r"tests.test_plugin:fft_network: cannot be exported to ONNX opset 18"):
         packed_size_bytes(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["ECAPA_TDNN", "factory"])
+def test_a_study_searches_ecapa_and_a_plugin_network(which: str, tiny_study_inputs: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end through Ray workers: they rebuild the network from its arch (a registered name, or the factory,
+    importable in the workers through PYTHONPATH as a user would set it), fine-tune, size and pack each trial."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from lsv_core.models.checkpoint import load_checkpoint
+    from lsv_core.train import TrainConfig, train_baseline
+    from search.study import run_study
+    from tests.conftest import study_raw_config
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(DOCS), os.environ.get("PYTHONPATH", "")]))
+    corpus = tiny_study_inputs["corpus"]
+    if which == "factory":
+        name, kwargs = FACTORY, {"feat_dim": 80, "channels": 16, "embed_dim": 16}
+    else:
+        name, kwargs = "ECAPA_TDNN", {"channels": 16, "mfa_channels": 32, "embed_dim": 16}
+    ckpt = tmp_path / "base.safetensors"
+    train_baseline(TrainConfig(model=name, model_kwargs=kwargs, steps=6, batch_size=8, device="cpu"),
+                   corpus / "train", out=ckpt, progress=False, cache_dir=tiny_study_inputs["cache"])
+    model, _ = load_checkpoint(ckpt)
+    assert model.arch["name"] == name
+    raw = study_raw_config(tiny_study_inputs, tmp_path, name="e", study={"n_trials": 4},
+                           model={"checkpoint": str(ckpt)}, space={"granularity": "stage", "bits": [2, 4, 8]})
+    cfg = parse_study_config(raw)
+    run_study(cfg, progress=False)
+    trials = optuna.load_study(study_name="e", storage=cfg.optuna_url).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4
+    units = {k.removeprefix("b:") for k in complete[0].params}
+    if which == "factory":
+        assert units == set(quantizable_layers(model))  # no blocks or stages in its names: one unit per layer
+    else:
+        assert units == {"layer1.conv", "layer2", "layer3", "layer4", "conv", "pool", "linear"}
+    for t in complete:
+        if "memoized_from" not in t.user_attrs:
+            packed = load_packed(t.user_attrs["packed_path"])
+            assert packed.arch["name"] == name and packed_size_bytes(packed) == t.values[1]
