@@ -172,6 +172,18 @@ class TrainSummary:
     config: dict[str, Any]
 
 
+def _embedding_dim(model: nn.Module) -> int:
+    """``model.embed_dim``, or, for a plugin network without one, the width of its output on a short fbank."""
+    if isinstance(getattr(model, "embed_dim", None), int):
+        return model.embed_dim
+    device = next(model.parameters()).device
+    was_training = model.training
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(2, 64, int(model.arch["kwargs"]["feat_dim"]), device=device))
+    model.train(was_training)
+    return int(out.shape[-1])
+
+
 def train_baseline(config: TrainConfig, train_dir: str | Path, *, out: str | Path,
                    eval_dir: str | Path | None = None, trials: str | Path | None = None,
                    cache_dir: str | Path | None = None, overwrite: bool = False,
@@ -205,7 +217,7 @@ def train_baseline(config: TrainConfig, train_dir: str | Path, *, out: str | Pat
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, **(config.model_kwargs or {})).to(device)
-    head = AAMSoftmax(model.embed_dim, len(spk_index), margin=0.0, scale=config.scale).to(device)
+    head = AAMSoftmax(_embedding_dim(model), len(spk_index), margin=0.0, scale=config.scale).to(device)
     sampler = CropSampler(store, speakers, crop_frames=config.crop_frames, batch_size=config.batch_size,
                           seed=config.seed, workers=loading.workers_for(mode, device))
     optimizer = make_optimizer(list(model.parameters()) + list(head.parameters()), config.optimizer,

@@ -212,7 +212,8 @@ def _quantize(args: argparse.Namespace) -> int:
     schedule = MsftSchedule(order=args.msft, total_steps=args.steps, lr=args.lr, seed=args.seed,
                             batch_size=args.batch_size, kmqat=KMQATConfig(centroid_update=args.centroids))
     spec = WorkbenchSpec(checkpoint=args.model, data=DataPaths(train_dir, eval_dir, trials), cache_dir=args.cache,
-                         max_trials=args.max_trials, subset_seed=args.seed, device=args.device, arch=args.arch,
+                         max_trials=args.max_trials, subset_seed=args.seed, device=args.device,
+                         arch=args.factory or args.arch,
                          arch_kwargs=_arch_kwargs(args.arch_kwargs),
                          loading=_loading(args),
                          train_subset=TrainingSubset(args.train_speakers, args.train_utts_per_speaker, args.seed))
@@ -249,6 +250,8 @@ def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
     """Everything `lsv quantize` can check before quantizing (outputs, budget, device, model, recipe, data,
     budget feasibility), all problems at once; returns the baseline and the ``--recipe`` (if given)."""
     from lsv_core.errors import ConfigError
+    from lsv_core.models import build_model
+    from lsv_core.models.plugin import resolve_factory
     from lsv_core.quant import BitRecipe, LayerSpec, packed_size_bytes
     from search.preflight import (
         PreflightFailed,
@@ -270,7 +273,14 @@ def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
                                          ("the Hessian allocator (--budget-mb)", args.budget_mb is not None),
                                          ("the sensitivity order (--msft sensitivity)", args.msft == "sensitivity"))
                  if used]
-    baseline = check_model(args.model, args.arch, spec.arch_kwargs, problems, need_head=head_uses)
+    baseline = None
+    try:
+        if args.factory is not None:  # the network first, so its problems are the factory's, not the file's
+            resolve_factory(args.factory, field="--factory")
+            build_model(args.factory, **spec.arch_kwargs)
+        baseline = check_model(args.model, spec.arch, spec.arch_kwargs, problems, need_head=head_uses)
+    except ConfigError as err:
+        problems.append(Problem("--factory", str(err)))
     recipe = None
     if baseline is not None:
         if baseline.has_head and listings.train is not None:
@@ -496,7 +506,10 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="quantize a baseline with a bit recipe (k-means codebooks + MSFT)")
     q.add_argument("--model", required=True, type=Path, help="baseline checkpoint written by `lsv train`, or a "
                    "WeSpeaker avg_model.pt with its AAM head (then give --arch)")
-    q.add_argument("--arch", help="architecture of a WeSpeaker .pt checkpoint, e.g. ResNet34")
+    which = q.add_mutually_exclusive_group()
+    which.add_argument("--arch", help="architecture of a WeSpeaker .pt checkpoint, e.g. ResNet34")
+    which.add_argument("--factory", help="or a model factory 'package.module:function' returning the network of a "
+                       ".pt state dict (a plugin, docs/plugins.md)")
     q.add_argument("--arch-kwargs", help='its arguments as JSON, e.g. \'{"embed_dim": 256}\' (WeSpeaker defaults otherwise)')
     how = q.add_mutually_exclusive_group(required=True)
     how.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="uniform precision")

@@ -297,7 +297,7 @@ def _check_baseline(config: StudyConfig, out: Preflight, problems: list[Problem]
                    if m.train_if_missing else "train_if_missing is false")
             problems.append(Problem("model.checkpoint", f"{m.checkpoint} does not exist ({why})"))
         return
-    baseline = check_model(m.checkpoint, m.arch, m.arch_kwargs, problems, where="model.checkpoint",
+    baseline = check_model(m.checkpoint, m.architecture, m.arch_kwargs, problems, where="model.checkpoint",
                            need_head=head_uses(config))
     if baseline is None:
         return
