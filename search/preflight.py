@@ -34,6 +34,7 @@ __all__ = ["Listings", "Preflight", "PreflightFailed", "Problem", "check_data", 
            "check_outputs", "check_ray_address", "preflight_study"]
 
 RAY_CONNECT_TIMEOUT_S = 10.0
+ADDRESS_FIELDS = "--address / storage.ray_address / RAY_ADDRESS"  # where a Ray address can come from
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Preflight:
     plan: list[str] = field(default_factory=list)
     synthesize_corpus: bool = False
     train_baseline: bool = False
+    excluded_nodes: list[str] = field(default_factory=list)  # Ray nodes left out (resources.bad_nodes)
 
 
 # -- the checks -----------------------------------------------------------------------------------------------
@@ -80,7 +82,7 @@ def preflight_study(config: StudyConfig, *, address: str | None = None) -> Prefl
     _check_out_dir(config, problems)
     _check_storage(config, problems)
     if address:
-        problems += check_ray_address(address, where="--address / storage.ray_address / RAY_ADDRESS")
+        problems += check_ray_address(address, where=ADDRESS_FIELDS)
     data_ready = _check_data(config, out, problems)
     _check_baseline(config, out, problems, data_ready)
     if problems:
@@ -89,21 +91,74 @@ def preflight_study(config: StudyConfig, *, address: str | None = None) -> Prefl
 
 
 def check_ray_address(address: str, *, where: str = "address", timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> list[Problem]:
-    """A Ray GCS address ``host:port`` that accepts a TCP connection within ``timeout_s`` (``auto``/``local``
-    and ``ray://`` client addresses are left to Ray)."""
-    if address in ("auto", "local") or "://" in address:
+    """A Ray cluster's GCS address ``host:port`` that answers like Ray within ``timeout_s`` in all.
+
+    ``ray.init`` retries an address that accepts TCP but is not Ray for ever, so the address is probed
+    first: Ray's GCS is a gRPC server, which answers an HTTP/2 connection preface with a SETTINGS frame;
+    a web server, a database or a silent port does not. ``ray://`` (Ray Client) is refused: the driver
+    must run where it can join the cluster (a node, or a machine that reaches the GCS port). ``auto``
+    is the cluster ``ray start`` last started on this machine; ``local`` a private one.
+    """
+    if address == "local":
         return []
+    if address == "auto":
+        resolved = _auto_address()
+        if resolved is None:
+            return [Problem(where, "'auto' finds no Ray cluster started on this machine (`ray start --head`); "
+                                   "give its address HOST:PORT, or none for a private local Ray")]
+        address = resolved
+    if address.startswith("ray://"):
+        return [Problem(where, f"{address!r} is a Ray Client address, which lsv does not support (the Ray Client "
+                               "is not installed, and a study's driver must join the cluster itself): give the "
+                               "head's GCS address HOST:PORT (`ray start --head --port 6379`), e.g. 10.0.0.1:6379")]
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if "://" in address or not host or not port.isdigit() or not 0 < int(port) < 65536:
         return [Problem(where, f"{address!r} is not HOST:PORT (e.g. 10.0.0.1:6379)")]
     t0 = time.monotonic()
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return []
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            answer = _http2_answer(sock, max(1.0, timeout_s - (time.monotonic() - t0)))
     except OSError as err:
         return [Problem(where, f"no Ray cluster answers at {address} ({err.strerror or err}, after "
                                f"{time.monotonic() - t0:.1f} s); start it with `ray start --head --port {port}` "
                                "or fix the address")]
+    if len(answer) >= 9 and answer[3] == _HTTP2_SETTINGS and answer[5:9] == bytes(4):  # on stream 0
+        return []
+    got = f"it answered {answer[:24]!r}" if answer else f"it sent nothing in {time.monotonic() - t0:.1f} s"
+    return [Problem(where, f"something listens at {address} but it is not a Ray cluster ({got}; Ray's GCS speaks "
+                           "gRPC): give the port `ray start --head --port` was given (default 6379)")]
+
+
+# An HTTP/2 client connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_SETTINGS = 4
+
+
+def _http2_answer(sock: socket.socket, timeout_s: float) -> bytes:
+    """The first bytes a server sends back after an HTTP/2 preface (at most 64, within ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    data = b""
+    try:
+        sock.sendall(_HTTP2_PREFACE)
+        while len(data) < 9 and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            data += chunk
+    except (TimeoutError, ConnectionError):
+        pass
+    return data
+
+
+def _auto_address() -> str | None:
+    """The address ``ray.init(address="auto")`` would use (the cluster ``ray start`` last left here), if any."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # how ray.init resolves "auto"
+
+        return canonicalize_bootstrap_address("auto")
+    except Exception:  # noqa: BLE001 - ConnectionError when none runs; anything else: nothing to probe
+        return None
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -7,9 +7,10 @@ the workers through Ray), ``codebooks/``, ``ray/`` (Ray Tune's folders) and ``st
 record). Nothing needs a filesystem shared with the worker nodes (:mod:`search.cluster`).
 
 Order: the preflight (:mod:`search.preflight`) checks config, storage, data, checkpoint, space and budget
-and raises before anything is written; the corpus / default baseline are made if planned; the study is
-created or resumed under a driver lease (:mod:`search.lease`: one live driver per study); every Ray node
-is checked; then the trials run.
+and raises before anything is written; the corpus / default baseline are made if planned; every Ray node
+is checked (a bad node stops the run before the study exists: nothing written, Ray shut down again); the
+study is created or resumed under a driver lease (:mod:`search.lease`: one live driver per study); then
+the trials run.
 
 Resuming: running a study that exists continues it. Trials left RUNNING by a driver that died are
 marked failed ("interrupted") and their assignments re-queued; finished trials missing from MLflow
@@ -55,7 +56,7 @@ from search.results import (
     study_status,
 )
 from search.space import SearchSpace
-from search.storage import open_study, redacted
+from search.storage import open_study, redacted, sqlite_file
 from search.tracking import StudyTracker, TrackingThread, TrialRecord
 
 __all__ = ["RunResult", "StudyInterrupted", "run_study"]
@@ -96,6 +97,48 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
     address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
     pre = preflight_study(config, address=address)
     _make_planned_inputs(config, pre, progress)
+    ray_here = _connect_and_check_nodes(config, pre, address)
+    try:
+        return _run_checked(config, pre, t0, address=address, fresh=fresh, progress=progress,
+                            fault_plan=fault_plan, on_status=on_status, control_only=control_only)
+    finally:
+        if ray_here:
+            import ray
+
+            ray.shutdown()
+
+
+def _connect_and_check_nodes(config: StudyConfig, pre: Preflight, address: str | None) -> bool:
+    """Join (or start) Ray and check every node before the study exists, so that a bad node leaves nothing
+    behind (no study folder, no Optuna study, no MLflow experiment); returns whether Ray was started here.
+    On a bad node Ray is shut down again and :class:`~search.preflight.PreflightFailed` raised."""
+    import ray
+
+    from lsv_core.quant.sensitivity import state_dict_digest
+    from search import cluster
+    from search.record import StudyNotRun, read_record
+
+    assert pre.baseline is not None
+    digest = state_dict_digest(pre.baseline.model)
+    if sqlite_file(config.optuna_url) is None or config.study_dir.exists():  # never creates a SQLite file
+        try:  # a resumed study: its nodes must get the baseline it was made with
+            digest = read_record(config)[0].baseline_digest or digest
+        except StudyNotRun:
+            pass
+    started_here = cluster.connect(config, address)
+    try:
+        pre.excluded_nodes = cluster.preflight_nodes(config, digest, ray.put(pre.baseline.weights()))
+    except BaseException:
+        if started_here:
+            ray.shutdown()
+        raise
+    return started_here
+
+
+def _run_checked(config: StudyConfig, pre: Preflight, t0: float, *, address: str | None, fresh: bool,
+                 progress: bool, fault_plan: dict[int, dict[str, Any]] | None,
+                 on_status: Callable[[StudyStatus], None] | None, control_only: bool) -> RunResult:
+    """:func:`run_study` once everything (nodes included) is checked: create or resume, then run the trials."""
     study_dir = config.study_dir
     if fresh:
         _move_aside(config)
@@ -152,7 +195,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     try:
         shared = cluster.shared_inputs(config, pre.baseline, space, record.baseline_digest or "", progress)
         shared_ref = ray.put(shared)
-        excluded = cluster.preflight_nodes(config, record, ray.put(shared.baseline))
+        excluded = pre.excluded_nodes  # checked before the study was created
         omega = None
         seeded = "seeded" in study.user_attrs
         if config.msft.order == "sensitivity" or (not seeded and config.seeds.allocator_fractions):
