@@ -34,9 +34,21 @@ EXIT_SIGTERM = 143
 COMMAND_GROUP = "lsv.commands"
 
 
+def _refuse_bad_folders(folders: dict[str, Path | None], what: str) -> None:
+    """Folders a command creates or writes (``--out DIR``, ``--cache``) that cannot be: refused, naming the flag,
+    before anything is written (e.g. one under a regular file)."""
+    from search.preflight import PreflightFailed, Problem, check_folders
+
+    problems: list[Problem] = []
+    check_folders(folders, problems)
+    if problems:
+        raise PreflightFailed(problems, what=what)
+
+
 def _corpus_synth(args: argparse.Namespace) -> int:
     from lsv_core.data.synth import SynthConfig, synthesize_corpus
 
+    _refuse_bad_folders({"--out": args.out}, "the synthesis")
     cfg = SynthConfig(speakers=args.speakers, utts=args.utts, seed=args.seed, eval_speakers=args.eval_speakers)
     summary = synthesize_corpus(args.out, cfg, workers=args.workers, overwrite=args.force)
     console.print(f"[green]corpus written[/] to {args.out}: {summary}")
@@ -49,6 +61,7 @@ def _data_cache(args: argparse.Namespace) -> int:
     from lsv_core.data.manifest import read_data
     from lsv_core.data.store import StoreConfig, build_store, store_folder
 
+    _refuse_bad_folders({"--cache": args.cache}, "the feature store")
     data = read_data(args.data)
     manifest = manifest_of(data, cache_dir=args.cache, workers=args.workers)
     store = StoreConfig(dtype=args.dtype, shard_utts=args.shard_utts)
@@ -62,6 +75,7 @@ def _data_audit(args: argparse.Namespace) -> int:
     from lsv_core.data.audit import audit_audio, raise_for_problems
     from lsv_core.data.manifest import read_data
 
+    _refuse_bad_folders({"--cache": args.cache}, "the audit")
     data = read_data(args.data)
     problems = audit_audio(data, cache_dir=args.cache, workers=args.workers)
     raise_for_problems(problems, source=str(args.data))
@@ -72,6 +86,7 @@ def _data_audit(args: argparse.Namespace) -> int:
 def _data_prepare_voxceleb(args: argparse.Namespace) -> int:
     from lsv_core.data.voxceleb import prepare_voxceleb
 
+    _refuse_bad_folders({"--out": args.out}, "the preparation")
     summary = prepare_voxceleb(args.root, args.out, convert_m4a=args.convert_m4a, workers=args.workers,
                                overwrite=args.force)
     for name, counts in summary.sets.items():
@@ -116,7 +131,14 @@ def _train(args: argparse.Namespace) -> int:
 
     from lsv_core.train import TrainConfig, train_baseline
     from lsv_core.workbench import DataPaths
-    from search.preflight import PreflightFailed, Problem, check_data, check_device, check_outputs
+    from search.preflight import (
+        PreflightFailed,
+        Problem,
+        check_data,
+        check_device,
+        check_folders,
+        check_outputs,
+    )
 
     cfg = TrainConfig()
     if args.config:
@@ -138,12 +160,13 @@ def _train(args: argparse.Namespace) -> int:
     train_dir, eval_dir, trials = _corpus_paths(args)
     problems: list[Problem] = []
     check_outputs({"--out": args.out, "--out (summary)": args.out.with_suffix(".json")}, args.force, problems)
+    cache = check_folders({"--cache": args.cache}, problems)["--cache"]
     check_device(cfg.device, problems)
     if cfg.steps < 1:
         problems.append(Problem("--steps", f"{cfg.steps} should be >= 1"))
     fields = ("--corpus",) * 3 if args.corpus is not None else ("--train", "--eval", "--trials")
     if eval_dir is not None and trials is not None:
-        check_data(DataPaths(train_dir, eval_dir, trials), problems, fields=fields, cache_dir=args.cache)
+        check_data(DataPaths(train_dir, eval_dir, trials), problems, fields=fields, cache_dir=cache)
     elif not train_dir.exists():
         problems.append(Problem(fields[0], f"data dir {train_dir} does not exist"))
     if problems:
@@ -163,10 +186,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lsv_core.evaluate import evaluate_dir
     from lsv_core.model_files import load_model_file
     from lsv_core.workbench import DataPaths
-    from search.preflight import PreflightFailed, Problem, check_data, check_outputs
+    from search.preflight import PreflightFailed, Problem, check_data, check_folders, check_outputs
 
     problems: list[Problem] = []
     check_outputs({"--json": args.json}, args.force, problems)
+    cache = check_folders({"--cache": args.cache}, problems)["--cache"]
     if args.n_boot < 1:
         problems.append(Problem("--n-boot", f"{args.n_boot} should be >= 1 (bootstrap replicates of the EER interval)"))
     model = None
@@ -175,7 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except LsvError as err:
         problems.append(Problem("--model", str(err)))
     check_data(DataPaths(args.data, args.data, args.trials), problems, fields=("--data", "--data", "--trials"),
-               cache_dir=args.cache, need_train=False)
+               cache_dir=cache, need_train=False)
     if args.cohort is not None and not args.cohort.is_dir():
         problems.append(Problem("--cohort", f"{args.cohort} does not exist"))
     if problems:
@@ -247,17 +271,19 @@ def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
         Problem,
         check_data,
         check_device,
+        check_folders,
         check_model,
         check_outputs,
     )
 
     problems: list[Problem] = []
     check_outputs({"--out": args.out, "--json": args.json}, args.force, problems)
+    cache = check_folders({"--cache": args.cache}, problems)["--cache"]
     if args.budget_mb is not None and not args.budget_mb > 0:
         problems.append(Problem("--budget-mb", f"{args.budget_mb:g} should be > 0 (MB = 10^6 bytes of model.onnx)"))
     check_device(args.device, problems)
     fields = ("--corpus",) * 3 if args.corpus is not None else ("--train", "--eval", "--trials")
-    listings = check_data(spec.data, problems, fields=fields, cache_dir=args.cache, train_subset=spec.train_subset)
+    listings = check_data(spec.data, problems, fields=fields, cache_dir=cache, train_subset=spec.train_subset)
     baseline = check_model(args.model, args.arch, spec.arch_kwargs, problems, need_head=True)
     recipe = None
     if baseline is not None:
@@ -390,6 +416,7 @@ def _export(args: argparse.Namespace) -> int:
     from search.trial_export import ExportOptions, export_trial
 
     config = load_study_config(args.study)
+    _refuse_bad_folders({"--out": args.out}, "the export")
     rule = SelectionRule(trial=args.trial, max_size_mb=args.max_size_mb, max_eer=args.max_eer, knee=args.knee,
                          knee_ci=args.knee_ci, not_worse_than_control=args.not_worse_than_control,
                          within_pp=args.within_pp)

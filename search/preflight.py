@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from search.space import SearchSpace
 
 __all__ = ["Listings", "Preflight", "PreflightFailed", "Problem", "check_data", "check_device", "check_model",
-           "check_outputs", "check_ray_address", "preflight_study"]
+           "check_folders", "check_outputs", "check_ray_address", "preflight_study"]
 
 RAY_CONNECT_TIMEOUT_S = 10.0
 ADDRESS_FIELDS = "--address / storage.ray_address / RAY_ADDRESS"  # where a Ray address can come from
@@ -83,7 +83,8 @@ def preflight_study(config: StudyConfig, *, address: str | None = None) -> Prefl
     _check_storage(config, problems)
     if address:
         problems += check_ray_address(address, where=ADDRESS_FIELDS)
-    data_ready = _check_data(config, out, problems)
+    cache_ok = not any(p.where == "data.cache_dir" for p in problems)
+    data_ready = _check_data(config, out, problems, cache_ok)
     _check_baseline(config, out, problems, data_ready)
     if problems:
         raise PreflightFailed(problems)
@@ -168,18 +169,35 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def _check_writable_dir(path: Path, where: str, problems: list[Problem]) -> None:
+def _check_writable_dir(path: Path, where: str, problems: list[Problem]) -> bool:
+    """Whether ``path`` is a folder that exists or can be made and written; if not, a problem naming ``where``."""
     if path.exists() and not path.is_dir():
         problems.append(Problem(where, f"{path} exists and is not a folder"))
-        return
+        return False
     base = _nearest_existing(path)
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+    if not base.is_dir():
+        problems.append(Problem(where, f"cannot create {path}: {base} is a file, not a folder"))
+        return False
+    if not os.access(base, os.W_OK | os.X_OK):
         problems.append(Problem(where, f"cannot create or write {path} ({base} is not writable)"))
+        return False
+    return True
+
+
+def check_folders(folders: dict[str, Path | None], problems: list[Problem]) -> dict[str, Path | None]:
+    """Folders a command will create or write (``--out DIR``, ``--cache``), by flag: each must be a folder or
+    creatable under a writable folder (not under a file). Returns them with the unusable ones set to None,
+    so later checks (e.g. audits that remember files in ``--cache``) do not write there."""
+    return {flag: path if path is None or _check_writable_dir(Path(path), flag, problems) else None
+            for flag, path in folders.items()}
 
 
 def _check_out_dir(config: StudyConfig, problems: list[Problem]) -> None:
     _check_writable_dir(config.study_dir, "study.out_dir", problems)
     _check_writable_dir(config.data.cache_dir.resolve(), "data.cache_dir", problems)
+    ray_storage = config.storage.ray_storage
+    if ray_storage and "://" not in ray_storage:  # a local (or shared) path; s3:// and the like are Ray's to check
+        _check_writable_dir(Path(ray_storage).expanduser().resolve(), "storage.ray_storage", problems)
 
 
 def _check_storage(config: StudyConfig, problems: list[Problem]) -> None:
@@ -189,12 +207,17 @@ def _check_storage(config: StudyConfig, problems: list[Problem]) -> None:
     problems += [Problem("storage.mlflow", m) for m in check_mlflow_uri(config.mlflow_uri, config.study_dir)]
 
 
-def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem]) -> bool:
-    """Listings, trial list and every audio file; returns whether the data is there to be checked."""
+def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem], cache_ok: bool = True) -> bool:
+    """Listings, trial list and every audio file (files that passed are remembered in ``data.cache_dir`` when
+    ``cache_ok``); returns whether the data is there to be checked."""
     from search.config import DEFAULT_CORPUS
 
     d = config.data
     paths = config.data_paths()
+    if d.train is None and d.corpus is not None and d.corpus.exists() and not d.corpus.is_dir():
+        problems.append(Problem("data.corpus", f"{d.corpus} is a file; give the corpus folder (holding train/, "
+                                "eval/ and eval/trials)"))
+        return False
     if d.train is None and d.corpus is not None and not (d.corpus / "corpus.json").is_file():
         if d.corpus.exists() and any(d.corpus.iterdir()):
             problems.append(Problem("data.corpus", f"{d.corpus} is not a finished corpus (no corpus.json); remove it "
@@ -209,7 +232,7 @@ def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem]) ->
             problems.append(Problem("data.corpus", f"{d.corpus} does not exist ({why})"))
         return False
     fields = (("data.train", "data.eval", "data.trials") if d.train is not None else ("data.corpus",) * 3)
-    listings = check_data(paths, problems, fields=fields, cache_dir=config.data.cache_dir,
+    listings = check_data(paths, problems, fields=fields, cache_dir=config.data.cache_dir if cache_ok else None,
                           train_subset=config.workbench_spec().train_subset)
     out.train, out.eval, out.trials = listings.train, listings.eval, listings.trials
     return out.train is not None and out.eval is not None
@@ -244,6 +267,10 @@ def check_data(paths: DataPaths, problems: list[Problem], *, fields: tuple[str, 
     for name, path, kind in wanted:
         if not path.exists():
             problems.append(Problem(name, f"{kind} {path} does not exist"))
+            missing = True
+        elif path.is_dir() != (kind == "data dir"):
+            problems.append(Problem(name, f"{path} is a {'folder' if path.is_dir() else 'file'}; give a {kind} "
+                                    + ("(a Kaldi data dir or VoxCeleb folder)" if kind == "data dir" else "file")))
             missing = True
     if missing:
         return out
@@ -286,7 +313,9 @@ def check_outputs(outputs: dict[str, Path | None], force: bool, problems: list[P
             problems.append(Problem(flag, f"{path} is a folder"))
         else:
             base = _nearest_existing(path.parent)
-            if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            if base.exists() and not base.is_dir():
+                problems.append(Problem(flag, f"cannot write {path}: {base} is a file, not a folder"))
+            elif not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
                 problems.append(Problem(flag, f"cannot write {path} ({base} is not a writable folder)"))
 
 
@@ -298,6 +327,10 @@ def check_model(checkpoint: Path, arch: str | None, arch_kwargs: dict, problems:
 
     if not checkpoint.exists():
         problems.append(Problem(where, f"{checkpoint} does not exist"))
+        return None
+    if checkpoint.is_dir():
+        problems.append(Problem(where, f"{checkpoint} is a folder; give the checkpoint file (.safetensors, or a "
+                                "WeSpeaker .pt)"))
         return None
     try:
         baseline = read_baseline(checkpoint, arch, arch_kwargs)

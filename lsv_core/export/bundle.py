@@ -157,6 +157,11 @@ def check_out_dir(out: str | os.PathLike[str], *, force: bool, protected: Sequen
             raise ConfigError(f"--out {out} {relation} {p}; export writes a new folder of its own there and "
                               "would replace it (refused even with --force): choose a folder outside it")
     if not (out.exists() or out.is_symlink()):
+        base = out.parent
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        if not base.is_dir():
+            raise ConfigError(f"--out {out}: cannot create it, {base} is a file, not a folder")
         return out
     if not force:
         raise RefuseOverwrite(f"{out} exists; pass --force to replace it (only a bundle lsv export wrote)")
