@@ -328,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
     console.print(st.cost.line())
     tracker = StudyTracker(config.mlflow_uri, config.study.name)
     if config.mlflow_uri.startswith("sqlite:"):
-        console.print(f"browse: mlflow ui --backend-store-uri {config.mlflow_uri} --host 127.0.0.1, then "
+        console.print(f"browse: mlflow ui --backend-store-uri {redacted(config.mlflow_uri)} --host 127.0.0.1, then "
                       f"{tracker.runs_url()}")
     else:
         console.print(f"browse: {redacted(config.mlflow_uri).rstrip('/')}/#/experiments/{tracker.experiment_id}/runs")
@@ -642,7 +642,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except LsvError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        from search.storage import scrub_known
+
+        console.print(f"[bold red]error:[/] {scrub_known(str(exc))}")  # no password, whatever raised it
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
