@@ -11,7 +11,7 @@ from lsv_core.models.embedder import SpeakerEmbedder
 from lsv_core.models.heads import AAMSoftmax
 from lsv_core.models.pooling import POOLING_FUNCS
 from lsv_core.models.pretrained import load_pretrained, read_wespeaker_state_dict
-from lsv_core.models.registry import available_models, build_model
+from lsv_core.models.registry import available_models, build_model, is_wespeaker_model
 from lsv_core.models.resnet import ResNet
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "SpeakerEmbedder",
     "available_models",
     "build_model",
+    "is_wespeaker_model",
     "load_checkpoint",
     "load_pretrained",
     "load_state_strict",

@@ -40,24 +40,35 @@ THIN_RESNET_DEFAULTS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build one registered name: a factory taking exactly the keys of ``defaults``."""
+    """How to build one registered name: a factory taking exactly the keys of ``defaults``. ``wespeaker``: the
+    name is one of WeSpeaker's own models (``get_speaker_model(name)``), built by WeSpeaker's class with the same
+    arguments and state-dict layout, so an exported ``avg_model.pt`` loads into it; False for our own networks."""
 
     factory: Callable[..., SpeakerEmbedder]
     defaults: dict[str, Any]
     min_feat_dim: int  # below this the network downsamples frequency to zero bins
+    wespeaker: bool = False
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 for _name in RESNET_DEPTHS:
-    _REGISTRY[_name] = ModelSpec(functools.partial(wespeaker_resnet, _name), WESPEAKER_DEFAULTS, 8)
+    _REGISTRY[_name] = ModelSpec(functools.partial(wespeaker_resnet, _name), WESPEAKER_DEFAULTS, 8, wespeaker=True)
 for _name in GEMINI_DEPTHS:
-    _REGISTRY[_name] = ModelSpec(functools.partial(wespeaker_gemini_dfresnet, _name), WESPEAKER_DEFAULTS, 16)
+    _REGISTRY[_name] = ModelSpec(functools.partial(wespeaker_gemini_dfresnet, _name), WESPEAKER_DEFAULTS, 16,
+                                 wespeaker=True)
+# Ours: WeSpeaker has no model of this name (and its ResNet has no stride-2 first stage, `first_stride`).
 _REGISTRY["ThinResNet"] = ModelSpec(thin_resnet, THIN_RESNET_DEFAULTS, 8)
 
 
 def available_models() -> list[str]:
     """Names accepted by :func:`build_model`."""
     return list(_REGISTRY)
+
+
+def is_wespeaker_model(name: str) -> bool:
+    """Whether ``name`` is one of WeSpeaker's own models (its class loads our state dicts strictly)."""
+    spec = _REGISTRY.get(name)
+    return spec is not None and spec.wespeaker
 
 
 def _positive_int(name: str, value: Any, model: str, minimum: int = 1) -> int:
