@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_status)
 
     ex = sub.add_parser("export", help="verify one trial and export it (model.onnx with codebooks, torch-free "
-                                       "infer.py, packed model, WeSpeaker .pt, model card)")
+                                       "infer.py, packed model, WeSpeaker .pt for WeSpeaker architectures, model card)")
     ex.add_argument("study", type=Path, help="study config (.toml)")
     pick = ex.add_mutually_exclusive_group(required=True)
     pick.add_argument("--trial", type=int, help="this Optuna trial number")

@@ -15,7 +15,8 @@
    tolerance only absorbs float reordering between BLAS builds or devices. The re-evaluation's scores
    give the decision thresholds ``infer.py`` uses (at the EER, and at minDCF with p_target 0.01);
 3. **write** the bundle (:func:`lsv_core.export.bundle.stage_bundle`: ``model.onnx``, ``infer.py``,
-   packed copy, WeSpeaker state dict, recipe with provenance, model card), staged beside ``out_dir``;
+   packed copy, WeSpeaker state dict for WeSpeaker architectures, recipe with provenance, model card), staged
+   beside ``out_dir``;
    ``model.onnx`` is run in onnxruntime on every evaluation utterance of the trials: its embeddings must
    match the torch model's (cosine >= 0.9999) and give the re-evaluated EER;
 4. **register** it in the MLflow Model Registry of the study's tracking store
