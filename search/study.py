@@ -56,7 +56,7 @@ from search.results import (
     study_status,
 )
 from search.space import SearchSpace
-from search.storage import open_study, redacted, sqlite_file
+from search.storage import open_study, redacted
 from search.tracking import StudyTracker, TrackingThread, TrialRecord
 
 __all__ = ["RunResult", "StudyInterrupted", "run_study"]
@@ -111,23 +111,18 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
 def _connect_and_check_nodes(config: StudyConfig, pre: Preflight, address: str | None) -> bool:
     """Join (or start) Ray and check every node before the study exists, so that a bad node leaves nothing
     behind (no study folder, no Optuna study, no MLflow experiment); returns whether Ray was started here.
-    On a bad node Ray is shut down again and :class:`~search.preflight.PreflightFailed` raised."""
+    On a bad node Ray is shut down again and :class:`~search.preflight.PreflightFailed` raised. Each node must
+    receive the baseline the driver loaded (its state-dict digest)."""
     import ray
 
     from lsv_core.quant.sensitivity import state_dict_digest
     from search import cluster
-    from search.record import StudyNotRun, read_record
 
     assert pre.baseline is not None
-    digest = state_dict_digest(pre.baseline.model)
-    if sqlite_file(config.optuna_url) is None or config.study_dir.exists():  # never creates a SQLite file
-        try:  # a resumed study: its nodes must get the baseline it was made with
-            digest = read_record(config)[0].baseline_digest or digest
-        except StudyNotRun:
-            pass
     started_here = cluster.connect(config, address)
     try:
-        pre.excluded_nodes = cluster.preflight_nodes(config, digest, ray.put(pre.baseline.weights()))
+        pre.excluded_nodes = cluster.preflight_nodes(config, state_dict_digest(pre.baseline.model),
+                                                     ray.put(pre.baseline.weights()))
     except BaseException:
         if started_here:
             ray.shutdown()
