@@ -109,9 +109,10 @@ def check_ray_address(address: str, *, where: str = "address", timeout_s: float 
                                    "give its address HOST:PORT, or none for a private local Ray")]
         address = resolved
     if address.startswith("ray://"):
-        return [Problem(where, f"{address!r} is a Ray Client address, which lsv does not support (the Ray Client "
-                               "is not installed, and a study's driver must join the cluster itself): give the "
-                               "head's GCS address HOST:PORT (`ray start --head --port 6379`), e.g. 10.0.0.1:6379")]
+        return [Problem(where, f"{address!r} is a Ray Client address, which lsv does not support (a study's driver "
+                               "joins the cluster itself; run it on a node or a machine that reaches the head): "
+                               "give the head's GCS address HOST:PORT (`ray start --head --port 6379`), e.g. "
+                               "10.0.0.1:6379")]
     host, _, port = address.rpartition(":")
     if "://" in address or not host or not port.isdigit() or not 0 < int(port) < 65536:
         return [Problem(where, f"{address!r} is not HOST:PORT (e.g. 10.0.0.1:6379)")]
