@@ -119,6 +119,7 @@ def _connect_and_check_nodes(config: StudyConfig, pre: Preflight, address: str |
     from search import cluster
 
     assert pre.baseline is not None
+    _refuse_if_busy(config)
     started_here = cluster.connect(config, address)
     try:
         pre.excluded_nodes = cluster.preflight_nodes(config, state_dict_digest(pre.baseline.model),
@@ -128,6 +129,27 @@ def _connect_and_check_nodes(config: StudyConfig, pre: Preflight, address: str |
             ray.shutdown()
         raise
     return started_here
+
+
+def _refuse_if_busy(config: StudyConfig) -> None:
+    """Raise :class:`~search.lease.StudyBusy` when a live driver holds the study's lease, before Ray is touched
+    (the lease itself is taken once the study is opened). Reads only: no table, file or study is created."""
+    from search.lease import DriverLease, StudyBusy
+    from search.storage import sqlite_file
+
+    db = sqlite_file(config.optuna_url)
+    if db is not None and not db.is_file():
+        return
+    try:
+        storage = optuna.storages.RDBStorage(config.optuna_url, heartbeat_interval=None, skip_table_creation=True)
+        study = optuna.load_study(study_name=config.study.name, storage=storage)
+    except Exception:  # noqa: BLE001 - no study (or no tables) yet: nobody runs it
+        return
+    lease = DriverLease(study, config.storage.lease_timeout_s)
+    held = lease.current()
+    if held is not None and not lease.is_dead(held):
+        raise StudyBusy(f"study {config.study.name!r} is being run by another driver ({held.describe()}); wait for "
+                        f"it to finish, stop it, or wait {lease.timeout_s:g} s after it died (storage.lease_timeout_s)")
 
 
 def _run_checked(config: StudyConfig, pre: Preflight, t0: float, *, address: str | None, fresh: bool,

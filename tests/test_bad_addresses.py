@@ -181,3 +181,25 @@ def test_failed_node_check_leaves_nothing_behind(tiny_study_inputs: dict[str, Pa
 
 def _tree_names(root: Path, skip: tuple[Path, ...]) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if not any(p == s or s in p.parents for s in skip)}
+
+
+def test_study_run_by_another_driver_is_refused_before_ray(tiny_study_inputs: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The node check now runs before the lease is taken, so a live driver's lease is read first: a second `lsv
+    run` is refused naming it, with no Ray started and nothing written."""
+    import os
+    import socket
+
+    import optuna
+
+    from search.lease import LEASE_ATTR
+
+    toml = _write_study(tiny_study_inputs, tmp_path)
+    db = tmp_path / "runs" / "bad" / "optuna.db"
+    db.parent.mkdir(parents=True)
+    study = optuna.create_study(study_name="bad", storage=f"sqlite:///{db}", directions=["minimize", "minimize"])
+    now = time.time()
+    live = os.getppid()  # a live process on this host that is not the one asking
+    study.set_user_attr(LEASE_ATTR, {"token": "first", "host": socket.gethostname(), "pid": live, "since": now,
+                                     "heartbeat": now})
+    refused(["run", str(toml)], capsys, tmp_path, "another driver", f"pid {live}", skip=(tiny_study_inputs["cache"],))
