@@ -119,6 +119,8 @@ def check_ray_address(address: str, *, where: str = "address", timeout_s: float 
     t0 = time.monotonic()
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):  # a TLS GCS: no plain HTTP/2 to probe
+                return []
             answer = _http2_answer(sock, max(1.0, timeout_s - (time.monotonic() - t0)))
     except OSError as err:
         return [Problem(where, f"no Ray cluster answers at {address} ({err.strerror or err}, after "
