@@ -283,7 +283,10 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         if started_here:
             ray.shutdown()
     if failed:  # Optuna has every result: log what MLflow is missing now (a resumed run would too)
-        console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({failed[0]}); retrying[/]")
+        from search.storage import scrub_known
+
+        console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({scrub_known(failed[0])}); "
+                      "retrying[/]")  # MLflow's messages hold the request URL
         _log_missing(study, tracker)
 
 
