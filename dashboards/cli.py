@@ -14,8 +14,13 @@ console = Console(stderr=True, soft_wrap=True)
 def _report(args: argparse.Namespace) -> int:
     from dashboards.report import write_report
     from search.config import load_study_config
+    from search.preflight import PreflightFailed, Problem, check_folders
 
     config = load_study_config(args.study)
+    problems: list[Problem] = []
+    check_folders({"--out": args.out}, problems)
+    if problems:
+        raise PreflightFailed(problems, what="the report")
     index = write_report(config, args.out, log_to_mlflow=not args.no_mlflow)
     console.print(f"[green]report[/] {index} (a static page: open it in a browser, no server needed)")
     return 0

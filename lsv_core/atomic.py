@@ -21,9 +21,15 @@ class RefuseOverwrite(LsvError, FileExistsError):
 
 
 def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """``path`` if it may be written: absent (or ``overwrite``) and not under a regular file."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise RefuseOverwrite(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
+    base = path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base.exists() and not base.is_dir():  # mkdir would raise FileExistsError / NotADirectoryError later
+        raise LsvError(f"cannot create {path}: {base} is a file, not a folder")
     return path
 
 

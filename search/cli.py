@@ -35,9 +35,21 @@ EXIT_SIGTERM = 143
 COMMAND_GROUP = "lsv.commands"
 
 
+def _refuse_bad_folders(folders: dict[str, Path | None], what: str) -> None:
+    """Folders a command creates or writes (``--out DIR``, ``--cache``) that cannot be: refused, naming the flag,
+    before anything is written (e.g. one under a regular file)."""
+    from search.preflight import PreflightFailed, Problem, check_folders
+
+    problems: list[Problem] = []
+    check_folders(folders, problems)
+    if problems:
+        raise PreflightFailed(problems, what=what)
+
+
 def _corpus_synth(args: argparse.Namespace) -> int:
     from lsv_core.data.synth import SynthConfig, synthesize_corpus
 
+    _refuse_bad_folders({"--out": args.out}, "the synthesis")
     cfg = SynthConfig(speakers=args.speakers, utts=args.utts, seed=args.seed, eval_speakers=args.eval_speakers)
     summary = synthesize_corpus(args.out, cfg, workers=args.workers, overwrite=args.force)
     console.print(f"[green]corpus written[/] to {args.out}: {summary}")
@@ -50,6 +62,7 @@ def _data_cache(args: argparse.Namespace) -> int:
     from lsv_core.data.manifest import read_data
     from lsv_core.data.store import StoreConfig, build_store, store_folder
 
+    _refuse_bad_folders({"--cache": args.cache}, "the feature store")
     data = read_data(args.data)
     manifest = manifest_of(data, cache_dir=args.cache, workers=args.workers)
     store = StoreConfig(dtype=args.dtype, shard_utts=args.shard_utts)
@@ -63,6 +76,7 @@ def _data_audit(args: argparse.Namespace) -> int:
     from lsv_core.data.audit import audit_audio, raise_for_problems
     from lsv_core.data.manifest import read_data
 
+    _refuse_bad_folders({"--cache": args.cache}, "the audit")
     data = read_data(args.data)
     problems = audit_audio(data, cache_dir=args.cache, workers=args.workers)
     raise_for_problems(problems, source=str(args.data))
@@ -73,6 +87,7 @@ def _data_audit(args: argparse.Namespace) -> int:
 def _data_prepare_voxceleb(args: argparse.Namespace) -> int:
     from lsv_core.data.voxceleb import prepare_voxceleb
 
+    _refuse_bad_folders({"--out": args.out}, "the preparation")
     summary = prepare_voxceleb(args.root, args.out, convert_m4a=args.convert_m4a, workers=args.workers,
                                overwrite=args.force)
     for name, counts in summary.sets.items():
@@ -123,6 +138,7 @@ def _train(args: argparse.Namespace) -> int:
         check_architecture,
         check_data,
         check_device,
+        check_folders,
         check_outputs,
     )
 
@@ -145,13 +161,14 @@ def _train(args: argparse.Namespace) -> int:
     train_dir, eval_dir, trials = _corpus_paths(args)
     problems: list[Problem] = []
     check_outputs({"--out": args.out, "--out (summary)": args.out.with_suffix(".json")}, args.force, problems)
+    cache = check_folders({"--cache": args.cache}, problems)["--cache"]
     check_device(cfg.device, problems)
     check_architecture(cfg.model, cfg.model_kwargs or {}, problems)
     if cfg.steps < 1:
         problems.append(Problem("--steps", f"{cfg.steps} should be >= 1"))
     fields = ("--corpus",) * 3 if args.corpus is not None else ("--train", "--eval", "--trials")
     if eval_dir is not None and trials is not None:
-        check_data(DataPaths(train_dir, eval_dir, trials), problems, fields=fields, cache_dir=args.cache)
+        check_data(DataPaths(train_dir, eval_dir, trials), problems, fields=fields, cache_dir=cache)
     elif not train_dir.exists():
         problems.append(Problem(fields[0], f"data dir {train_dir} does not exist"))
     if problems:
@@ -171,10 +188,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lsv_core.evaluate import evaluate_dir
     from lsv_core.model_files import load_model_file
     from lsv_core.workbench import DataPaths
-    from search.preflight import PreflightFailed, Problem, check_data, check_outputs
+    from search.preflight import PreflightFailed, Problem, check_data, check_folders, check_outputs
 
     problems: list[Problem] = []
     check_outputs({"--json": args.json}, args.force, problems)
+    cache = check_folders({"--cache": args.cache}, problems)["--cache"]
     if args.n_boot < 1:
         problems.append(Problem("--n-boot", f"{args.n_boot} should be >= 1 (bootstrap replicates of the EER interval)"))
     model = None
@@ -183,7 +201,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except LsvError as err:
         problems.append(Problem("--model", str(err)))
     check_data(DataPaths(args.data, args.data, args.trials), problems, fields=("--data", "--data", "--trials"),
-               cache_dir=args.cache, need_train=False)
+               cache_dir=cache, need_train=False)
     if args.cohort is not None and not args.cohort.is_dir():
         problems.append(Problem("--cohort", f"{args.cohort} does not exist"))
     if problems:
@@ -258,17 +276,19 @@ def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
         Problem,
         check_data,
         check_device,
+        check_folders,
         check_model,
         check_outputs,
     )
 
     problems: list[Problem] = []
     check_outputs({"--out": args.out, "--json": args.json}, args.force, problems)
+    cache = check_folders({"--cache": args.cache}, problems)["--cache"]
     if args.budget_mb is not None and not args.budget_mb > 0:
         problems.append(Problem("--budget-mb", f"{args.budget_mb:g} should be > 0 (MB = 10^6 bytes of model.onnx)"))
     check_device(args.device, problems)
     fields = ("--corpus",) * 3 if args.corpus is not None else ("--train", "--eval", "--trials")
-    listings = check_data(spec.data, problems, fields=fields, cache_dir=args.cache, train_subset=spec.train_subset)
+    listings = check_data(spec.data, problems, fields=fields, cache_dir=cache, train_subset=spec.train_subset)
     head_uses = [what for what, used in ((f"fine-tuning (--steps {args.steps})", args.steps > 0),
                                          ("the Hessian allocator (--budget-mb)", args.budget_mb is not None),
                                          ("the sensitivity order (--msft sensitivity)", args.msft == "sensitivity"))
@@ -307,7 +327,7 @@ def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     from search.config import load_study_config
-    from search.storage import redacted
+    from search.redaction import redacted
     from search.study import StudyInterrupted, run_study
     from search.tracking import StudyTracker
 
@@ -324,7 +344,7 @@ def _run(args: argparse.Namespace) -> int:
     console.print(st.cost.line())
     tracker = StudyTracker(config.mlflow_uri, config.study.name)
     if config.mlflow_uri.startswith("sqlite:"):
-        console.print(f"browse: mlflow ui --backend-store-uri {config.mlflow_uri} --host 127.0.0.1, then "
+        console.print(f"browse: mlflow ui --backend-store-uri {redacted(config.mlflow_uri)} --host 127.0.0.1, then "
                       f"{tracker.runs_url()}")
     else:
         console.print(f"browse: {redacted(config.mlflow_uri).rstrip('/')}/#/experiments/{tracker.experiment_id}/runs")
@@ -412,6 +432,7 @@ def _export(args: argparse.Namespace) -> int:
     from search.trial_export import ExportOptions, export_trial
 
     config = load_study_config(args.study)
+    _refuse_bad_folders({"--out": args.out}, "the export")
     rule = SelectionRule(trial=args.trial, max_size_mb=args.max_size_mb, max_eer=args.max_eer, knee=args.knee,
                          knee_ci=args.knee_ci, not_worse_than_control=args.not_worse_than_control,
                          within_pp=args.within_pp)
@@ -627,7 +648,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     from search.trial_export import ExportOptions
 
     ex = sub.add_parser("export", help="verify one trial and export it (model.onnx with codebooks, torch-free "
-                                       "infer.py, packed model, WeSpeaker .pt, model card)")
+                                       "infer.py, packed model, WeSpeaker .pt for WeSpeaker architectures, model card)")
     ex.add_argument("study", type=Path, help="study config (.toml)")
     pick = ex.add_mutually_exclusive_group(required=True)
     pick.add_argument("--trial", type=TRIAL_NUMBER, help="this Optuna trial number")
@@ -688,7 +709,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except LsvError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        from search.redaction import scrub_known
+
+        console.print(f"[bold red]error:[/] {scrub_known(str(exc))}")  # no password, whatever raised it
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

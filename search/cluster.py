@@ -26,7 +26,6 @@ from search.preflight import PreflightFailed, Problem
 if TYPE_CHECKING:
     from lsv_core.models.baseline import Baseline
     from search.config import StudyConfig
-    from search.record import StudyRecord
     from search.searcher import AskTellSearcher
     from search.space import SearchSpace
     from search.trial import SharedInputs
@@ -69,9 +68,10 @@ def shared_inputs(config: StudyConfig, baseline: Baseline, space: SearchSpace, d
     return SharedInputs(baseline.weights(), codebooks.portable(), digest)
 
 
-def preflight_nodes(config: StudyConfig, record: StudyRecord, baseline_ref: Any) -> list[str]:
-    """Check every node (:mod:`search.nodes`); returns the node ids to leave out (``bad_nodes = "skip"``) or
-    raises :class:`PreflightFailed` naming each bad node and why."""
+def preflight_nodes(config: StudyConfig, baseline_digest: str | None, baseline_ref: Any) -> list[str]:
+    """Check every node (:mod:`search.nodes`; the baseline in ``baseline_ref`` must arrive with
+    ``baseline_digest``); returns the node ids to leave out (``bad_nodes = "skip"``) or raises
+    :class:`PreflightFailed` naming each bad node and why."""
     import lsv_core
     from search.nodes import NodeExpectations, check_nodes, code_digest
 
@@ -79,7 +79,7 @@ def preflight_nodes(config: StudyConfig, record: StudyRecord, baseline_ref: Any)
     expect = NodeExpectations(
         data={"data.train": str(paths.train), "data.eval": str(paths.eval), "data.trials": str(paths.trials)},
         listings=("data.train", "data.eval"), lsv_version=lsv_core.__version__, code_digest=code_digest(),
-        baseline_digest=record.baseline_digest, need_cuda=config.resources.gpu > 0)
+        baseline_digest=baseline_digest, need_cuda=config.resources.gpu > 0)
     reports = check_nodes(expect, baseline_ref)
     bad = [r for r in reports if not r.ok]
     for r in reports:

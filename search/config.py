@@ -295,6 +295,15 @@ class StorageSection(_Section):
             raise ValueError("sqlite:///path.db, a database URL, or an http(s):// tracking server")
         return v
 
+    @model_validator(mode="after")
+    def _remember_secrets(self) -> StorageSection:
+        from search.redaction import remember_secrets
+
+        # Whatever later prints an error about these URLs (a driver's message, a traceback's last line), the CLI
+        # hides their passwords (search.storage.scrub_known).
+        remember_secrets(self.optuna, self.mlflow, self.ray_address, self.ray_storage)
+        return self
+
 
 class StudyConfig(_Section):
     study: StudySection
@@ -395,6 +404,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         value = e.get("input")
+        if loc.startswith("storage") and isinstance(value, str):  # a URL may carry a password
+            value = redacted(value)
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":

@@ -33,9 +33,10 @@ if TYPE_CHECKING:
     from search.space import SearchSpace
 
 __all__ = ["Listings", "Preflight", "PreflightFailed", "Problem", "check_architecture", "check_data", "check_device",
-           "check_model", "check_outputs", "check_ray_address", "preflight_study"]
+           "check_folders", "check_model", "check_outputs", "check_ray_address", "preflight_study"]
 
 RAY_CONNECT_TIMEOUT_S = 10.0
+ADDRESS_FIELDS = "--address / storage.ray_address / RAY_ADDRESS"  # where a Ray address can come from
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Preflight:
     plan: list[str] = field(default_factory=list)
     synthesize_corpus: bool = False
     train_baseline: bool = False
+    excluded_nodes: list[str] = field(default_factory=list)  # Ray nodes left out (resources.bad_nodes)
 
 
 # -- the checks -----------------------------------------------------------------------------------------------
@@ -82,8 +84,9 @@ def preflight_study(config: StudyConfig, *, address: str | None = None) -> Prefl
     _check_out_dir(config, problems)
     _check_storage(config, problems)
     if address:
-        problems += check_ray_address(address, where="--address / storage.ray_address / RAY_ADDRESS")
-    data_ready = _check_data(config, out, problems)
+        problems += check_ray_address(address, where=ADDRESS_FIELDS)
+    cache_ok = not any(p.where == "data.cache_dir" for p in problems)
+    data_ready = _check_data(config, out, problems, cache_ok)
     _check_baseline(config, out, problems, data_ready)
     if problems:
         raise PreflightFailed(problems)
@@ -91,21 +94,77 @@ def preflight_study(config: StudyConfig, *, address: str | None = None) -> Prefl
 
 
 def check_ray_address(address: str, *, where: str = "address", timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> list[Problem]:
-    """A Ray GCS address ``host:port`` that accepts a TCP connection within ``timeout_s`` (``auto``/``local``
-    and ``ray://`` client addresses are left to Ray)."""
-    if address in ("auto", "local") or "://" in address:
+    """A Ray cluster's GCS address ``host:port`` that answers like Ray within ``timeout_s`` in all.
+
+    ``ray.init`` retries an address that accepts TCP but is not Ray for ever, so the address is probed
+    first: Ray's GCS is a gRPC server, which answers an HTTP/2 connection preface with a SETTINGS frame;
+    a web server, a database or a silent port does not. ``ray://`` (Ray Client) is refused: the driver
+    must run where it can join the cluster (a node, or a machine that reaches the GCS port). ``auto``
+    is the cluster ``ray start`` last started on this machine; ``local`` a private one.
+    """
+    if address == "local":
         return []
+    if address == "auto":
+        resolved = _auto_address()
+        if resolved is None:
+            return [Problem(where, "'auto' finds no Ray cluster started on this machine (`ray start --head`); "
+                                   "give its address HOST:PORT, or none for a private local Ray")]
+        address = resolved
+    if address.startswith("ray://"):
+        return [Problem(where, f"{address!r} is a Ray Client address, which lsv does not support (a study's driver "
+                               "joins the cluster itself; run it on a node or a machine that reaches the head): "
+                               "give the head's GCS address HOST:PORT (`ray start --head --port 6379`), e.g. "
+                               "10.0.0.1:6379")]
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if "://" in address or not host or not port.isdigit() or not 0 < int(port) < 65536:
         return [Problem(where, f"{address!r} is not HOST:PORT (e.g. 10.0.0.1:6379)")]
     t0 = time.monotonic()
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return []
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):  # a TLS GCS: no plain HTTP/2 to probe
+                return []
+            answer = _http2_answer(sock, max(1.0, timeout_s - (time.monotonic() - t0)))
     except OSError as err:
         return [Problem(where, f"no Ray cluster answers at {address} ({err.strerror or err}, after "
                                f"{time.monotonic() - t0:.1f} s); start it with `ray start --head --port {port}` "
                                "or fix the address")]
+    if len(answer) >= 9 and answer[3] == _HTTP2_SETTINGS and answer[5:9] == bytes(4):  # on stream 0
+        return []
+    got = f"it answered {answer[:24]!r}" if answer else f"it sent nothing in {time.monotonic() - t0:.1f} s"
+    return [Problem(where, f"something listens at {address} but it is not a Ray cluster ({got}; Ray's GCS speaks "
+                           "gRPC): give the port `ray start --head --port` was given (default 6379)")]
+
+
+# An HTTP/2 client connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_SETTINGS = 4
+
+
+def _http2_answer(sock: socket.socket, timeout_s: float) -> bytes:
+    """The first bytes a server sends back after an HTTP/2 preface (at most 64, within ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    data = b""
+    try:
+        sock.sendall(_HTTP2_PREFACE)
+        while len(data) < 9 and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            data += chunk
+    except (TimeoutError, ConnectionError):
+        pass
+    return data
+
+
+def _auto_address() -> str | None:
+    """The address ``ray.init(address="auto")`` would use (the cluster ``ray start`` last left here), if any."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # how ray.init resolves "auto"
+
+        return canonicalize_bootstrap_address("auto")
+    except Exception:  # noqa: BLE001 - ConnectionError when none runs; anything else: nothing to probe
+        return None
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -115,18 +174,35 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def _check_writable_dir(path: Path, where: str, problems: list[Problem]) -> None:
+def _check_writable_dir(path: Path, where: str, problems: list[Problem]) -> bool:
+    """Whether ``path`` is a folder that exists or can be made and written; if not, a problem naming ``where``."""
     if path.exists() and not path.is_dir():
         problems.append(Problem(where, f"{path} exists and is not a folder"))
-        return
+        return False
     base = _nearest_existing(path)
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+    if not base.is_dir():
+        problems.append(Problem(where, f"cannot create {path}: {base} is a file, not a folder"))
+        return False
+    if not os.access(base, os.W_OK | os.X_OK):
         problems.append(Problem(where, f"cannot create or write {path} ({base} is not writable)"))
+        return False
+    return True
+
+
+def check_folders(folders: dict[str, Path | None], problems: list[Problem]) -> dict[str, Path | None]:
+    """Folders a command will create or write (``--out DIR``, ``--cache``), by flag: each must be a folder or
+    creatable under a writable folder (not under a file). Returns them with the unusable ones set to None,
+    so later checks (e.g. audits that remember files in ``--cache``) do not write there."""
+    return {flag: path if path is None or _check_writable_dir(Path(path), flag, problems) else None
+            for flag, path in folders.items()}
 
 
 def _check_out_dir(config: StudyConfig, problems: list[Problem]) -> None:
     _check_writable_dir(config.study_dir, "study.out_dir", problems)
     _check_writable_dir(config.data.cache_dir.resolve(), "data.cache_dir", problems)
+    ray_storage = config.storage.ray_storage
+    if ray_storage and "://" not in ray_storage:  # a local (or shared) path; s3:// and the like are Ray's to check
+        _check_writable_dir(Path(ray_storage).expanduser().resolve(), "storage.ray_storage", problems)
 
 
 def _check_storage(config: StudyConfig, problems: list[Problem]) -> None:
@@ -136,12 +212,17 @@ def _check_storage(config: StudyConfig, problems: list[Problem]) -> None:
     problems += [Problem("storage.mlflow", m) for m in check_mlflow_uri(config.mlflow_uri, config.study_dir)]
 
 
-def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem]) -> bool:
-    """Listings, trial list and every audio file; returns whether the data is there to be checked."""
+def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem], cache_ok: bool = True) -> bool:
+    """Listings, trial list and every audio file (files that passed are remembered in ``data.cache_dir`` when
+    ``cache_ok``); returns whether the data is there to be checked."""
     from search.config import DEFAULT_CORPUS
 
     d = config.data
     paths = config.data_paths()
+    if d.train is None and d.corpus is not None and d.corpus.exists() and not d.corpus.is_dir():
+        problems.append(Problem("data.corpus", f"{d.corpus} is a file; give the corpus folder (holding train/, "
+                                "eval/ and eval/trials)"))
+        return False
     if d.train is None and d.corpus is not None and not (d.corpus / "corpus.json").is_file():
         if d.corpus.exists() and any(d.corpus.iterdir()):
             problems.append(Problem("data.corpus", f"{d.corpus} is not a finished corpus (no corpus.json); remove it "
@@ -156,7 +237,7 @@ def _check_data(config: StudyConfig, out: Preflight, problems: list[Problem]) ->
             problems.append(Problem("data.corpus", f"{d.corpus} does not exist ({why})"))
         return False
     fields = (("data.train", "data.eval", "data.trials") if d.train is not None else ("data.corpus",) * 3)
-    listings = check_data(paths, problems, fields=fields, cache_dir=config.data.cache_dir,
+    listings = check_data(paths, problems, fields=fields, cache_dir=config.data.cache_dir if cache_ok else None,
                           train_subset=config.workbench_spec().train_subset)
     out.train, out.eval, out.trials = listings.train, listings.eval, listings.trials
     return out.train is not None and out.eval is not None
@@ -191,6 +272,10 @@ def check_data(paths: DataPaths, problems: list[Problem], *, fields: tuple[str, 
     for name, path, kind in wanted:
         if not path.exists():
             problems.append(Problem(name, f"{kind} {path} does not exist"))
+            missing = True
+        elif path.is_dir() != (kind == "data dir"):
+            problems.append(Problem(name, f"{path} is a {'folder' if path.is_dir() else 'file'}; give a {kind} "
+                                    + ("(a Kaldi data dir or VoxCeleb folder)" if kind == "data dir" else "file")))
             missing = True
     if missing:
         return out
@@ -233,7 +318,9 @@ def check_outputs(outputs: dict[str, Path | None], force: bool, problems: list[P
             problems.append(Problem(flag, f"{path} is a folder"))
         else:
             base = _nearest_existing(path.parent)
-            if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            if base.exists() and not base.is_dir():
+                problems.append(Problem(flag, f"cannot write {path}: {base} is a file, not a folder"))
+            elif not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
                 problems.append(Problem(flag, f"cannot write {path} ({base} is not a writable folder)"))
 
 
@@ -249,6 +336,10 @@ def check_model(checkpoint: Path, arch: str | None, arch_kwargs: dict, problems:
 
     if not checkpoint.exists():
         problems.append(Problem(where, f"{checkpoint} does not exist"))
+        return None
+    if checkpoint.is_dir():
+        problems.append(Problem(where, f"{checkpoint} is a folder; give the checkpoint file (.safetensors, or a "
+                                "WeSpeaker .pt)"))
         return None
     try:
         baseline = read_baseline(checkpoint, arch, arch_kwargs)

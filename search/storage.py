@@ -20,8 +20,8 @@ from search.samplers import HessianPriorSampler, ProbePriorSampler
 if TYPE_CHECKING:
     from search.config import StudyConfig
 
-__all__ = ["SAMPLERS", "check_mlflow_uri", "check_optuna_url", "make_sampler", "open_study", "read_record", "redacted",
-           "scrub", "sqlite_file"]
+__all__ = ["SAMPLERS", "check_mlflow_uri", "check_optuna_url", "make_sampler", "open_study", "read_record",
+           "redacted", "scrub", "sqlite_file"]
 
 CONNECT_TIMEOUT_S = 10
 DRIVER_HINT = {"postgresql": "psycopg (pip install 'psycopg[binary]'; `make install` brings it)",
@@ -147,11 +147,13 @@ def check_optuna_url(url: str, study_dir: Path) -> list[str]:
 
 
 def check_mlflow_uri(uri: str, study_dir: Path) -> list[str]:
-    """Problems with an MLflow tracking URI: a SQLite file that cannot be made, or a server that does not
-    answer ``/health``."""
+    """Problems with an MLflow tracking URI: a SQLite file that cannot be made, a database that does not
+    answer (as :func:`check_optuna_url`), or a server that does not answer ``/health``."""
     db = sqlite_file(uri)
     if db is not None:
         return _sqlite_problems(db, study_dir)
+    if uri.startswith(("postgresql", "mysql", "mssql")):  # a database as MLflow's backend store: same check
+        return check_optuna_url(uri, study_dir)
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request

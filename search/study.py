@@ -7,9 +7,10 @@ the workers through Ray), ``codebooks/``, ``ray/`` (Ray Tune's folders) and ``st
 record). Nothing needs a filesystem shared with the worker nodes (:mod:`search.cluster`).
 
 Order: the preflight (:mod:`search.preflight`) checks config, storage, data, checkpoint, space and budget
-and raises before anything is written; the corpus / default baseline are made if planned; the study is
-created or resumed under a driver lease (:mod:`search.lease`: one live driver per study); every Ray node
-is checked; then the trials run.
+and raises before anything is written; the corpus / default baseline are made if planned; every Ray node
+is checked (a bad node stops the run before the study exists: nothing written, Ray shut down again); the
+study is created or resumed under a driver lease (:mod:`search.lease`: one live driver per study); then
+the trials run.
 
 Resuming: running a study that exists continues it. Trials left RUNNING by a driver that died are
 marked failed ("interrupted") and their assignments re-queued; finished trials missing from MLflow
@@ -96,6 +97,65 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
     address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
     pre = preflight_study(config, address=address)
     _make_planned_inputs(config, pre, progress)
+    ray_here = _connect_and_check_nodes(config, pre, address)
+    try:
+        return _run_checked(config, pre, t0, address=address, fresh=fresh, progress=progress,
+                            fault_plan=fault_plan, on_status=on_status, control_only=control_only)
+    finally:
+        if ray_here:
+            import ray
+
+            ray.shutdown()
+
+
+def _connect_and_check_nodes(config: StudyConfig, pre: Preflight, address: str | None) -> bool:
+    """Join (or start) Ray and check every node before the study exists, so that a bad node leaves nothing
+    behind (no study folder, no Optuna study, no MLflow experiment); returns whether Ray was started here.
+    On a bad node Ray is shut down again and :class:`~search.preflight.PreflightFailed` raised. Each node must
+    receive the baseline the driver loaded (its state-dict digest)."""
+    import ray
+
+    from lsv_core.quant.sensitivity import state_dict_digest
+    from search import cluster
+
+    assert pre.baseline is not None
+    _refuse_if_busy(config)
+    started_here = cluster.connect(config, address)
+    try:
+        pre.excluded_nodes = cluster.preflight_nodes(config, state_dict_digest(pre.baseline.model),
+                                                     ray.put(pre.baseline.weights()))
+    except BaseException:
+        if started_here:
+            ray.shutdown()
+        raise
+    return started_here
+
+
+def _refuse_if_busy(config: StudyConfig) -> None:
+    """Raise :class:`~search.lease.StudyBusy` when a live driver holds the study's lease, before Ray is touched
+    (the lease itself is taken once the study is opened). Reads only: no table, file or study is created."""
+    from search.lease import DriverLease, StudyBusy
+    from search.storage import sqlite_file
+
+    db = sqlite_file(config.optuna_url)
+    if db is not None and not db.is_file():
+        return
+    try:
+        storage = optuna.storages.RDBStorage(config.optuna_url, heartbeat_interval=None, skip_table_creation=True)
+        study = optuna.load_study(study_name=config.study.name, storage=storage)
+    except Exception:  # noqa: BLE001 - no study (or no tables) yet: nobody runs it
+        return
+    lease = DriverLease(study, config.storage.lease_timeout_s)
+    held = lease.current()
+    if held is not None and not lease.is_dead(held):
+        raise StudyBusy(f"study {config.study.name!r} is being run by another driver ({held.describe()}); wait for "
+                        f"it to finish, stop it, or wait {lease.timeout_s:g} s after it died (storage.lease_timeout_s)")
+
+
+def _run_checked(config: StudyConfig, pre: Preflight, t0: float, *, address: str | None, fresh: bool,
+                 progress: bool, fault_plan: dict[int, dict[str, Any]] | None,
+                 on_status: Callable[[StudyStatus], None] | None, control_only: bool) -> RunResult:
+    """:func:`run_study` once everything (nodes included) is checked: create or resume, then run the trials."""
     study_dir = config.study_dir
     if fresh:
         _move_aside(config)
@@ -152,7 +212,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     try:
         shared = cluster.shared_inputs(config, pre.baseline, space, record.baseline_digest or "", progress)
         shared_ref = ray.put(shared)
-        excluded = cluster.preflight_nodes(config, record, ray.put(shared.baseline))
+        excluded = pre.excluded_nodes  # checked before the study was created
         omega, record = _prepare_priors(config, study, record, pre, shared_ref, excluded)
         control = _Control(config, study, tracker, writer, record)
         if control.point is None:  # the fp32 control runs beside the first trials (one trial's resources)
@@ -195,7 +255,10 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         if started_here:
             ray.shutdown()
     if failed:  # Optuna has every result: log what MLflow is missing now (a resumed run would too)
-        console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({failed[0]}); retrying[/]")
+        from search.redaction import scrub_known
+
+        console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({scrub_known(failed[0])}); "
+                      "retrying[/]")  # MLflow's messages hold the request URL
         _log_missing(study, tracker)
 
 

@@ -43,6 +43,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from lsv_core.errors import ConfigError
 from lsv_core.quant.recipe import BitRecipe, LayerSpec, SpecLike
+from search.redaction import redacted, scrub
 
 __all__ = ["FLOAT_PARAM", "TRIAL_STATES", "StudyTracker", "TrackingThread", "TrialRecord", "bits_param",
            "default_tracking_uri"]
@@ -176,7 +177,7 @@ class StudyTracker:
             old_hash = run.data.tags.get("lsv.config_hash")
             if old_hash is not None and old_hash != config_hash:
                 raise ConfigError(
-                    f"study {self.study_name!r} in {self.tracking_uri} was started with config_hash={old_hash!r}; "
+                    f"study {self.study_name!r} in {redacted(self.tracking_uri)} was started with config_hash={old_hash!r}; "
                     f"cannot resume it with config_hash={config_hash!r} (start a new study name instead)"
                 )
             logged_params, logged_metrics = run.data.params, run.data.metrics
@@ -209,7 +210,7 @@ class StudyTracker:
             parent = self._find_parent()
             if parent is None:
                 raise RuntimeError(
-                    f"study {self.study_name!r} has no parent run in {self.tracking_uri}; call start_study() first"
+                    f"study {self.study_name!r} has no parent run in {redacted(self.tracking_uri)}; call start_study() first"
                 )
             self._parent_run_id = parent.info.run_id
         return self._parent_run_id
@@ -354,7 +355,7 @@ class StudyTracker:
             experiment = self.client.get_experiment_by_name(self.experiment_name)
         except Exception as err:  # the first store access: any failure means a bad URI
             raise ConfigError(
-                f"tracking_uri={self.tracking_uri!r}: cannot open the MLflow tracking store "
+                f"tracking_uri={redacted(self.tracking_uri)!r}: cannot open the MLflow tracking store "
                 f"({type(err).__name__}: {_first_line(err)})"
             ) from err
         if experiment is None:
@@ -370,7 +371,7 @@ class StudyTracker:
                 assert experiment is not None
         if experiment.lifecycle_stage != "active":
             raise ConfigError(
-                f"MLflow experiment {self.experiment_name!r} in {self.tracking_uri} is deleted; restore it "
+                f"MLflow experiment {self.experiment_name!r} in {redacted(self.tracking_uri)} is deleted; restore it "
                 f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or purge it (mlflow gc)"
             )
         return experiment.experiment_id
@@ -494,7 +495,7 @@ def _open_client(tracking_uri: str) -> mlflow.MlflowClient:
         return mlflow.MlflowClient(tracking_uri=tracking_uri)
     except Exception as err:  # MLflow raises various types for unsupported schemes
         raise ConfigError(
-            f"tracking_uri={tracking_uri!r} is not a usable MLflow tracking URI ({_first_line(err)}); "
+            f"tracking_uri={redacted(tracking_uri)!r} is not a usable MLflow tracking URI ({scrub(_first_line(err), tracking_uri)}); "
             "use sqlite:////abs/path/mlflow.db or http://host:port"
         ) from err
 
@@ -510,7 +511,7 @@ def _check_server(tracking_uri: str) -> None:
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise ConfigError(
-            f"tracking_uri={tracking_uri!r}: no MLflow server answers at {url} ({reason})"
+            f"tracking_uri={redacted(tracking_uri)!r}: no MLflow server answers at {redacted(url)} ({reason})"
         ) from err
 
 

@@ -16,7 +16,8 @@
    reordering between BLAS builds or devices. The re-evaluation's scores
    give the decision thresholds ``infer.py`` uses (at the EER, and at minDCF with p_target 0.01);
 3. **write** the bundle (:func:`lsv_core.export.bundle.stage_bundle`: ``model.onnx``, ``infer.py``,
-   packed copy, WeSpeaker state dict, recipe with provenance, model card), staged beside ``out_dir``;
+   packed copy, WeSpeaker state dict for WeSpeaker architectures, recipe with provenance, model card), staged
+   beside ``out_dir``;
    ``model.onnx`` is run in onnxruntime on every evaluation utterance of the trials: its embeddings must
    match the torch model's (cosine >= 0.9999) and so must every trial's score (within 1e-3), what is meant
    to be equal; its EER is reported, not compared (one trial at the threshold would flip on a small subset);
@@ -312,7 +313,7 @@ def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked:
                   verification: dict[str, Any] | None = None) -> BundleFacts:
     from lsv_core import __version__
     from lsv_core.quant import average_bits, recipe_of
-    from search.storage import redacted
+    from search.redaction import redacted
 
     chosen = checked.chosen
     commit, dirty = _git_commit()

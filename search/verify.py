@@ -139,11 +139,14 @@ def verify_study(config: StudyConfig, plan: VerifyPlan, *, address: str | None =
     import ray
 
     from search import cluster
-    from search.preflight import preflight_study
+    from search.preflight import ADDRESS_FIELDS, PreflightFailed, check_ray_address, preflight_study
     from search.results import control_delta, load_control, load_points
     from search.storage import read_record
     from search.tracking import StudyTracker
 
+    address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and (problems := check_ray_address(address, where=ADDRESS_FIELDS)):  # before reading the study
+        raise PreflightFailed(problems, what="the verification")
     record, study = read_record(config)
     control = load_control(study)
     if control is None:
@@ -152,7 +155,6 @@ def verify_study(config: StudyConfig, plan: VerifyPlan, *, address: str | None =
     chosen = _chosen(points, plan)
     if not chosen:
         raise LsvError(f"study {config.study.name!r} has no complete trials to verify")
-    address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
     pre = preflight_study(config, address=address)
     assert pre.baseline is not None and pre.space is not None
     tracker = StudyTracker(config.mlflow_uri, config.study.name)
@@ -160,9 +162,9 @@ def verify_study(config: StudyConfig, plan: VerifyPlan, *, address: str | None =
     seeds = [config.study.seed + k for k in range(1, plan.seeds + 1)]
     started = cluster.connect(config, address)
     try:
+        excluded = cluster.preflight_nodes(config, record.baseline_digest, ray.put(pre.baseline.weights()))
         shared = cluster.shared_inputs(config, pre.baseline, pre.space, record.baseline_digest or "")
         shared_ref = ray.put(shared)
-        excluded = cluster.preflight_nodes(config, record, ray.put(shared.baseline))
         todo = []
         for p in chosen:
             done = {(r["seed"], r["total_steps"]) for r in (verification_of(study, p.number) or {}).get("runs", [])}

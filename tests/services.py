@@ -96,6 +96,16 @@ class Postgres:
                 raise RuntimeError(f"psql {sql!r} failed: {out.stderr}")
         return self.url(name)
 
+    def alter_password(self, password: str) -> None:
+        """Give role ``lsv`` another password (e.g. one that needs percent-encoding in a URL)."""
+        psql = [str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-v",
+                "ON_ERROR_STOP=1"]
+        sql = "ALTER ROLE lsv PASSWORD '{}'".format(password.replace("'", "''"))
+        out = self._as_postgres(*psql, "-c", sql, env={"PGPASSWORD": self._admin_password})
+        if out.returncode != 0:
+            raise RuntimeError(f"psql ALTER ROLE failed: {out.stderr}")
+        self.password = password
+
     def url(self, db: str, *, password: bool = True) -> str:
         auth = f"lsv:{self.password}" if password else "lsv"
         return f"postgresql://{auth}@127.0.0.1:{self.port}/{db}"

@@ -347,7 +347,7 @@ def test_run_storage_and_cluster_problems(own_inputs: dict[str, Path], tmp_path:
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
     toml = _write_study(own_inputs, tmp_path, study={"out_dir": str(blocker / "runs")})
-    refused(["run", str(toml)], capsys, tmp_path, "study.out_dir", "not writable", skip=skip)
+    refused(["run", str(toml)], capsys, tmp_path, "study.out_dir", "is a file, not a folder", skip=skip)
 
 
 def test_run_fresh_and_changed_config_keep_the_study(tiny_study_inputs: dict[str, Path], tmp_path: Path,

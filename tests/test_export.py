@@ -87,8 +87,10 @@ def _best(config: object) -> TrialPoint:
     return min(points, key=lambda p: (p.eer, p.size_bytes, p.number))
 
 
+# No wespeaker_avg_model.pt: the test baseline is a ThinResNet with first_stride=2, not a WeSpeaker architecture
+# (tests/test_wespeaker_layout.py checks the file against WeSpeaker's own classes for those that are).
 BUNDLE_FILES = [".lsv-bundle.json", "infer.json", "infer.py", "model.onnx", "model.packed.safetensors",
-                "model_card.md", "recipe.json", "requirements.txt", "wespeaker_avg_model.pt"]
+                "model_card.md", "recipe.json", "requirements.txt"]
 
 
 @pytest.mark.slow
@@ -99,7 +101,6 @@ def test_export_round_trips_and_registers(real_study: dict, capsys: pytest.Captu
 
     from lsv_core.export.onnx_codebook import graph_template
     from lsv_core.export.packed import load_packed
-    from lsv_core.models import build_model, load_pretrained
     from lsv_core.quant import BitRecipe, packed_size_bytes, packed_tensor_bytes, recipe_of
 
     config, out = real_study["config"], real_study["root"] / "knee"
@@ -152,20 +153,13 @@ def test_export_round_trips_and_registers(real_study: dict, capsys: pytest.Captu
     assert all(f"{layers[layer].name}s" in inits for layer in recipe if layers[layer].fold is not None)
     assert result["onnx_min_cosine"] >= 0.9999 and abs(result["onnx_eer"] - result["eer_reevaluated"]) <= 0.05
 
-    # WeSpeaker layout: a strict load into a fresh network, and our loader, give the packed model's outputs.
+    # onnxruntime gives the packed model's embeddings.
     arch = packed.arch
-    state = torch.load(out / "wespeaker_avg_model.pt", map_location="cpu", weights_only=True)
-    plain = build_model(arch["name"], **arch["kwargs"])
-    plain.load_state_dict(state, strict=True)
-    plain.eval()
-    ours = load_pretrained(out / "wespeaker_avg_model.pt", arch["name"], **arch["kwargs"])
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     for frames in (150, 263):
         x = torch.randn(3, frames, arch["kwargs"]["feat_dim"], generator=torch.Generator().manual_seed(frames))
         with torch.no_grad():
             want = packed(x)
-            assert float((plain(x) - want).abs().max()) <= 1e-5
-            assert float((ours(x) - want).abs().max()) <= 1e-5
         got = session.run(["embedding"], {"fbank": x.numpy()})[0]
         cos = (got * want.numpy()).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want.numpy(), axis=1)
         assert cos.min() >= 0.9999
@@ -180,13 +174,14 @@ def test_export_round_trips_and_registers(real_study: dict, capsys: pytest.Captu
     card = (out / "model_card.md").read_text()
     assert f"{size:,} bytes" in card and f"{trial.values[0]:.2f} %" in card and "| `conv1` |" in card
     assert "python infer.py score" in card and "BatchNorm is folded" in card
+    assert "no `wespeaker_avg_model.pt`: ThinResNet is not an architecture WeSpeaker has" in card
 
     # Registered: the alias points at a version whose source is the bundle logged with the trial's run.
     version = client.get_model_version_by_alias("lsv-exp", "chosen")
     assert str(version.version) == result["model_version"] and version.run_id == result["run_id"]
     assert version.source.endswith("/export") and version.tags["lsv.optuna_trial"] == str(result["trial"])
     logged = {a.path for a in client.list_artifacts(result["run_id"], "export")}
-    assert "export/model.onnx" in logged and "export/infer.py" in logged and "export/wespeaker_avg_model.pt" in logged
+    assert "export/model.onnx" in logged and "export/infer.py" in logged and "export/wespeaker_avg_model.pt" not in logged
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@
   score and decision at the thresholds measured at export; :mod:`lsv_core.export.inference`);
 * ``model.packed.safetensors``: a copy of the given packed file, loaded back and compared (same recipe,
   same outputs bit for bit): the quantized model for lsv-quant (fine-tune further, re-export);
-* ``wespeaker_avg_model.pt``: the dequantized state dict in WeSpeaker's layout (strict load checked);
+* ``wespeaker_avg_model.pt``: the dequantized state dict in WeSpeaker's layout (strict load checked), only
+  for architectures WeSpeaker has (:func:`lsv_core.models.is_wespeaker_model`; the card says why otherwise);
 * ``model.float.onnx`` (only when asked): the dequantized float network, BatchNorm folded, for runtimes
   that want plain float weights;
 * ``recipe.json``: the recipe (``BitRecipe.load`` reads it) plus the caller's provenance and metrics;
@@ -49,6 +50,7 @@ from lsv_core.export.wespeaker import (
     WESPEAKER_FILENAME,
     check_wespeaker_state_dict,
     dequantized_model,
+    not_wespeaker_reason,
     save_wespeaker_state_dict,
 )
 from lsv_core.quant import (
@@ -162,6 +164,11 @@ def check_out_dir(out: str | os.PathLike[str], *, force: bool, protected: Sequen
             raise ConfigError(f"--out {out} {relation} {p}; export writes a new folder of its own there and "
                               "would replace it (refused even with --force): choose a folder outside it")
     if not (out.exists() or out.is_symlink()):
+        base = out.parent
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        if not base.is_dir():
+            raise ConfigError(f"--out {out}: cannot create it, {base} is a file, not a folder")
         return out
     if not force:
         raise RefuseOverwrite(f"{out} exists; pass --force to replace it (only a bundle lsv export wrote)")
@@ -273,15 +280,17 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _write_wespeaker(model: nn.Module, tmp: Path) -> nn.Module:
-    """The dequantized float network (the reference for the float formats) and its WeSpeaker state dict."""
+    """The dequantized float network (the reference for the float formats) and, for an architecture WeSpeaker
+    has, its WeSpeaker state dict."""
     plain = dequantized_model(model)
     probe = _probe(model)
     with torch.no_grad():
         gap = float((plain(probe) - model(probe)).abs().max())
     if not gap <= 1e-5:
         raise CheckpointError(f"the dequantized network differs from the packed model by {gap:.3g}")
-    save_wespeaker_state_dict(model, tmp / WESPEAKER_FILENAME)
-    check_wespeaker_state_dict(tmp / WESPEAKER_FILENAME, plain)
+    if not_wespeaker_reason(model) is None:
+        save_wespeaker_state_dict(model, tmp / WESPEAKER_FILENAME)
+        check_wespeaker_state_dict(tmp / WESPEAKER_FILENAME, plain)
     return plain
 
 
@@ -321,7 +330,7 @@ def _write(model: nn.Module, packed_file: Path, facts: BundleFacts, tmp: Path, f
         title=facts.title, arch=model.arch, accuracy=facts.accuracy, size_bytes=size, tensor_bytes=tensor_bytes,
         packed_file_bytes=packed_bytes, fp32_bytes=fp32, avg_bits=avg, layers=rows, provenance=facts.provenance,
         how_found=facts.how_found, files=_file_lines(files), onnx=check, float_onnx_max_abs_diff=float_diff,
-        infer=settings,
+        infer=settings, no_wespeaker=not_wespeaker_reason(model),
     )
     (tmp / "model_card.md").write_text(render_model_card(card))
     (tmp / MARKER_NAME).write_text(json.dumps({"format": BUNDLE_FORMAT, "files": files}, indent=2) + "\n")
@@ -338,7 +347,8 @@ _FILE_LINES = {
     "infer.json": "what infer.py reads: feature settings, input/output names, decision thresholds",
     "requirements.txt": "the four packages infer.py needs",
     PACKED_NAME: "the quantized model for lsv-quant (`load_packed`): fine-tune further, re-export",
-    WESPEAKER_FILENAME: "dequantized float state dict in WeSpeaker's key layout (`torch.load`)",
+    WESPEAKER_FILENAME: "dequantized float state dict for WeSpeaker's own class of this architecture (`torch.load`, "
+                        "loads with `strict=True`)",
     FLOAT_ONNX_NAME: "the dequantized float network as ONNX (BatchNorm folded), for runtimes that want float weights",
     "recipe.json": "bit widths per layer (`BitRecipe.load` / `lsv quantize --recipe` read it), provenance, metrics",
     "model_card.md": "this card",

@@ -79,6 +79,7 @@ class ModelCard:
     onnx: OnnxCheck | None = None
     float_onnx_max_abs_diff: float | None = None  # model.float.onnx vs torch, when written
     infer: Mapping[str, Any] = field(default_factory=dict)  # infer.json
+    no_wespeaker: str | None = None  # why the bundle has no wespeaker_avg_model.pt (None: it has one)
 
 
 def _ci(low: float | None, high: float | None) -> str:
@@ -140,11 +141,10 @@ def _check_lines(card: ModelCard) -> list[str]:
         if card.onnx.eer is not None:
             lines.append(f"* Scored on the {card.accuracy.n_eval_trials:,} trials, the onnxruntime embeddings give EER "
                          f"{card.onnx.eer:.4f} % (torch: {card.accuracy.reeval_eer:.4f} %).")
-    lines += [
-        "* `model.packed.safetensors` loads back to a model with identical outputs.",
-        "* `wespeaker_avg_model.pt` loads with `strict=True` into a freshly built network and through "
-        "`load_pretrained`, with the packed model's embeddings.",
-    ]
+    lines.append("* `model.packed.safetensors` loads back to a model with identical outputs.")
+    if card.no_wespeaker is None:
+        lines.append("* `wespeaker_avg_model.pt` loads with `strict=True` into a freshly built network and through "
+                     "`load_pretrained`, with the packed model's embeddings.")
     if card.float_onnx_max_abs_diff is not None:
         lines.append(f"* `model.float.onnx` matches PyTorch within {card.float_onnx_max_abs_diff:.2g} (allowed "
                      "1e-4) at two input lengths.")
@@ -182,10 +182,11 @@ def _use_lines(card: ModelCard) -> list[str]:
         "```python",
         "from lsv_core.export import load_packed           # the quantized model, ready to fine-tune further",
         'model = load_packed("model.packed.safetensors")',
-        "",
-        "from lsv_core.models import load_pretrained       # the dequantized float model (WeSpeaker layout)",
-        f'model = load_pretrained("wespeaker_avg_model.pt", "{card.arch.get("name")}", '
-        + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")",
+        *([] if card.no_wespeaker is not None else [
+            "",
+            "from lsv_core.models import load_pretrained       # the dequantized float model (WeSpeaker layout)",
+            f'model = load_pretrained("wespeaker_avg_model.pt", "{card.arch.get("name")}", '
+            + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")"]),
         "```",
         "",
     ]
@@ -230,6 +231,7 @@ def render_model_card(card: ModelCard) -> str:
         "## Files",
         "",
         *[f"* `{name}`: {text}" for name, text in card.files.items()],
+        *([] if card.no_wespeaker is None else [f"* no `wespeaker_avg_model.pt`: {card.no_wespeaker}."]),
         "",
         "## Checks at export",
         "",

@@ -22,7 +22,8 @@ from torch import nn
 from lsv_core.atomic import atomic_path
 from lsv_core.errors import CheckpointError, ConfigError
 
-__all__ = ["WESPEAKER_FILENAME", "check_wespeaker_state_dict", "dequantized_model", "save_wespeaker_state_dict"]
+__all__ = ["WESPEAKER_FILENAME", "check_wespeaker_state_dict", "dequantized_model", "not_wespeaker_reason",
+           "save_wespeaker_state_dict"]
 
 WESPEAKER_FILENAME = "wespeaker_avg_model.pt"  # WeSpeaker calls its averaged checkpoint avg_model.pt
 
@@ -32,6 +33,20 @@ def _arch_of(model: nn.Module) -> dict:
     if not isinstance(arch, dict) or "name" not in arch:
         raise ConfigError("model has no .arch {'name', 'kwargs'}; build it with lsv_core.models.build_model")
     return arch
+
+
+def not_wespeaker_reason(model: nn.Module) -> str | None:
+    """Why ``model`` has no WeSpeaker ``avg_model.pt`` (None when its architecture is one of WeSpeaker's models,
+    :func:`lsv_core.models.is_wespeaker_model`): a state dict in WeSpeaker's key layout is of use only with a
+    WeSpeaker class that builds the same network."""
+    from lsv_core.models import is_wespeaker_model
+
+    name = _arch_of(model)["name"]
+    if is_wespeaker_model(name):
+        return None
+    return (f"{name} is not an architecture WeSpeaker has (its models: ResNet18-293, Gemini DF-ResNet, ...; "
+            "this network's first stage differs, e.g. first_stride=2), so no WeSpeaker class would load its state "
+            "dict; use model.onnx, or model.packed.safetensors with lsv-quant")
 
 
 def dequantized_model(model: nn.Module) -> nn.Module:
@@ -50,10 +65,16 @@ def dequantized_model(model: nn.Module) -> nn.Module:
 
 
 def save_wespeaker_state_dict(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """``torch.save`` the dequantized state dict of ``model`` as a plain dict (WeSpeaker's ``avg_model.pt``)."""
+    """``torch.save`` the dequantized state dict of ``model`` as a plain dict (WeSpeaker's ``avg_model.pt``).
+
+    Raises:
+        ConfigError: the architecture is not one of WeSpeaker's (:func:`not_wespeaker_reason`).
+    """
     from lsv_core.quant import dequantized_state_dict
 
-    _arch_of(model)
+    why = not_wespeaker_reason(model)
+    if why is not None:
+        raise ConfigError(f"no WeSpeaker state dict: {why}")
     # Contiguous CPU clones: torch.save would otherwise keep views into larger storages (bigger files).
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in dequantized_state_dict(model).items()}
     with atomic_path(path, overwrite=overwrite) as tmp:

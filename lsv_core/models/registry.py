@@ -59,7 +59,9 @@ _CAMPPLUS_POOLINGS = ("TAP", "TSDP", "TSTP")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build one registered name: a factory taking exactly the keys of ``defaults``."""
+    """How to build one registered name: a factory taking exactly the keys of ``defaults``. ``wespeaker``: the
+    name is one of WeSpeaker's own models (``get_speaker_model(name)``), built by WeSpeaker's class with the same
+    arguments and state-dict layout, so an exported ``avg_model.pt`` loads into it; False for our own networks."""
 
     factory: Callable[..., SpeakerEmbedder]
     defaults: dict[str, Any]
@@ -77,6 +79,8 @@ for _name in GEMINI_DEPTHS:
 for _name in ECAPA_VARIANTS:
     _REGISTRY[_name] = ModelSpec(functools.partial(wespeaker_ecapa_tdnn, _name), ECAPA_DEFAULTS, 1, wespeaker=True)
 _REGISTRY["CAMPPlus"] = ModelSpec(CAMPPlus, CAMPPLUS_DEFAULTS, 8, wespeaker=True, feat_dim_step=8)
+
+# Ours: WeSpeaker has no model of this name (and its ResNet has no stride-2 first stage, `first_stride`).
 _REGISTRY["ThinResNet"] = ModelSpec(thin_resnet, THIN_RESNET_DEFAULTS, 8)
 _REGISTRY["ECAPA_TDNN"] = ModelSpec(ECAPATDNN, ECAPA_TDNN_DEFAULTS, 1)
 
@@ -87,7 +91,7 @@ def available_models() -> list[str]:
 
 
 def is_wespeaker_model(name: str) -> bool:
-    """Whether ``name`` is one of WeSpeaker's model names (its state dict is WeSpeaker's, for WeSpeaker's code)."""
+    """Whether ``name`` is one of WeSpeaker's own models (its class loads our state dicts strictly)."""
     spec = _REGISTRY.get(name)
     return spec is not None and spec.wespeaker
 
