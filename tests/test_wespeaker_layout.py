@@ -10,11 +10,8 @@ directly (``importlib``), with ``wespeaker.models.pooling_layers`` registered fi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,42 +24,15 @@ from lsv_core.export.packed import save_packed
 from lsv_core.export.wespeaker import WESPEAKER_FILENAME, save_wespeaker_state_dict
 from lsv_core.models import available_models, build_model, is_wespeaker_model
 from lsv_core.quant import BitRecipe, quantizable_layers, quantize
+from tests.wespeaker_reference import wespeaker_module
 
 WESPEAKER_FILES = ("resnet", "gemini_dfresnet", "ecapa_tdnn", "campplus")
 
 
-def _wespeaker_models_dir() -> Path:
-    spec = importlib.util.find_spec("wespeaker")  # locates the package without running its __init__
-    assert spec is not None and spec.submodule_search_locations, "the wespeaker-unofficial wheel is not installed"
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
-
-
 @pytest.fixture(scope="module")
-def wespeaker() -> Iterator[dict[str, types.ModuleType]]:
-    """WeSpeaker's model modules by file name, loaded from the wheel's files (sys.modules restored afterwards)."""
-    root = _wespeaker_models_dir()
-    saved = {k: v for k, v in sys.modules.items() if k == "wespeaker" or k.startswith("wespeaker.")}
-    package, models = types.ModuleType("wespeaker"), types.ModuleType("wespeaker.models")
-    package.__path__, models.__path__ = [str(root.parent)], [str(root)]
-    package.models = models
-    sys.modules.update({"wespeaker": package, "wespeaker.models": models})
-
-    def load(name: str) -> types.ModuleType:
-        spec = importlib.util.spec_from_file_location(f"wespeaker.models.{name}", root / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        setattr(models, name, module)
-        return module
-
-    try:
-        load("pooling_layers")  # what every model file imports
-        yield {name: load(name) for name in WESPEAKER_FILES}
-    finally:
-        for k in [k for k in sys.modules if k == "wespeaker" or k.startswith("wespeaker.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+def wespeaker() -> dict[str, types.ModuleType]:
+    """WeSpeaker's model modules by file name, loaded from the wheel's files (tests/wespeaker_reference.py)."""
+    return {name: wespeaker_module(name) for name in WESPEAKER_FILES}
 
 
 def _wespeaker_class(modules: dict[str, types.ModuleType], name: str) -> object:
@@ -109,7 +79,9 @@ def test_the_registry_flags_exactly_wespeakers_models(wespeaker: dict[str, types
 def test_every_flagged_architecture_loads_strictly_into_wespeakers_class(
         name: str, wespeaker: dict[str, types.ModuleType]) -> None:
     ours = build_model(name, embed_dim=32).eval()
-    theirs = _wespeaker_class(wespeaker, name)(**ours.arch["kwargs"])
+    # WeSpeaker's ECAPA_TDNN class fixes the aggregation width that ours takes as mfa_channels (1536 when flagged).
+    kwargs = {k: v for k, v in ours.arch["kwargs"].items() if k != "mfa_channels"}
+    theirs = _wespeaker_class(wespeaker, name)(**kwargs)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 64, ours.arch["kwargs"]["feat_dim"], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

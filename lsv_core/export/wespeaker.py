@@ -41,11 +41,13 @@ def not_wespeaker_reason(model: nn.Module) -> str | None:
     WeSpeaker class that builds the same network."""
     from lsv_core.models import is_wespeaker_model
 
-    name = _arch_of(model)["name"]
-    if is_wespeaker_model(name):
+    arch = _arch_of(model)
+    name = arch["name"]
+    if is_wespeaker_model(name, arch.get("kwargs")):
         return None
     return (f"{name} is not an architecture WeSpeaker has (its models: ResNet18-293, Gemini DF-ResNet, ...; "
-            "this network's first stage differs, e.g. first_stride=2), so no WeSpeaker class would load its state "
+            "or not with these arguments, e.g. ThinResNet's first_stride=2 or an ECAPA_TDNN with mfa_channels other than "
+            "1536), so no WeSpeaker class would load its state "
             "dict; use model.onnx, or model.packed.safetensors with lsv-quant")
 
 

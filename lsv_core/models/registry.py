@@ -66,7 +66,9 @@ class ModelSpec:
     factory: Callable[..., SpeakerEmbedder]
     defaults: dict[str, Any]
     min_feat_dim: int  # below this the network downsamples frequency to zero bins
-    wespeaker: bool = False  # a WeSpeaker model name: its state dict loads into WeSpeaker's own code
+    # A WeSpeaker model: its state dict loads into WeSpeaker's own code. A predicate of the full arguments when
+    # only some settings are WeSpeaker's (our CPU-sized ECAPA_TDNN is WeSpeaker's ECAPA_TDNN class at mfa 1536).
+    wespeaker: bool | Callable[[dict[str, Any]], bool] = False
     feat_dim_step: int = 1  # feat_dim must be a multiple of this
 
 
@@ -82,7 +84,8 @@ _REGISTRY["CAMPPlus"] = ModelSpec(CAMPPlus, CAMPPLUS_DEFAULTS, 8, wespeaker=True
 
 # Ours: WeSpeaker has no model of this name (and its ResNet has no stride-2 first stage, `first_stride`).
 _REGISTRY["ThinResNet"] = ModelSpec(thin_resnet, THIN_RESNET_DEFAULTS, 8)
-_REGISTRY["ECAPA_TDNN"] = ModelSpec(ECAPATDNN, ECAPA_TDNN_DEFAULTS, 1)
+_REGISTRY["ECAPA_TDNN"] = ModelSpec(ECAPATDNN, ECAPA_TDNN_DEFAULTS, 1,
+                                    wespeaker=lambda kwargs: kwargs["mfa_channels"] == MFA_CHANNELS)
 
 
 def available_models() -> list[str]:
@@ -90,10 +93,13 @@ def available_models() -> list[str]:
     return list(_REGISTRY)
 
 
-def is_wespeaker_model(name: str) -> bool:
-    """Whether ``name`` is one of WeSpeaker's own models (its class loads our state dicts strictly)."""
+def is_wespeaker_model(name: str, kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether ``name`` built with ``kwargs`` is one of WeSpeaker's own models (its class loads our state dicts
+    strictly)."""
     spec = _REGISTRY.get(name)
-    return spec is not None and spec.wespeaker
+    if spec is None or not callable(spec.wespeaker):
+        return spec is not None and bool(spec.wespeaker)
+    return spec.wespeaker(model_arguments(name, dict(kwargs or {})))
 
 
 def _positive_int(name: str, value: Any, model: str, minimum: int = 1) -> int:
