@@ -88,8 +88,9 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
     """Run (or resume) the study described by ``config``; returns its status when no trials remain.
 
     Raises :class:`~search.preflight.PreflightFailed` (nothing written) for bad input,
-    :class:`~search.lease.StudyBusy` when another driver runs the study, :class:`StudyInterrupted` after a
-    clean stop on SIGINT/SIGTERM. ``fault_plan`` maps Optuna trial numbers to injected faults (fault tests).
+    :class:`~search.lease.StudyBusy` when another driver runs the study, :class:`~search.lease.LeaseLost` when
+    another driver took the study over while this one was stalled (its trials stopped, nothing more told),
+    :class:`StudyInterrupted` after a clean stop on SIGINT/SIGTERM. ``fault_plan`` maps Optuna trial numbers to injected faults (fault tests).
     ``control_only`` runs only the study's fp32 control (a study made before controls existed), no trials.
     """
     t0 = time.monotonic()
@@ -119,7 +120,7 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
             remaining = 0
         if remaining != 0 or load_control(study) is None:
             _run_trials(config, study, pre, record, tracker, remaining, address, progress, fault_plan,
-                        on_status, stopped)
+                        on_status, stopped, lease)
         refresh_pareto_tags(tracker, study)
         status = study_status(study, config.size_budget_bytes)
         cost = status.cost
@@ -135,7 +136,7 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
 def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record: StudyRecord,
                 tracker: StudyTracker, remaining: int | None, address: str | None, progress: bool,
                 fault_plan: dict[int, dict[str, Any]] | None, on_status: Callable[[StudyStatus], None] | None,
-                stopped: _StopEvent) -> None:
+                stopped: _StopEvent, lease: DriverLease) -> None:
     import ray
 
     from lsv_core.quant import packed_size_bytes
@@ -159,6 +160,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
             omega = _sensitivities(config, study, record, pre, shared_ref, excluded)
         if config.study.sampler == "probe" and not record.unit_probes:
             record = _unit_probes(config, study, record, pre, shared_ref, excluded)
+        lease.check()  # the steps above can be long: a driver taken over meanwhile writes nothing more
         if not seeded:
             for label, recipe in _seed_recipes(config, space, model, omega):
                 study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
@@ -183,7 +185,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
 
                 rec.control_delta = control_delta(TrialPoint(rec.number, rec.eer, int(rec.size_bytes or 0),
                                                              eer_boot=rec.eer_boot), control.point)
-            writer.submit(tracker.log_trial, rec)
+            writer.submit(_log_unless_displaced, lease, tracker, rec)
             logged[0] += 1
             if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
                 writer.submit(refresh_pareto_tags, tracker, study)
@@ -199,6 +201,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                                    budget_bytes=config.size_budget_bytes, make_config=make, sink=on_record,
                                    max_trials=remaining, on_progress=board.update)
         searcher.stopping = stopped
+        searcher.lease = lease
         with board:
             stopped.in_tune = True
             try:
@@ -208,8 +211,14 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         if stopped.is_set():  # Tune ended its loop on our SIGINT/SIGTERM: close up like an interrupt
             raise KeyboardInterrupt  # (before any other Ray call: a signal to the group may have hit Ray too)
         ray.kill(sink)
+        if not lease.holds():  # taken over: Tune stopped the trials; the control goes too, nothing is told
+            if control.ref is not None:
+                ray.cancel(control.ref, force=True)
+            lease.check()
         control.wait()
     except KeyboardInterrupt:  # SIGINT/SIGTERM (see _stop_signals): the trials still running go back in the queue
+        if not lease.holds():  # the running trials are another driver's now: touch nothing
+            raise
         if searcher is not None:
             searcher.abandon_live(INTERRUPTED)
         # The signal may land between Optuna's ask and the searcher's bookkeeping: every trial still RUNNING
@@ -225,6 +234,15 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     if failed:  # Optuna has every result: log what MLflow is missing now (a resumed run would too)
         console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({failed[0]}); retrying[/]")
         _log_missing(study, tracker)
+
+
+def _log_unless_displaced(lease: DriverLease, tracker: StudyTracker, rec: TrialRecord) -> None:
+    """Log a told trial to MLflow, unless another driver took the study over meanwhile: that driver logged
+    every trial told before it took over (``_recover``), and a second run of it would be a duplicate."""
+    if lease.holds():
+        tracker.log_trial(rec)
+    else:
+        console.print(f"[yellow]trial {rec.number} is left for the driver that took the study over to log[/]")
 
 
 class _Control:
@@ -346,7 +364,7 @@ def _make_planned_inputs(config: StudyConfig, pre: Preflight, progress: bool) ->
         from lsv_core.train import TrainConfig, train_baseline
 
         paths = config.data_paths()
-        tc = TrainConfig(seed=config.study.seed, device="auto" if config.resources.device == "auto" else "cpu")
+        tc = TrainConfig(seed=config.study.seed, device=config.device)
         if config.model.train_steps:
             tc.steps = config.model.train_steps
         train_baseline(tc, paths.train, out=config.model.checkpoint, eval_dir=paths.eval, trials=paths.trials,
