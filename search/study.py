@@ -15,7 +15,10 @@ Resuming: running a study that exists continues it. Trials left RUNNING by a dri
 marked failed ("interrupted") and their assignments re-queued; finished trials missing from MLflow
 (the driver died between Optuna's tell and the MLflow write) are logged then, so nothing is lost
 and nothing is logged twice. Ctrl-C (SIGINT) or SIGTERM stops the trials, re-queues the running ones
-and raises :class:`StudyInterrupted`. ``fresh=True`` moves the old folder aside (never deletes it).
+and raises :class:`StudyInterrupted`. ``fresh=True`` moves the old folder aside (never deletes it). A
+driver stalled past ``storage.lease_timeout_s`` whose study another driver took over stops at its next
+step (no ask, no tell, no MLflow write; its Tune trials and control stopped) and raises
+:class:`~search.lease.LeaseLost`.
 """
 
 from __future__ import annotations
