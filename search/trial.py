@@ -32,7 +32,6 @@ from lsv_core.quant import BitRecipe
 from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.msft import MsftSchedule, StageMetrics, plan_stages
 from lsv_core.workbench import Workbench, WorkbenchSpec
-from search.scheduler import stage_plan_key
 
 __all__ = ["SharedInputs", "hessian_task", "layer_sensitivity", "placement", "ray_trial_device", "recipe_task",
            "run_trial", "trial_device"]
@@ -148,6 +147,8 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
     """Ray Tune function trainable. ``config``: recipe, workbench spec, schedule, threads, artifact sink,
     fault hooks; ``shared``: the study's :class:`SharedInputs` (``tune.with_parameters``)."""
     from ray import tune
+
+    from search.scheduler import stage_plan_key
 
     t0 = time.monotonic()
     meter = _CostMeter()
