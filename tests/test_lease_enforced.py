@@ -169,6 +169,12 @@ def _two_drivers(inputs: dict[str, Path], tmp_path: Path, optuna_url: str | None
         a_trials = {t.number: t.state for t in _trials(url) if t.user_attrs.get("driver") == me_a}
         t_cont = time.time()
         os.kill(a.pid, signal.SIGCONT)
+        # A notices at its first step (the lease is read back before it asks or tells), well within one
+        # heartbeat (timeout/4 = 1.25 s; 1 s more for the OS to wake a process on a busy machine).
+        while "taken by another driver" not in log_a.read_text() and a.poll() is None:
+            time.sleep(0.05)
+        noticed_after = time.time() - t_cont
+        assert noticed_after < 1.25 + 1.0, (noticed_after, log_a.read_text()[-3000:])
         assert a.wait(timeout=180) == 4, log_a.read_text()[-3000:]
         stopped_after = time.time() - t_cont
         text = log_a.read_text()
@@ -204,7 +210,7 @@ def _two_drivers(inputs: dict[str, Path], tmp_path: Path, optuna_url: str | None
                and "memoized_from" not in t.user_attrs]
     assert trained and all(isinstance(t.user_attrs.get("stage_plan"), str) and t.user_attrs.get("stage_eers")
                            for t in trained)
-    print(f"A stopped {stopped_after:.1f} s after it was woken")
+    print(f"A noticed the takeover {noticed_after:.2f} s and exited {stopped_after:.1f} s after it was woken")
 
 
 @pytest.mark.slow
