@@ -52,8 +52,9 @@ from search.pareto import (
     pareto_ranks,
     reference_point,
 )
-from search.record import StudyRecord, read_record
+from search.record import StudyRecord
 from search.results import control_delta, load_control, load_points, refresh_pareto_tags, study_status
+from search.storage import read_record
 
 if TYPE_CHECKING:
     from search.config import StudyConfig

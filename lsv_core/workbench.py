@@ -159,7 +159,7 @@ class RecipeOutcome:
 class Workbench:
     """The float baseline, its AAM head, training features and evaluation trials, loaded once."""
 
-    def __init__(self, model: nn.Module, head: nn.Module, train: FeatureSource, speakers: Mapping[str, int],
+    def __init__(self, model: nn.Module, head: nn.Module | None, train: FeatureSource, speakers: Mapping[str, int],
                  eval_store: FeatureSource, trials: Trials, codebook_dir: str | Path | None = None,
                  codebooks: InitialCodebooks | None = None, loader_workers: int = 0) -> None:
         self.model = model.eval()
@@ -189,18 +189,17 @@ class Workbench:
         if baseline is None:
             baseline = read_baseline(checkpoint, spec.arch, spec.arch_kwargs)
         model, head_state = copy.deepcopy(baseline.model), baseline.head
-        if "weight" not in head_state:
-            raise CheckpointError(f"{checkpoint} holds no AAM head (projection.*); fine-tuning needs one: "
-                                  "train the baseline with `lsv train`")
         train_data = read_data(paths.train)
         train_utts = select_training_utts(train_data, spec.train_subset)
         speakers_sorted = train_data.speakers
-        n_classes, embed_dim = head_state["weight"].shape
-        if n_classes != len(speakers_sorted):
-            raise ConfigError(f"{checkpoint}: the head has {n_classes} classes but {paths.train} has "
-                              f"{len(speakers_sorted)} speakers; fine-tune on the data the baseline was trained on")
-        head = AAMSoftmax(embed_dim, n_classes)
-        head.load_state_dict(head_state)
+        head = None  # a checkpoint without its AAM head still quantizes by k-means alone (no fine-tuning)
+        if "weight" in head_state:
+            n_classes, embed_dim = head_state["weight"].shape
+            if n_classes != len(speakers_sorted):
+                raise ConfigError(f"{checkpoint}: the head has {n_classes} classes but {paths.train} has "
+                                  f"{len(speakers_sorted)} speakers; fine-tune on the data the baseline was trained on")
+            head = AAMSoftmax(embed_dim, n_classes)
+            head.load_state_dict(head_state)
         eval_data = read_data(paths.eval)
         trials = subset_trials(read_trials(paths.trials, eval_data), spec.max_trials, spec.subset_seed)
         spk_index = {s: i for i, s in enumerate(speakers_sorted)}
@@ -210,7 +209,7 @@ class Workbench:
         del train_data  # a million-utterance listing is a few hundred MB of Python objects
         eval_store, _ = open_features(eval_data, trials.utterances, loading=spec.loading, cache_dir=spec.cache_dir,
                                       progress=progress, role="eval")
-        return cls(model.to(dev), head.to(dev), train, speakers, eval_store, trials, codebook_dir=spec.codebook_dir,
+        return cls(model.to(dev), head.to(dev) if head is not None else None, train, speakers, eval_store, trials, codebook_dir=spec.codebook_dir,
                    codebooks=codebooks, loader_workers=spec.loading.workers_for(mode, dev))
 
     @property
@@ -276,6 +275,9 @@ class Workbench:
         model, head and training data in ``cache_path`` when given."""
         from lsv_core.quant.sensitivity import cached_hessian_traces, hessian_traces, state_dict_digest
 
+        if self.head is None:
+            raise CheckpointError("the baseline has no AAM head (projection.*): Hessian traces are of its training "
+                                  "loss, which needs the head; train the baseline with `lsv train`")
         head = copy.deepcopy(self.head)
         head.update(0.2)
         loss = nn.CrossEntropyLoss()

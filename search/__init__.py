@@ -28,7 +28,7 @@ _PUBLIC = {
     "run_study": "search.study",
     "StudyNotRun": "search.record",
     "StudyRecord": "search.record",
-    "read_record": "search.record",
+    "read_record": "search.storage",
     "StudyStatus": "search.results",
     "load_points": "search.results",
     "study_status": "search.results",

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from lsv_core.atomic import write_text_atomic
 from lsv_core.errors import LsvError
+from search.flags import SEED, TRIAL_NUMBER, WORKERS, Bounded, setting_flag
 
 __all__ = ["COMMAND_GROUP", "EXIT_BAD_INPUT", "EXIT_FAILED_TRIALS", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
 
@@ -117,9 +118,16 @@ def _train(args: argparse.Namespace) -> int:
 
     from lsv_core.train import TrainConfig, train_baseline
     from lsv_core.workbench import DataPaths
-    from search.preflight import PreflightFailed, Problem, check_data, check_device, check_outputs
+    from search.preflight import (
+        PreflightFailed,
+        Problem,
+        check_architecture,
+        check_data,
+        check_device,
+        check_outputs,
+    )
 
-    cfg = TrainConfig()
+    values: dict[str, Any] = {}
     if args.config:
         try:
             values = json.loads(Path(args.config).read_text())
@@ -129,17 +137,17 @@ def _train(args: argparse.Namespace) -> int:
         unknown = sorted(set(values) - allowed) if isinstance(values, dict) else ["(not an object)"]
         if unknown:
             raise LsvError(f"--config {args.config}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-        cfg = TrainConfig(**values)
     for name in ("steps", "seed", "device", "optimizer", "lr", "batch_size", "model", "time_budget_s"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    cfg = TrainConfig(**values)  # built once, with --model, so model_kwargs defaults follow the model
     if args.m_channels is not None:
-        cfg.model_kwargs = {**cfg.model_kwargs, "m_channels": args.m_channels}
+        cfg.model_kwargs = {**(cfg.model_kwargs or {}), "m_channels": args.m_channels}
     train_dir, eval_dir, trials = _corpus_paths(args)
     problems: list[Problem] = []
     check_outputs({"--out": args.out, "--out (summary)": args.out.with_suffix(".json")}, args.force, problems)
     check_device(cfg.device, problems)
+    check_architecture(cfg.model, cfg.model_kwargs or {}, problems)
     if cfg.steps < 1:
         problems.append(Problem("--steps", f"{cfg.steps} should be >= 1"))
     fields = ("--corpus",) * 3 if args.corpus is not None else ("--train", "--eval", "--trials")
@@ -205,7 +213,8 @@ def _quantize(args: argparse.Namespace) -> int:
     schedule = MsftSchedule(order=args.msft, total_steps=args.steps, lr=args.lr, seed=args.seed,
                             batch_size=args.batch_size, kmqat=KMQATConfig(centroid_update=args.centroids))
     spec = WorkbenchSpec(checkpoint=args.model, data=DataPaths(train_dir, eval_dir, trials), cache_dir=args.cache,
-                         max_trials=args.max_trials, subset_seed=args.seed, device=args.device, arch=args.arch,
+                         max_trials=args.max_trials, subset_seed=args.seed, device=args.device,
+                         arch=args.factory or args.arch,
                          arch_kwargs=_arch_kwargs(args.arch_kwargs),
                          loading=_loading(args),
                          train_subset=TrainingSubset(args.train_speakers, args.train_utts_per_speaker, args.seed))
@@ -242,6 +251,8 @@ def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
     """Everything `lsv quantize` can check before quantizing (outputs, budget, device, model, recipe, data,
     budget feasibility), all problems at once; returns the baseline and the ``--recipe`` (if given)."""
     from lsv_core.errors import ConfigError
+    from lsv_core.models import build_model
+    from lsv_core.models.plugin import resolve_factory
     from lsv_core.quant import BitRecipe, LayerSpec, packed_size_bytes
     from search.preflight import (
         PreflightFailed,
@@ -259,7 +270,18 @@ def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
     check_device(args.device, problems)
     fields = ("--corpus",) * 3 if args.corpus is not None else ("--train", "--eval", "--trials")
     listings = check_data(spec.data, problems, fields=fields, cache_dir=args.cache, train_subset=spec.train_subset)
-    baseline = check_model(args.model, args.arch, spec.arch_kwargs, problems, need_head=True)
+    head_uses = [what for what, used in ((f"fine-tuning (--steps {args.steps})", args.steps > 0),
+                                         ("the Hessian allocator (--budget-mb)", args.budget_mb is not None),
+                                         ("the sensitivity order (--msft sensitivity)", args.msft == "sensitivity"))
+                 if used]
+    baseline = None
+    try:
+        if args.factory is not None:  # the network first, so its problems are the factory's, not the file's
+            resolve_factory(args.factory, field="--factory")
+            build_model(args.factory, **spec.arch_kwargs)
+        baseline = check_model(args.model, spec.arch, spec.arch_kwargs, problems, need_head=head_uses)
+    except ConfigError as err:
+        problems.append(Problem("--factory", str(err)))
     recipe = None
     if baseline is not None:
         if baseline.has_head and listings.train is not None:
@@ -323,8 +345,8 @@ def _status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from search.config import load_study_config
-    from search.record import read_record
     from search.results import study_status
+    from search.storage import read_record
 
     config = load_study_config(args.study)
     _, study = read_record(config)
@@ -416,36 +438,30 @@ def _add_loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", choices=FEATURE_MODES, default=default_of(DataLoading, "features"),
                    help="where features come from: memory, the sharded store in --cache, audio (fbank on the "
                    "fly), or auto (memory when small)")
-    p.add_argument("--loader-workers", type=int, default=default_of(DataLoading, "loader_workers"),
+    p.add_argument("--loader-workers", type=setting_flag(DataLoading, "loader_workers", int),
+                   default=default_of(DataLoading, "loader_workers"),
                    help="DataLoader worker processes for training batches (default: 0 on CPU, 4 on GPU)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lsv_core.data.store import StoreConfig
-    from lsv_core.data.subset import TrainingSubset
-    from lsv_core.quant.codebook import CENTROID_UPDATES, KMQATConfig
-    from lsv_core.quant.msft import ORDERS, MsftSchedule
-    from lsv_core.quant.recipe import ALLOWED_BITS, DEFAULT_BINARY_MODE, binary_modes
-    from lsv_core.settings import default_of
-    from search.trial_export import ExportOptions
-    from search.verify import VerifyPlan
-
-    p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    corpus = sub.add_parser("corpus", help="embedded synthetic corpus").add_subparsers(dest="action", required=True)
+def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv corpus synth`."""
     from lsv_core.data.synth import DEFAULT_EVAL_SPEAKERS, DEFAULT_SEED, DEFAULT_SPEAKERS, DEFAULT_UTTS
 
+    corpus = sub.add_parser("corpus", help="embedded synthetic corpus").add_subparsers(dest="action", required=True)
     s = corpus.add_parser("synth", help="generate the deterministic espeak-ng multi-speaker corpus")
     s.add_argument("--out", required=True, type=Path)
-    s.add_argument("--speakers", type=int, default=DEFAULT_SPEAKERS, help="total speakers (train + eval)")
-    s.add_argument("--utts", type=int, default=DEFAULT_UTTS, help="utterances per speaker")
-    s.add_argument("--eval-speakers", type=int, default=DEFAULT_EVAL_SPEAKERS)
-    s.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--speakers", type=Bounded(int, ge=2), default=DEFAULT_SPEAKERS,
+                   help="total speakers (train + eval)")
+    s.add_argument("--utts", type=Bounded(int, ge=2), default=DEFAULT_UTTS, help="utterances per speaker")
+    s.add_argument("--eval-speakers", type=Bounded(int, ge=1), default=DEFAULT_EVAL_SPEAKERS)
+    s.add_argument("--seed", type=SEED, default=DEFAULT_SEED)
+    s.add_argument("--workers", type=WORKERS, default=2)
     s.add_argument("--force", action="store_true", help="replace an existing corpus")
     s.set_defaults(func=_corpus_synth)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv train`."""
     t = sub.add_parser("train", help="train a baseline speaker-embedding network (AAM-softmax)")
     t.add_argument("--corpus", help="corpus root holding train/, eval/ and eval/trials")
     t.add_argument("--train", help="Kaldi data dir or VoxCeleb folder to train on")
@@ -454,18 +470,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, type=Path, help="checkpoint path (.safetensors); summary goes to .json")
     t.add_argument("--config", help="JSON file of TrainConfig fields")
     t.add_argument("--model")
-    t.add_argument("--m-channels", type=int)
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--m-channels", type=Bounded(int, ge=1))
+    t.add_argument("--steps", type=Bounded(int, ge=1))
+    t.add_argument("--batch-size", type=Bounded(int, ge=1))
     t.add_argument("--optimizer", choices=["sgd", "adam"])
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--time-budget-s", type=float)
+    t.add_argument("--lr", type=Bounded(float, gt=0))
+    t.add_argument("--seed", type=SEED)
+    t.add_argument("--time-budget-s", type=Bounded(float, gt=0))
     t.add_argument("--device", help="auto | cpu | cuda[:N]")
     t.add_argument("--cache", type=Path, help="feature cache folder")
     t.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     t.set_defaults(func=_train)
 
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv evaluate`."""
     e = sub.add_parser("evaluate", help="score a model on a trial list (EER %%, minDCF, bootstrap CI)")
     e.add_argument("--model", required=True, type=Path, help="our checkpoint (.safetensors), a packed model, "
                    "or a WeSpeaker avg_model.pt (then give --arch)")
@@ -475,27 +494,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cohort", type=Path, help="data for AS-norm's cohort (enables AS-norm)")
     e.add_argument("--cache", type=Path, help="feature cache folder")
     _add_loading_flags(e)
-    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the EER CI")
+    e.add_argument("--n-boot", type=Bounded(int, ge=1), default=1000, help="bootstrap replicates for the EER CI")
     e.add_argument("--json", type=Path, help="also write the result here")
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_evaluate)
 
+
+def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv quantize`."""
+    from lsv_core.data.subset import TrainingSubset
+    from lsv_core.quant.codebook import CENTROID_UPDATES, KMQATConfig
+    from lsv_core.quant.msft import ORDERS, MsftSchedule
+    from lsv_core.quant.recipe import ALLOWED_BITS, DEFAULT_BINARY_MODE, binary_modes
+    from lsv_core.settings import default_of
+
     q = sub.add_parser("quantize", help="quantize a baseline with a bit recipe (k-means codebooks + MSFT)")
     q.add_argument("--model", required=True, type=Path, help="baseline checkpoint written by `lsv train`, or a "
                    "WeSpeaker avg_model.pt with its AAM head (then give --arch)")
-    q.add_argument("--arch", help="architecture of a WeSpeaker .pt checkpoint, e.g. ResNet34")
+    which = q.add_mutually_exclusive_group()
+    which.add_argument("--arch", help="architecture of a WeSpeaker .pt checkpoint, e.g. ResNet34")
+    which.add_argument("--factory", help="or a model factory 'package.module:function' returning the network of a "
+                       ".pt state dict (a plugin, docs/plugins.md)")
     q.add_argument("--arch-kwargs", help='its arguments as JSON, e.g. \'{"embed_dim": 256}\' (WeSpeaker defaults otherwise)')
     how = q.add_mutually_exclusive_group(required=True)
     how.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="uniform precision")
     how.add_argument("--recipe", type=Path, help="recipe file (.json or .toml): layer -> bits")
-    how.add_argument("--budget-mb", type=float, help="mixed precision from the Hessian allocator (MB = 1e6 B)")
+    how.add_argument("--budget-mb", type=Bounded(float, gt=0),
+                     help="mixed precision from the Hessian allocator (MB = 1e6 B)")
     q.add_argument("--binary-mode", choices=binary_modes(), default=DEFAULT_BINARY_MODE)
     q.add_argument("--msft", choices=ORDERS, default=default_of(MsftSchedule, "order"),
                    help="stage order of multi-stage fine-tuning (one_shot: all layers at once)")
-    q.add_argument("--steps", type=int, default=default_of(MsftSchedule, "total_steps"),
+    q.add_argument("--steps", type=setting_flag(MsftSchedule, "total_steps", int),
+                   default=default_of(MsftSchedule, "total_steps"),
                    help="total fine-tuning steps (0: k-means only)")
-    q.add_argument("--lr", type=float, default=default_of(MsftSchedule, "lr"))
-    q.add_argument("--batch-size", type=int, default=default_of(MsftSchedule, "batch_size"),
+    q.add_argument("--lr", type=setting_flag(MsftSchedule, "lr", float), default=default_of(MsftSchedule, "lr"))
+    q.add_argument("--batch-size", type=setting_flag(MsftSchedule, "batch_size", int),
+                   default=default_of(MsftSchedule, "batch_size"),
                    help="fine-tuning batch size (crops per step)")
     q.add_argument("--centroids", choices=CENTROID_UPDATES, default=default_of(KMQATConfig, "centroid_update"),
                    help="how centroids adapt during fine-tuning")
@@ -503,32 +537,41 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train", help="training data: Kaldi dir or VoxCeleb folder (the baseline's speakers)")
     q.add_argument("--eval", help="evaluation data: Kaldi dir or VoxCeleb folder")
     q.add_argument("--trials", help="trial list over --eval (VoxCeleb or Kaldi form)")
-    q.add_argument("--train-speakers", type=int, default=default_of(TrainingSubset, "speakers"),
+    q.add_argument("--train-speakers", type=setting_flag(TrainingSubset, "speakers", int),
+                   default=default_of(TrainingSubset, "speakers"),
                    help="fine-tune on this many random training speakers (seeded by --seed)")
-    q.add_argument("--train-utts-per-speaker", type=int, default=default_of(TrainingSubset, "utts_per_speaker"),
+    q.add_argument("--train-utts-per-speaker", type=setting_flag(TrainingSubset, "utts_per_speaker", int),
+                   default=default_of(TrainingSubset, "utts_per_speaker"),
                    help="and at most this many random utterances of each")
     _add_loading_flags(q)
-    q.add_argument("--max-trials", type=int, help="evaluate on a seeded subset of the trials")
+    q.add_argument("--max-trials", type=Bounded(int, ge=1), help="evaluate on a seeded subset of the trials")
     q.add_argument("--cache", type=Path, help="feature (and Hessian-trace) cache folder")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=SEED, default=0)
     q.add_argument("--device", default="auto")
     q.add_argument("--out", type=Path, help="write the packed model here (.safetensors)")
     q.add_argument("--json", type=Path, help="write EER, minDCF, bytes, compression and stages here")
     q.add_argument("--force", action="store_true")
     q.set_defaults(func=_quantize)
 
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv data cache | audit | prepare voxceleb`."""
+    from lsv_core.data.store import StoreConfig
+    from lsv_core.settings import default_of
+
     data = sub.add_parser("data", help="prepare, check and cache data").add_subparsers(dest="action", required=True)
     dc = data.add_parser("cache", help="build the content-keyed feature store of a data dir ahead of a study")
     dc.add_argument("data", type=Path, help="Kaldi data dir or VoxCeleb folder")
     dc.add_argument("--cache", type=Path, default=Path("runs/cache"), help="cache folder (a study's data.cache_dir)")
     dc.add_argument("--dtype", choices=("float16", "float32"), default=default_of(StoreConfig, "dtype"))
-    dc.add_argument("--shard-utts", type=int, default=default_of(StoreConfig, "shard_utts"))
-    dc.add_argument("--workers", type=int, help="processes computing fbank (default: the CPU count, at most 8)")
+    dc.add_argument("--shard-utts", type=setting_flag(StoreConfig, "shard_utts", int),
+                    default=default_of(StoreConfig, "shard_utts"))
+    dc.add_argument("--workers", type=WORKERS, help="processes computing fbank (default: the CPU count, at most 8)")
     dc.set_defaults(func=_data_cache)
     da = data.add_parser("audit", help="check every audio file (readable, non-empty, 16 kHz, long enough)")
     da.add_argument("data", type=Path, help="Kaldi data dir or VoxCeleb folder")
     da.add_argument("--cache", type=Path, help="remember files that passed here (by content)")
-    da.add_argument("--workers", type=int)
+    da.add_argument("--workers", type=WORKERS)
     da.set_defaults(func=_data_audit)
     dp = data.add_parser("prepare", help="turn a downloaded corpus into Kaldi data dirs and trial lists")
     prep = dp.add_subparsers(dest="corpus", required=True)
@@ -536,53 +579,73 @@ def build_parser() -> argparse.ArgumentParser:
     vox.add_argument("--root", required=True, type=Path, help="folder holding the VoxCeleb downloads")
     vox.add_argument("--out", required=True, type=Path, help="folder to create")
     vox.add_argument("--convert-m4a", action="store_true", help="decode .m4a once to 16 kHz WAV under OUT/wav")
-    vox.add_argument("--workers", type=int)
+    vox.add_argument("--workers", type=WORKERS)
     vox.add_argument("--force", action="store_true", help="replace an existing --out folder")
     vox.set_defaults(func=_data_prepare_voxceleb)
 
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv run`."""
     r = sub.add_parser("run", help="run or resume a bit-width search study (Optuna + Ray + MLflow)")
     r.add_argument("study", type=Path, help="study config (.toml), e.g. studies/quickstart.toml")
     r.add_argument("--address", help="Ray cluster address HOST:PORT (default: a local Ray)")
-    r.add_argument("--n-trials", type=int, help="override study.n_trials")
+    r.add_argument("--n-trials", type=Bounded(int, ge=1), help="override study.n_trials")
     r.add_argument("--control-only", action="store_true",
                    help="run only the study's fp32 control (fine-tuned like a trial, nothing quantized)")
     r.add_argument("--fresh", action="store_true",
                    help="start over: the existing study folder is moved aside (never deleted)")
     r.set_defaults(func=_run)
 
+
+def _add_status_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv status`."""
     st = sub.add_parser("status", help="progress and Pareto front of a study, without running anything")
     st.add_argument("study", type=Path, help="study config (.toml)")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--within-pp", type=float, default=0.5,
+    st.add_argument("--within-pp", type=Bounded(float, ge=0), default=0.5,
                     help="also show the smallest model within X EER points of the fp32 control (default 0.5)")
+    st.set_defaults(func=_status)
+
+
+def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv verify`."""
+    from lsv_core.settings import default_of
+    from search.verify import VerifyPlan
 
     v = sub.add_parser("verify", help="re-run front / knee / given trials with other seeds and longer fine-tuning")
     v.add_argument("study", type=Path, help="study config (.toml)")
     which = v.add_mutually_exclusive_group()
     which.add_argument("--front", action="store_true", help="every point of the Pareto front (default)")
     which.add_argument("--knee", action="store_true", help="the knee only")
-    which.add_argument("--trials", type=int, nargs="+", help="these Optuna trial numbers")
-    v.add_argument("--seeds", type=int, default=default_of(VerifyPlan, "seeds"),
+    which.add_argument("--trials", type=TRIAL_NUMBER, nargs="+", help="these Optuna trial numbers")
+    v.add_argument("--seeds", type=Bounded(int, ge=1), default=default_of(VerifyPlan, "seeds"),
                    help="fine-tuning seeds per point (other than the study's)")
-    v.add_argument("--steps-mult", type=float, default=default_of(VerifyPlan, "steps_mult"),
+    v.add_argument("--steps-mult", type=Bounded(float, gt=0), default=default_of(VerifyPlan, "steps_mult"),
                    help="fine-tuning steps as a multiple of the study's")
     v.add_argument("--address", help="Ray cluster address HOST:PORT (default: a local Ray)")
     v.set_defaults(func=_verify)
-    st.set_defaults(func=_status)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """`lsv export`."""
+    from lsv_core.settings import default_of
+    from search.trial_export import ExportOptions
 
     ex = sub.add_parser("export", help="verify one trial and export it (model.onnx with codebooks, torch-free "
                                        "infer.py, packed model, WeSpeaker .pt, model card)")
     ex.add_argument("study", type=Path, help="study config (.toml)")
     pick = ex.add_mutually_exclusive_group(required=True)
-    pick.add_argument("--trial", type=int, help="this Optuna trial number")
-    pick.add_argument("--max-size-mb", type=float, help="lowest EER with model size <= X MB (1e6 bytes of model.onnx)")
-    pick.add_argument("--max-eer", type=float, help="smallest model with EER <= Y percent")
+    pick.add_argument("--trial", type=TRIAL_NUMBER, help="this Optuna trial number")
+    pick.add_argument("--max-size-mb", type=Bounded(float, gt=0),
+                      help="lowest EER with model size <= X MB (1e6 bytes of model.onnx)")
+    pick.add_argument("--max-eer", type=Bounded(float, ge=0, le=100), help="smallest model with EER <= Y percent")
     pick.add_argument("--knee", action="store_true", help="the knee of the Pareto front")
     pick.add_argument("--knee-ci", action="store_true",
                       help="the smallest model not significantly worse than the knee (paired bootstrap)")
     pick.add_argument("--not-worse-than-control", action="store_true",
                       help="the smallest model not significantly worse than the study's fp32 control")
-    pick.add_argument("--within-pp", type=float, help="the smallest model within X EER points of the fp32 control")
+    pick.add_argument("--within-pp", type=Bounded(float, ge=0),
+                      help="the smallest model within X EER points of the fp32 control")
     ex.add_argument("--require-verified", action="store_true",
                     help="refuse a trial `lsv verify` has not re-run")
     ex.add_argument("--out", required=True, type=Path, help="folder to create")
@@ -593,9 +656,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-register", action="store_true", help="skip the MLflow Model Registry")
     ex.add_argument("--alias", default=default_of(ExportOptions, "alias"),
                     help="registry alias to point at the new version")
-    ex.add_argument("--eer-tolerance", type=float, default=default_of(ExportOptions, "eer_tolerance"),
-                    help="allowed |re-evaluated - logged| EER, in percent points")
+    ex.add_argument("--eer-tolerance", type=Bounded(float, ge=0), default=default_of(ExportOptions, "eer_tolerance"),
+                    help="allowed |re-evaluated - logged| EER in percent points, checked before anything is "
+                    "written (model.onnx is compared with the torch model by embeddings and trial scores, "
+                    "not by EER)")
     ex.set_defaults(func=_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lsv", description="Bit-width search for speaker-verification networks.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add_parser in (_add_corpus_parser, _add_train_parser, _add_evaluate_parser, _add_quantize_parser,
+                       _add_data_parser, _add_run_parser, _add_status_parser, _add_verify_parser, _add_export_parser):
+        add_parser(sub)
     for command in entry_points(group=COMMAND_GROUP):  # e.g. `lsv report`, from the dashboards package
         command.load()(sub)
     return p

@@ -24,7 +24,8 @@ from lsv_core.quant.msft import MsftSchedule, Order
 from lsv_core.quant.recipe import ALLOWED_BITS, binary_modes
 from lsv_core.settings import bounds_of, default_of
 from lsv_core.workbench import DataPaths, WorkbenchSpec
-from search.storage import SAMPLERS, redacted
+from search.redaction import redacted
+from search.sampler_names import SAMPLER_NAMES
 
 __all__ = ["StudyConfig", "load_study_config", "parse_study_config"]
 
@@ -61,8 +62,8 @@ class StudySection(_Section):
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, v: str) -> str:
-        if v not in SAMPLERS:
-            raise ValueError(f"allowed samplers are {sorted(SAMPLERS)}")
+        if v not in SAMPLER_NAMES:
+            raise ValueError(f"allowed samplers are {sorted(SAMPLER_NAMES)}")
         return v
 
     @field_validator("name")
@@ -88,9 +89,34 @@ class ModelSection(_Section):
 
     checkpoint: PathValue = DEFAULT_CHECKPOINT
     arch: str | None = None  # for a WeSpeaker avg_model.pt, e.g. "ResNet34"
+    # or a model factory "package.module:function" for a .pt of any network (lsv_core.models.plugin)
+    factory: str | None = None
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     train_if_missing: bool = True
     train_steps: int | None = Field(default=None, ge=1)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str | None) -> str | None:
+        if v is not None:
+            from lsv_core.models.plugin import resolve_factory
+
+            try:
+                resolve_factory(v, field="value")
+            except ConfigError as err:
+                raise ValueError(str(err).removeprefix(f"value={v!r}").lstrip(": ")) from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_architecture(self) -> ModelSection:
+        if self.arch is not None and self.factory is not None:
+            raise ValueError("give arch (a registered name) or factory (a plugin), not both")
+        return self
+
+    @property
+    def architecture(self) -> str | None:
+        """What rebuilds the network of a ``.pt`` checkpoint: ``arch`` or the ``factory`` reference."""
+        return self.factory if self.factory is not None else self.arch
 
 
 class DataSection(_Section):
@@ -314,7 +340,7 @@ class StudyConfig(_Section):
     def workbench_spec(self) -> WorkbenchSpec:
         """The runtime form of ``[model]``, ``[data]`` and ``resources.device`` (absolute paths)."""
         return WorkbenchSpec(
-            checkpoint=self.model.checkpoint.resolve(), data=self.data_paths().resolved(), arch=self.model.arch,
+            checkpoint=self.model.checkpoint.resolve(), data=self.data_paths().resolved(), arch=self.model.architecture,
             arch_kwargs=dict(self.model.arch_kwargs), cache_dir=self.data.cache_dir.resolve(),
             max_trials=self.data.max_trials, subset_seed=self.data.subset_seed, device=self.device,
             codebook_dir=self.study_dir / "codebooks", loading=self.data_loading(),
@@ -353,6 +379,8 @@ class StudyConfig(_Section):
         for k in _DATA_FIELDS_SINCE_V2:
             if d["data"].get(k) == DataSection.model_fields[k].default:
                 d["data"].pop(k, None)
+        if d["model"].get("factory") is None:  # added later: absent from older studies' digests
+            d["model"].pop("factory", None)
         if d["msft"].get("final_lr") == MsftSection.model_fields["final_lr"].default:
             d["msft"].pop("final_lr", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 from lsv_core.errors import LsvError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from lsv_core.data.manifest import DataSet
     from lsv_core.data.subset import TrainingSubset
     from lsv_core.data.trials import Trials
@@ -30,8 +32,8 @@ if TYPE_CHECKING:
     from search.config import StudyConfig
     from search.space import SearchSpace
 
-__all__ = ["Listings", "Preflight", "PreflightFailed", "Problem", "check_data", "check_device", "check_model",
-           "check_outputs", "check_ray_address", "preflight_study"]
+__all__ = ["Listings", "Preflight", "PreflightFailed", "Problem", "check_architecture", "check_data", "check_device",
+           "check_model", "check_outputs", "check_ray_address", "preflight_study"]
 
 RAY_CONNECT_TIMEOUT_S = 10.0
 
@@ -236,8 +238,12 @@ def check_outputs(outputs: dict[str, Path | None], force: bool, problems: list[P
 
 
 def check_model(checkpoint: Path, arch: str | None, arch_kwargs: dict, problems: list[Problem], *,
-                where: str = "--model", need_head: bool = False) -> Baseline | None:
-    """Read a baseline checkpoint (ours or a WeSpeaker .pt with ``arch``); None and a problem if it cannot be."""
+                where: str = "--model", need_head: Sequence[str] = ()) -> Baseline | None:
+    """Read a baseline checkpoint (ours or a WeSpeaker .pt with ``arch``); None and a problem if it cannot be.
+
+    ``need_head``: what needs the baseline's AAM head (fine-tuning, Hessian traces), in the words of the
+    flags or fields that ask for it; empty when nothing does (k-means alone works without the head).
+    """
     from lsv_core.errors import LsvError
     from lsv_core.models.baseline import read_baseline
 
@@ -250,9 +256,21 @@ def check_model(checkpoint: Path, arch: str | None, arch_kwargs: dict, problems:
         problems.append(Problem(where, str(err)))
         return None
     if need_head and not baseline.has_head:
-        problems.append(Problem(where, f"{checkpoint} holds no AAM head (projection.*): fine-tuning needs the head "
-                                "the baseline was trained with (train it with `lsv train`)"))
+        problems.append(Problem(where, f"{checkpoint} holds no AAM head (projection.*): {', '.join(need_head)} "
+                                f"need{'s' if len(need_head) == 1 else ''} the head the baseline was trained with "
+                                "(train it with `lsv train`); without a head only k-means with no fine-tuning runs"))
     return baseline
+
+
+def check_architecture(name: str, kwargs: dict, problems: list[Problem], where: str = "--model") -> None:
+    """The model name and its arguments as the registry accepts them (the flag named when they are not)."""
+    from lsv_core.errors import ConfigError
+    from lsv_core.models.registry import model_arguments
+
+    try:
+        model_arguments(name, kwargs)
+    except ConfigError as err:
+        problems.append(Problem(where, str(err)))
 
 
 def check_device(device: str, problems: list[Problem], where: str = "--device") -> None:
@@ -279,7 +297,8 @@ def _check_baseline(config: StudyConfig, out: Preflight, problems: list[Problem]
                    if m.train_if_missing else "train_if_missing is false")
             problems.append(Problem("model.checkpoint", f"{m.checkpoint} does not exist ({why})"))
         return
-    baseline = check_model(m.checkpoint, m.arch, m.arch_kwargs, problems, where="model.checkpoint", need_head=True)
+    baseline = check_model(m.checkpoint, m.architecture, m.arch_kwargs, problems, where="model.checkpoint",
+                           need_head=head_uses(config))
     if baseline is None:
         return
     out.baseline = baseline
@@ -290,6 +309,22 @@ def _check_baseline(config: StudyConfig, out: Preflight, problems: list[Problem]
                                     f"{out.train.root} has {len(out.train.speakers)} speakers; fine-tune on the data "
                                     "the baseline was trained on"))
     check_space(config, out, problems)
+
+
+def head_uses(config: StudyConfig) -> list[str]:
+    """What in a study needs the baseline's AAM head: fine-tuning and anything computed from Hessian traces
+    (their loss is the AAM loss). A one-shot study (``msft.total_steps = 0``, no Hessian) needs none."""
+    uses = []
+    if config.msft.total_steps > 0:
+        uses.append(f"fine-tuning (msft.total_steps = {config.msft.total_steps})")
+    if config.msft.order == "sensitivity":
+        uses.append('the Hessian stage order (msft.order = "sensitivity")')
+    if config.seeds.allocator_fractions:
+        uses.append(f"the Hessian allocator's seed trials (seeds.allocator_fractions = "
+                    f"{config.seeds.allocator_fractions}; [] turns them off)")
+    if config.study.sampler == "hessian":
+        uses.append('the Hessian prior (study.sampler = "hessian")')
+    return uses
 
 
 def check_space(config: StudyConfig, out: Preflight, problems: list[Problem]) -> None:

@@ -22,9 +22,7 @@ from lsv_core.errors import LsvError
 if TYPE_CHECKING:
     import optuna
 
-    from search.config import StudyConfig
-
-__all__ = ["RECORD_ATTR", "StudyNotRun", "StudyRecord", "read_record", "save_record"]
+__all__ = ["RECORD_ATTR", "StudyNotRun", "StudyRecord", "save_record", "stored_record"]
 
 RECORD_ATTR = "lsv.record"
 RECORD_FORMAT = "lsv-study-record/1"
@@ -80,27 +78,3 @@ def save_record(study: optuna.Study, study_dir: Path | None, record: StudyRecord
 def stored_record(study: optuna.Study) -> StudyRecord | None:
     data = study.user_attrs.get(RECORD_ATTR)
     return StudyRecord.from_dict(data) if isinstance(data, Mapping) else None
-
-
-def read_record(config: StudyConfig) -> tuple[StudyRecord, optuna.Study]:
-    """The record and the Optuna study of ``config``'s study; :class:`StudyNotRun` when there is none.
-
-    Studies made before the record existed have only ``study.json`` (digest and config); their record
-    is read from there, without layer order or digests.
-    """
-    from search.storage import open_study, redacted
-
-    try:
-        study = open_study(config, create=False)
-    except LsvError:
-        raise StudyNotRun(f"study {config.study.name!r} has not been run yet (no such study in "
-                          f"{redacted(config.optuna_url)}); start it with `lsv run`") from None
-    record = stored_record(study)
-    if record is None:
-        legacy = config.study_dir / "study.json"
-        if not legacy.is_file():
-            raise StudyNotRun(f"study {config.study.name!r} in {redacted(config.optuna_url)} has no record "
-                              "(it was never started by `lsv run`)")
-        old = json.loads(legacy.read_text())
-        record = StudyRecord(name=config.study.name, digest=str(old.get("digest")), config=old.get("config") or {})
-    return record, study

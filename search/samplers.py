@@ -595,7 +595,8 @@ def _load_baseline(config: Any) -> nn.Module:
 
     ckpt = config.model.checkpoint
     if ckpt.suffix in (".pt", ".pth"):
-        if config.model.arch is None:
-            raise ConfigError(f"model.checkpoint={str(ckpt)!r} is a WeSpeaker state dict; set model.arch")
-        return load_pretrained(ckpt, config.model.arch, **config.model.arch_kwargs)
+        if config.model.architecture is None:
+            raise ConfigError(f"model.checkpoint={str(ckpt)!r} is a WeSpeaker state dict; set model.arch "
+                              "(or model.factory)")
+        return load_pretrained(ckpt, config.model.architecture, **config.model.arch_kwargs)
     return load_checkpoint(ckpt)[0]

@@ -3,6 +3,15 @@
 Choices are tokens: ``"8"``, ``"4"``, ``"3"``, ``"2"`` and, for 1 bit, ``"1a"`` (adaptive) / ``"1s"``
 (static). Tied projection shortcuts follow their block's ``conv1`` and are not searched separately;
 ``fixed`` layers keep the bits the config gives them (None = float).
+
+Blocks and stages, by layer name (:data:`_UNITS`; README "Models"): ResNet ``layer2.1`` / ``layer2``;
+DF-ResNet ``stages.1.0`` / ``stages.1``; ECAPA-TDNN: a block is one of an SE-Res2Block's four parts
+(``layer2.se_res2block.1``, the seven Res2Net convs; ``.0``/``.2`` the 1x1 convs; ``.3`` the SE Linears),
+a stage the SE-Res2Block (``layer2``), and the attentive pooling's two convs are one unit (``pool``) at
+both; CAM++: a block is one CAM dense layer (``xvector.block1.tdnnd3``, its 1x1 bottleneck, local conv
+and the two mask convs) or one FCM residual block (``head.layer1.0``), a stage a dense block
+(``xvector.block1``) or an FCM stage (``head.layer1``). Anything else (stems, transit layers, the
+aggregation conv, embedding layers) is a unit of its own at every granularity.
 """
 
 from __future__ import annotations
@@ -21,16 +30,27 @@ from search.config import SpaceSection
 
 __all__ = ["SearchSpace"]
 
-_BLOCK = re.compile(r"^(?P<stage>layer\d+|downsample_layers\.\d+|stages\.\d+)\.(?P<block>\d+)\.")
+# Each pattern names a layer's block (the whole prefix) and stage; the first that matches wins.
+_UNITS: tuple[re.Pattern[str], ...] = (
+    # ResNet, DF-ResNet, CAM++'s FCM head: numbered residual blocks inside numbered stages
+    re.compile(r"^(?P<block>(?P<stage>(?:head\.)?layer\d+|downsample_layers\.\d+|stages\.\d+)\.\d+)\."),
+    # ECAPA-TDNN: the four parts of an SE-Res2Block
+    re.compile(r"^(?P<block>(?P<stage>layer\d+)\.se_res2block\.\d+)\."),
+    # CAM++: CAM dense layers inside dense blocks
+    re.compile(r"^(?P<block>(?P<stage>xvector\.block\d+)\.tdnnd\d+)\."),
+    # attentive statistics pooling: its two 1x1 convs
+    re.compile(r"^(?P<block>(?P<stage>pool))\."),
+)
 
 
 def _unit_name(layer: str, granularity: str) -> str:
     if granularity == "layer":
         return layer
-    m = _BLOCK.match(layer)
-    if m is None:
-        return layer  # stem conv and embedding layers are units of their own
-    return f"{m['stage']}.{m['block']}" if granularity == "block" else m["stage"]
+    for pattern in _UNITS:
+        m = pattern.match(layer)
+        if m is not None:
+            return m["block"] if granularity == "block" else m["stage"]
+    return layer  # stem conv and embedding layers are units of their own
 
 
 @dataclass(frozen=True)

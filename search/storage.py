@@ -1,7 +1,8 @@
-"""The study's Optuna storage: opening it and the sampler a config names."""
+"""The study's Optuna storage: opening it, reading the study record kept there, and the sampler a config names."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,37 +12,20 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 from sqlalchemy.exc import SQLAlchemyError
 
-from lsv_core.errors import ConfigError
+from lsv_core.errors import ConfigError, LsvError
+from search.record import StudyNotRun, StudyRecord, stored_record
+from search.redaction import redacted, scrub
 from search.samplers import HessianPriorSampler, ProbePriorSampler
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
 
-__all__ = ["SAMPLERS", "check_mlflow_uri", "check_optuna_url", "make_sampler", "open_study", "redacted", "scrub",
-           "sqlite_file"]
+__all__ = ["SAMPLERS", "check_mlflow_uri", "check_optuna_url", "make_sampler", "open_study", "read_record", "redacted",
+           "scrub", "sqlite_file"]
 
 CONNECT_TIMEOUT_S = 10
 DRIVER_HINT = {"postgresql": "psycopg (pip install 'psycopg[binary]'; `make install` brings it)",
                "mysql": "a MySQL driver (pip install pymysql, and use mysql+pymysql://)"}
-
-
-def redacted(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (what logs, errors and records may show)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def scrub(text: str, url: str) -> str:
-    """``text`` with the password of ``url`` (if any) replaced by ``***``, e.g. in a driver's error message."""
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -77,7 +61,29 @@ def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
                           f"({type(err).__name__}: {scrub(reason, url)})") from None
 
 
-# study.sampler -> factory(seed). Eight startup trials: the seed recipes fill most of them.
+def read_record(config: StudyConfig) -> tuple[StudyRecord, optuna.Study]:
+    """The record and the Optuna study of ``config``'s study; :class:`StudyNotRun` when there is none.
+
+    Studies made before the record existed have only ``study.json`` (digest and config); their record
+    is read from there, without layer order or digests.
+    """
+    try:
+        study = open_study(config, create=False)
+    except LsvError:
+        raise StudyNotRun(f"study {config.study.name!r} has not been run yet (no such study in "
+                          f"{redacted(config.optuna_url)}); start it with `lsv run`") from None
+    record = stored_record(study)
+    if record is None:
+        legacy = config.study_dir / "study.json"
+        if not legacy.is_file():
+            raise StudyNotRun(f"study {config.study.name!r} in {redacted(config.optuna_url)} has no record "
+                              "(it was never started by `lsv run`)")
+        old = json.loads(legacy.read_text())
+        record = StudyRecord(name=config.study.name, digest=str(old.get("digest")), config=old.get("config") or {})
+    return record, study
+
+
+# study.sampler (one of search.sampler_names.SAMPLER_NAMES) -> factory(seed). Eight startup trials: the seed recipes fill most of them.
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8),
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),

@@ -157,18 +157,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         shared = cluster.shared_inputs(config, pre.baseline, space, record.baseline_digest or "", progress)
         shared_ref = ray.put(shared)
         excluded = cluster.preflight_nodes(config, record, ray.put(shared.baseline))
-        omega = None
-        seeded = "seeded" in study.user_attrs
-        if config.msft.order == "sensitivity" or (not seeded and config.seeds.allocator_fractions):
-            omega = _sensitivities(config, study, record, pre, shared_ref, excluded)
-        if config.study.sampler == "probe" and not record.unit_probes:
-            record = _unit_probes(config, study, record, pre, shared_ref, excluded)
-        lease.check()  # the steps above can be long: a driver taken over meanwhile writes nothing more
-        if not seeded:
-            for label, recipe in _seed_recipes(config, space, model, omega):
-                study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
-            study.set_user_attr("seeded", True)
-            study.set_user_attr("fp32_bytes", record.fp32_bytes)
+        omega, record = _prepare_priors(config, study, record, pre, shared_ref, excluded, lease)
         control = _Control(config, study, tracker, writer, record)
         if control.point is None:  # the fp32 control runs beside the first trials (one trial's resources)
             control.ref = cluster.submit_recipe(config, shared_ref, {}, excluded=excluded)
@@ -177,27 +166,9 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
             return
         sink_name = f"lsv-sink-{config.study.name}-{uuid.uuid4().hex[:8]}"
         sink = start_sink(config.study_dir, sink_name)
-        logged = [0]
         board = ProgressBoard(config.study.name, n_trials=config.study.n_trials, timeout_s=config.study.timeout_s,
                               console=console, live=None if progress else False)
-
-        def on_record(rec: TrialRecord) -> None:
-            control.poll()
-            if control.point is not None and rec.eer_boot is not None and rec.eer is not None:
-                from search.pareto import TrialPoint
-
-                rec.control_delta = control_delta(TrialPoint(rec.number, rec.eer, int(rec.size_bytes or 0),
-                                                             eer_boot=rec.eer_boot), control.point)
-            writer.submit(_log_unless_displaced, lease, tracker, rec)
-            logged[0] += 1
-            if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
-                writer.submit(refresh_pareto_tags, tracker, study)
-            st = study_status(study, config.size_budget_bytes)
-            if progress:
-                board.finished(rec, st)
-            if on_status is not None:
-                on_status(st)
-
+        on_record = _trial_sink(config, study, tracker, writer, control, board, progress, on_status, lease)
         make = cluster.make_trial_config(config, sink_name,
                                          omega if config.msft.order == "sensitivity" else None, fault_plan)
         searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
@@ -237,6 +208,56 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     if failed:  # Optuna has every result: log what MLflow is missing now (a resumed run would too)
         console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({failed[0]}); retrying[/]")
         _log_missing(study, tracker)
+
+
+def _prepare_priors(config: StudyConfig, study: optuna.Study, record: StudyRecord, pre: Preflight,
+                    shared_ref: Any, excluded: Any, lease: DriverLease) -> tuple[Any, StudyRecord]:
+    """What the trials need first: the sensitivities (``omega``, when the MSFT order or the allocator seeds use
+    them), the unit probes (``sampler = "probe"``), and the seed recipes, enqueued once per study. Returns
+    ``omega`` (None when unused) and the record (with the probes when they were measured now)."""
+    assert pre.baseline is not None and pre.space is not None
+    model, space = pre.baseline.model, pre.space
+    omega = None
+    seeded = "seeded" in study.user_attrs
+    if config.msft.order == "sensitivity" or (not seeded and config.seeds.allocator_fractions):
+        omega = _sensitivities(config, study, record, pre, shared_ref, excluded)
+    if config.study.sampler == "probe" and not record.unit_probes:
+        record = _unit_probes(config, study, record, pre, shared_ref, excluded)
+    lease.check()  # the steps above can be long: a driver taken over meanwhile writes nothing more
+    if not seeded:
+        for label, recipe in _seed_recipes(config, space, model, omega):
+            study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
+        study.set_user_attr("seeded", True)
+        study.set_user_attr("fp32_bytes", record.fp32_bytes)
+    return omega, record
+
+
+def _trial_sink(config: StudyConfig, study: optuna.Study, tracker: StudyTracker, writer: TrackingThread,
+                control: _Control, board: ProgressBoard, progress: bool,
+                on_status: Callable[[StudyStatus], None] | None,
+                lease: DriverLease) -> Callable[[TrialRecord], None]:
+    """What the driver does with each finished trial's record: its difference to the control, its MLflow run
+    (through ``writer``), the Pareto tags every fourth trial, the progress board and ``on_status``."""
+    logged = [0]
+
+    def on_record(rec: TrialRecord) -> None:
+        control.poll()
+        if control.point is not None and rec.eer_boot is not None and rec.eer is not None:
+            from search.pareto import TrialPoint
+
+            rec.control_delta = control_delta(TrialPoint(rec.number, rec.eer, int(rec.size_bytes or 0),
+                                                         eer_boot=rec.eer_boot), control.point)
+        writer.submit(_log_unless_displaced, lease, tracker, rec)
+        logged[0] += 1
+        if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
+            writer.submit(refresh_pareto_tags, tracker, study)
+        st = study_status(study, config.size_budget_bytes)
+        if progress:
+            board.finished(rec, st)
+        if on_status is not None:
+            on_status(st)
+
+    return on_record
 
 
 def _log_unless_displaced(lease: DriverLease, tracker: StudyTracker, rec: TrialRecord) -> None:

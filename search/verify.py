@@ -140,8 +140,8 @@ def verify_study(config: StudyConfig, plan: VerifyPlan, *, address: str | None =
 
     from search import cluster
     from search.preflight import preflight_study
-    from search.record import read_record
     from search.results import control_delta, load_control, load_points
+    from search.storage import read_record
     from search.tracking import StudyTracker
 
     record, study = read_record(config)

@@ -375,12 +375,12 @@ def test_commands_on_a_study_never_run(command: list[str], tiny_study_inputs: di
 def test_export_selector_problems(tiny_study_inputs: dict[str, Path], tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     toml = _write_study(tiny_study_inputs, tmp_path)
-    refused(["export", str(toml), "--max-eer", "150", "--out", str(tmp_path / "o")], capsys, tmp_path, "max_eer=150")
+    refused(["export", str(toml), "--max-eer", "150", "--out", str(tmp_path / "o")], capsys, tmp_path, "--max-eer", "150 should be >= 0 and <= 100")
     refused(["export", str(toml), "--max-size-mb", "0", "--out", str(tmp_path / "o")], capsys, tmp_path,
-            "max_size_mb=0")
+            "--max-size-mb", "0 should be > 0")
     refused(["export", str(toml), "--knee", "--eer-tolerance", "-1", "--out", str(tmp_path / "o")], capsys,
-            tmp_path, "eer_tolerance=-1")
-    refused(["export", str(toml), "--trial", "-3", "--out", str(tmp_path / "o")], capsys, tmp_path, "trial=-3")
+            tmp_path, "--eer-tolerance", "-1 should be >= 0")
+    refused(["export", str(toml), "--trial", "-3", "--out", str(tmp_path / "o")], capsys, tmp_path, "--trial", "-3 should be >= 0")
     refused(["export", str(toml), "--out", str(tmp_path / "o")], capsys, tmp_path, "one of the arguments", code=2)
     assert os.listdir(tmp_path) == ["bad.toml"]
 
@@ -428,7 +428,7 @@ def test_quantize_bad_input(own_inputs: dict[str, Path], tmp_path: Path, capsys:
     bad_recipe.write_text(json.dumps({"layers": {"conv9": 4}}))
     refused([*base, "--recipe", str(bad_recipe)], capsys, tmp_path, "--recipe", "conv9", skip=skip)
     refused([*base, "--bits", "5"], capsys, tmp_path, "--bits", "invalid choice", skip=skip)
-    refused([*base[:-1], "-1", "--bits", "4"], capsys, tmp_path, "total_steps=-1", skip=skip)
+    refused([*base[:-1], "-1", "--bits", "4"], capsys, tmp_path, "--steps", "-1 should be >= 0", skip=skip)
     refused([*base, "--bits", "4", "--device", "tpu"], capsys, tmp_path, "--device", "tpu", skip=skip)
     model, meta = load_checkpoint(ckpt)
     headless = tmp_path / "headless.safetensors"

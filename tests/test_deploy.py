@@ -67,6 +67,9 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ("ThinResNet", QUICKSTART),
     pytest.param(("ResNet34", {}), marks=pytest.mark.slow),
     pytest.param(("Gemini_DF_ResNet60", {}), marks=pytest.mark.slow),
+    ("ECAPA_TDNN", {"channels": 16, "mfa_channels": 32, "embed_dim": 16, "global_context_att": True}),
+    pytest.param(("CAMPPlus", {"embed_dim": 32, "growth_rate": 8, "bn_size": 2, "init_channels": 16}),
+                 marks=pytest.mark.slow),
 ])
 def test_predicted_size_is_the_written_file_to_the_byte(arch: tuple[str, dict], tmp_path: Path) -> None:
     name, kwargs = arch
@@ -85,7 +88,7 @@ def test_predicted_size_is_the_written_file_to_the_byte(arch: tuple[str, dict], 
         assert packed_size_bytes(model) == predicted
         sizes.add(predicted)
         if i % 7 == 0:  # the file runs and computes the quantized model
-            x = torch.randn(2, 160, 80, generator=torch.Generator().manual_seed(i))
+            x = torch.randn(2, 160, base.arch["kwargs"]["feat_dim"], generator=torch.Generator().manual_seed(i))
             with torch.no_grad():
                 want = model(x).numpy()
             got = onnx_session(path).run(["embedding"], {"fbank": x.numpy()})[0]

@@ -188,7 +188,8 @@ def test_report_files_and_mlflow_artifacts(real_study: dict) -> None:
     # cache moved away it renders the same sections. A rewrite replaces the folder whole; a record without
     # traces (a study that never computed them) skips the sensitivity section.
     from search.cli import main
-    from search.record import read_record, save_record
+    from search.record import save_record
+    from search.storage import read_record
 
     moved = [(config.data.cache_dir / "hessian_traces.json", real_study["root"] / "traces.json"),
              (config.model.checkpoint, real_study["root"] / "ckpt.moved")]

@@ -219,3 +219,14 @@ def test_a_study_without_record_is_sampled_at_random() -> None:
         trial = study.ask({"b:x": optuna.distributions.CategoricalDistribution(["2", "4"])})
     assert trial.params["b:x"] in ("2", "4")
     assert any("no lsv record" in str(w.message) for w in caught)
+
+
+def test_every_sampler_name_the_config_accepts_has_a_factory() -> None:
+    from search.config import StudySection
+    from search.sampler_names import SAMPLER_NAMES
+
+    assert sorted(SAMPLERS) == sorted(SAMPLER_NAMES)
+    for name in SAMPLER_NAMES:
+        assert StudySection(name="s", sampler=name).sampler == name
+    with pytest.raises(ValueError, match="allowed samplers are"):
+        StudySection(name="s", sampler="cmaes")

@@ -74,7 +74,8 @@ def test_study_logs_every_trial_once_and_resumes(tiny_study_inputs: dict[str, Pa
     with pytest.raises(ConfigError, match="different config"):
         run_study(changed, progress=False)
     # A study whose sizes were logged in the old unit (packed tensors) is not mixed with model.onnx bytes.
-    from search.record import read_record, save_record
+    from search.record import save_record
+    from search.storage import read_record
 
     record, study = read_record(cfg)
     save_record(study, None, record.__class__.from_dict({**record.to_dict(), "size_format": None}))

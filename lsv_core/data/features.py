@@ -1,68 +1,23 @@
-"""Kaldi-compatible log-mel filterbanks (kaldi-native-fbank) and features of a data set held in memory.
-
-Features match WeSpeaker's front end: 80 bins, 25 ms windows every 10 ms, povey window, waveform scaled
-to the int16 range as Kaldi expects, no dither (so features are deterministic), then per-utterance mean
-normalisation (CMN) over time.
-"""
+"""Features of a data set held in memory; the filterbanks themselves are
+:mod:`lsv_core.data.audio`'s (Kaldi-compatible, as WeSpeaker's front end), re-exported here."""
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import kaldi_native_fbank as knf
 import numpy as np
 
-from lsv_core.data.audio import SAMPLE_RATE, read_audio
+from lsv_core.data.audio import FbankConfig, fbank, features_of_file
 from lsv_core.data.manifest import DataSet
 
 if TYPE_CHECKING:
     from lsv_core.data.fingerprint import Manifest
 from lsv_core.errors import DataError
 
-
-@dataclass(frozen=True)
-class FbankConfig:
-    num_mel_bins: int = 80
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
-    sample_rate: int = SAMPLE_RATE
-    cmn: bool = True
-    resample: bool = False
-
-
-def fbank(wav: np.ndarray, config: FbankConfig = FbankConfig()) -> np.ndarray:
-    """Return (frames, num_mel_bins) float32 log-mel features of a float waveform in [-1, 1]."""
-    opts = knf.FbankOptions()
-    opts.frame_opts.samp_freq = config.sample_rate
-    opts.frame_opts.frame_length_ms = config.frame_length_ms
-    opts.frame_opts.frame_shift_ms = config.frame_shift_ms
-    opts.frame_opts.dither = 0.0
-    opts.frame_opts.snip_edges = True
-    opts.mel_opts.num_bins = config.num_mel_bins
-    computer = knf.OnlineFbank(opts)
-    # Kaldi (and WeSpeaker, which multiplies by 1 << 15) works on int16-scaled samples.
-    computer.accept_waveform(config.sample_rate, (wav * 32768.0).astype(np.float32))
-    computer.input_finished()
-    n = computer.num_frames_ready
-    if n == 0:
-        raise DataError(f"waveform of {len(wav)} samples is shorter than one {config.frame_length_ms} ms frame")
-    feats = np.stack([computer.get_frame(i) for i in range(n)]).astype(np.float32)
-    if config.cmn:
-        feats -= feats.mean(axis=0, keepdims=True)
-    return feats
-
-
-def features_of_file(utt: str, path: str | Path, config: FbankConfig = FbankConfig()) -> np.ndarray:
-    """Fbank of one audio file; errors name the utterance and the path."""
-    wav = read_audio(path, sample_rate=config.sample_rate, resample=config.resample, where=f"utterance {utt}")
-    try:
-        return fbank(wav, config)
-    except DataError as exc:
-        raise DataError(f"utterance {utt}: audio file {path}: {exc}") from None
+__all__ = ["FbankConfig", "FeatureStore", "extract_features", "features_of_file", "fbank"]
 
 
 def _features_of(item: tuple[str, str, FbankConfig]) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from lsv_core.data.features import FbankConfig, FeatureStore, extract_features, fbank
+from lsv_core.data.features import FbankConfig, extract_features
 from lsv_core.data.manifest import DataSet
 from lsv_core.errors import ConfigError
 from lsv_core.settings import check_settings, setting

@@ -102,6 +102,8 @@ def read_kaldi_dir(data_dir: str | Path) -> DataSet:
             raise DataError(f"{wav_scp}:{lineno}: expected '<utt> <path>'; pipes/commands are not supported")
         p = fields[1]
         paths[utt] = (p if os.path.isabs(p) else os.path.join(base, p), lineno)
+    if not paths:  # an empty listing is a mistake (a failed preparation), never "0 files, all fine"
+        raise DataError(f"{wav_scp} lists no utterances; expected one '<utt> <path>' line per audio file")
     spk_of: dict[str, str] = {}
     for lineno, fields in _read_table(utt2spk_file, 2):
         utt, spk = fields[0], fields[1]

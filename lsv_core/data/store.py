@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lsv_core.atomic import atomic_path
-from lsv_core.data.features import FbankConfig, features_of_file
+from lsv_core.data.audio import FbankConfig, features_of_file
 from lsv_core.data.fingerprint import Manifest
 from lsv_core.data.manifest import DataSet
 from lsv_core.errors import DataError

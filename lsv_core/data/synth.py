@@ -48,7 +48,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -799,31 +799,8 @@ def synthesize_corpus(
     _prepare_out_dir(out, overwrite)
 
     speakers = speaker_table(config)
-    jobs = [(str(out), spk, config) for spk in speakers]
-    texts: dict[str, str] = {}
-    speaker_sha256: dict[str, str] = {}
-    n_samples = 0
-    # fork on Linux: works from scripts without an `if __name__ == "__main__"` guard and starts fast
-    # (each speaker loads its own fresh espeak-ng instance, so nothing engine-related is inherited).
-    # Elsewhere fork is unsafe (macOS) or missing (Windows), so spawn.
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with context.Pool(min(workers, len(jobs))) as pool:
-        results = pool.imap_unordered(_synthesize_speaker_files, jobs)
-        for spk_id, digest, speaker_result in _progress(results, len(jobs), config.utts, progress):
-            speaker_sha256[spk_id] = digest
-            for utt_id, text, n in speaker_result:
-                texts[utt_id] = text
-                n_samples += n
-
-    split_utts: dict[str, list[tuple[str, str]]] = {"train": [], "eval": []}
-    for spk in speakers:
-        split_utts[spk.split].extend((utterance_id(spk.spk_id, u), spk.spk_id) for u in range(config.utts))
-    for split, utts in split_utts.items():
-        _write_split(out, split, sorted(utts), texts)
-    trials = make_trials(split_utts["eval"], config.nontarget_ratio, config.seed)
-    _write_lines(
-        out / "eval" / "trials", (f"{e} {t} {'target' if tgt else 'nontarget'}" for e, t, tgt in trials)
-    )
+    texts, speaker_sha256, n_samples = _synthesize_speakers(out, speakers, config, workers, progress)
+    split_utts, trials = _write_lists(out, speakers, config, texts)
 
     n_target = sum(1 for *_, tgt in trials if tgt)
     summary = CorpusSummary(
@@ -839,7 +816,53 @@ def synthesize_corpus(
         content_sha256=corpus_content_hash(out),
         elapsed_seconds=time.perf_counter() - started,
     )
-    info = {
+    info = _corpus_info(config, speakers, summary, speaker_sha256)
+    # Last, so a folder without corpus.json is known to be incomplete.
+    write_text_atomic(out / "corpus.json", json.dumps(info, indent=2) + "\n", overwrite=True)
+    return summary
+
+
+def _synthesize_speakers(out: Path, speakers: list[SpeakerParams], config: SynthConfig, workers: int,
+                         progress: bool) -> tuple[dict[str, str], dict[str, str], int]:
+    """Every speaker's audio files, in ``workers`` processes: texts by utterance, content digest by speaker,
+    total samples."""
+    jobs = [(str(out), spk, config) for spk in speakers]
+    texts: dict[str, str] = {}
+    speaker_sha256: dict[str, str] = {}
+    n_samples = 0
+    # fork on Linux: works from scripts without an `if __name__ == "__main__"` guard and starts fast
+    # (each speaker loads its own fresh espeak-ng instance, so nothing engine-related is inherited).
+    # Elsewhere fork is unsafe (macOS) or missing (Windows), so spawn.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with context.Pool(min(workers, len(jobs))) as pool:
+        results = pool.imap_unordered(_synthesize_speaker_files, jobs)
+        for spk_id, digest, speaker_result in _progress(results, len(jobs), config.utts, progress):
+            speaker_sha256[spk_id] = digest
+            for utt_id, text, n in speaker_result:
+                texts[utt_id] = text
+                n_samples += n
+    return texts, speaker_sha256, n_samples
+
+
+def _write_lists(out: Path, speakers: list[SpeakerParams], config: SynthConfig,
+                 texts: dict[str, str]) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[str, str, bool]]]:
+    """The Kaldi lists of train/ and eval/ and the trial list; returns the utterances by split and the trials."""
+    split_utts: dict[str, list[tuple[str, str]]] = {"train": [], "eval": []}
+    for spk in speakers:
+        split_utts[spk.split].extend((utterance_id(spk.spk_id, u), spk.spk_id) for u in range(config.utts))
+    for split, utts in split_utts.items():
+        _write_split(out, split, sorted(utts), texts)
+    trials = make_trials(split_utts["eval"], config.nontarget_ratio, config.seed)
+    _write_lines(
+        out / "eval" / "trials", (f"{e} {t} {'target' if tgt else 'nontarget'}" for e, t, tgt in trials)
+    )
+    return split_utts, trials
+
+
+def _corpus_info(config: SynthConfig, speakers: list[SpeakerParams], summary: CorpusSummary,
+                 speaker_sha256: dict[str, str]) -> dict[str, Any]:
+    """What ``corpus.json`` says: format, config, speakers, counts and digests."""
+    return {
         "format": CORPUS_FORMAT,
         "config": asdict(config),
         "espeakng_loader_version": importlib.metadata.version("espeakng-loader"),
@@ -869,6 +892,3 @@ def synthesize_corpus(
         "content_sha256": summary.content_sha256,
         "speaker_sha256": dict(sorted(speaker_sha256.items())),
     }
-    # Last, so a folder without corpus.json is known to be incomplete.
-    write_text_atomic(out / "corpus.json", json.dumps(info, indent=2) + "\n", overwrite=True)
-    return summary

@@ -7,7 +7,8 @@ VoxCeleb2 ``.../dev/aac/id0XXXX/<video>/<n>.m4a`` and ``.../test/aac/...``, and 
 (VoxCeleb1 ``id1....``, VoxCeleb2 ``id0....``) and VoxCeleb2's dev/test by a ``test`` folder in the path.
 
 Output (``out``): ``vox1/``, ``vox2_dev/``, ``vox2_test/`` (those present), each with ``wav.scp`` (absolute
-paths), ``utt2spk`` and ``spk2utt``; utterance ids are the ``<spk>/<video>/<n>.<ext>`` paths the trial
+paths under ``root`` as given: symbolic links are followed while searching but kept in the paths, so nodes
+that reach the data through another mount or link read the same list), ``utt2spk`` and ``spk2utt``; utterance ids are the ``<spk>/<video>/<n>.<ext>`` paths the trial
 lists use; trials as ``vox1/vox1_{O,E,H}[_cleaned].kaldi`` (``enroll test target|nontarget``), every id
 checked against VoxCeleb1. ``.m4a`` stays as it is (read with PyAV) unless ``convert_m4a`` decodes it once
 to 16 kHz PCM WAV under ``out/wav/`` (parallel, resumable: a converted file is complete or absent).
@@ -52,11 +53,20 @@ class VoxCelebSummary:
     converted: int = 0
 
 
-def _audio_files(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+def _files(root: Path, suffixes: tuple[str, ...]) -> Iterable[Path]:
+    """Files under ``root`` ending in ``suffixes``, in sorted order, through symlinked folders too (on
+    clusters ``voxceleb1/`` is often a link to shared storage); a folder reached twice (a link to a folder
+    also under ``root``, a link cycle) is walked once."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         for name in sorted(filenames):
-            if name.endswith((".wav", ".m4a")):
+            if name.endswith(suffixes):
                 yield Path(dirpath) / name
 
 
@@ -64,7 +74,7 @@ def _classify(root: Path, out: Path) -> dict[str, dict[str, Path]]:
     """{set name: {utterance id: path}} for every ``id?????/<video>/<n>.(wav|m4a)`` under ``root``."""
     sets: dict[str, dict[str, Path]] = {}
     out = out.resolve()
-    for path in _audio_files(root):
+    for path in _files(root, (".wav", ".m4a")):
         if out in path.resolve().parents:
             continue  # our own converted files, when out lies under root
         spk, video = path.parent.parent.name, path.parent.name
@@ -79,7 +89,7 @@ def _classify(root: Path, out: Path) -> dict[str, dict[str, Path]]:
         bucket = sets.setdefault(name, {})
         if utt in bucket:
             raise DataError(f"{path}: utterance {utt} also at {bucket[utt]} (two copies of the same file)")
-        bucket[utt] = path.resolve()
+        bucket[utt] = path  # not resolved: the path through the user's links
     return sets
 
 
@@ -140,20 +150,21 @@ def prepare_voxceleb(root: str | Path, out: str | Path, *, convert_m4a: bool = F
     """Write Kaldi data dirs and trial lists for the VoxCeleb tree under ``root`` into ``out`` (see the
     module docstring). ``out`` is created whole or not at all; an existing one is replaced only with
     ``overwrite``. Converted WAVs (``convert_m4a``) go to ``out/wav`` and survive an interrupted run."""
-    root, out = Path(root), Path(out)
+    # Absolute but not resolved (abspath only folds "..") so that wav.scp keeps the user's links.
+    root, out = Path(os.path.abspath(root)), Path(os.path.abspath(out))
     if not root.is_dir():
         raise DataError(f"VoxCeleb root {root} does not exist")
     check_writable(out, overwrite)
     sets = _classify(root, out)
     if not sets:
         raise DataError(f"{root} holds no VoxCeleb audio (<id?????>/<video>/<n>.wav or .m4a)")
-    lists = {p.name: p for p in sorted(root.rglob("*.txt")) if p.name in TRIAL_LISTS}
+    lists = {p.name: p for p in _files(root, (".txt",)) if p.name in TRIAL_LISTS}
     if lists and "vox1" not in sets:
         raise DataError(f"{root} holds trial lists ({', '.join(sorted(lists))}) but no VoxCeleb1 audio (id1....)")
     summary = VoxCelebSummary(out)
     # Beside out (same filesystem, so the final rename is cheap), kept across interrupted runs.
-    wav_root = out.parent.resolve() / f".{out.name}.wav"
-    final_wav = out.parent.resolve() / out.name / "wav"
+    wav_root = out.parent / f".{out.name}.wav"
+    final_wav = out / "wav"
     if convert_m4a:
         workers = workers or min(len(os.sched_getaffinity(0)), 8)
         for name, utts in sets.items():

@@ -60,7 +60,7 @@ from lsv_core.quant import (
     recipe_of,
 )
 
-__all__ = ["BUNDLE_FORMAT", "FLOAT_ONNX_NAME", "MARKER_NAME", "MIN_COSINE", "ONNX_NAME", "PACKED_NAME", "Accuracy",
+__all__ = ["BUNDLE_FORMAT", "FLOAT_ONNX_NAME", "MARKER_NAME", "MAX_SCORE_DIFF", "MIN_COSINE", "ONNX_NAME", "PACKED_NAME", "Accuracy",
            "BundleFacts", "OnnxAgreement", "StagedBundle", "check_out_dir", "packed_file_sizes", "read_marker",
            "stage_bundle"]
 
@@ -70,6 +70,9 @@ FLOAT_ONNX_NAME = "model.float.onnx"
 MARKER_NAME = ".lsv-bundle.json"
 BUNDLE_FORMAT = "lsv-bundle/1"
 MIN_COSINE = 0.9999  # onnxruntime vs the quantized torch model, per embedding
+# onnxruntime vs torch, per trial score (cosine): what is meant to be equal. Not the EER: on a small trial
+# subset a trial within float noise of the threshold flips and moves the EER by 100/n_target points.
+MAX_SCORE_DIFF = 1e-3
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,13 @@ class BundleFacts:
 @dataclass(frozen=True)
 class OnnxAgreement:
     """The shipped ONNX run on real evaluation utterances against the torch model: the EER (percent) its
-    embeddings give on the trials, the lowest per-utterance cosine to the torch embedding, and how many."""
+    embeddings give on the trials (reported, not compared), the lowest per-utterance cosine to the torch
+    embedding, how many utterances, and the largest difference of a trial's score from the torch score."""
 
     eer: float
     min_cosine: float
     n_utterances: int
+    max_score_diff: float = 0.0
 
 
 @dataclass
@@ -193,8 +198,9 @@ def stage_bundle(model: nn.Module, packed_file: str | os.PathLike[str], facts: B
     """Write and check the bundle of ``model`` (loaded from ``packed_file``) in a staging folder beside
     ``near`` (the destination, so that :meth:`StagedBundle.commit` is a rename); see the module docstring.
 
-    ``onnx_check(path)`` runs the written ``model.onnx`` on real data (the caller's trials); its EER must
-    be within ``facts.accuracy.eer_tolerance`` of the re-evaluated one and its cosines >= :data:`MIN_COSINE`.
+    ``onnx_check(path)`` runs the written ``model.onnx`` on real data (the caller's trials); its embeddings'
+    cosines to the torch ones must be >= :data:`MIN_COSINE` and its trial scores within
+    :data:`MAX_SCORE_DIFF` of the torch scores (its EER is reported in the card, not compared).
     ``float_onnx`` also writes ``model.float.onnx``.
 
     Raises:
@@ -251,9 +257,10 @@ def _write_onnx(model: nn.Module, tmp: Path, accuracy: Accuracy,
     if not worst_cos >= MIN_COSINE:
         raise CheckpointError(f"{path}: onnxruntime embeddings differ from the torch model's (cosine "
                               f"{worst_cos:.6f} < {MIN_COSINE})")
-    if agreement is not None and not abs(agreement.eer - accuracy.reeval_eer) <= accuracy.eer_tolerance:
-        raise CheckpointError(f"{path}: its embeddings give EER {agreement.eer:.4f} % on the trials, the torch "
-                              f"model {accuracy.reeval_eer:.4f} % (tolerance {accuracy.eer_tolerance:g} points)")
+    if agreement is not None and not agreement.max_score_diff <= MAX_SCORE_DIFF:
+        raise CheckpointError(f"{path}: its trial scores differ from the torch model's by up to "
+                              f"{agreement.max_score_diff:.3g} (allowed {MAX_SCORE_DIFF:g}, cosine) on "
+                              f"{agreement.n_utterances} utterances: onnxruntime does not compute the same network")
     return size, OnnxCheck(max_abs_diff=worst_diff, min_cosine=worst_cos,
                            eer=agreement.eer if agreement is not None else None,
                            n_utterances=agreement.n_utterances if agreement is not None else 0)

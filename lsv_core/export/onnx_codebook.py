@@ -195,14 +195,18 @@ def _trace(arch: dict) -> tuple[onnx.ModelProto, nn.Module]:
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter (onnx_export.py says why that one) warns of its deprecation on every call.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            net, (torch.zeros(1, _TRACE_FRAMES, feat_dim),), buf, dynamo=False, opset_version=CODEBOOK_OPSET,
-            # PRESERVE (the net is in eval mode) keeps the BatchNormalization nodes with their tensors under
-            # their state-dict names; EVAL would fold them into weights we then could not tell apart.
-            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch", 1: "frames"}, OUTPUT_NAME: {0: "batch"}},
-        )
+        try:
+            torch.onnx.export(
+                net, (torch.zeros(1, _TRACE_FRAMES, feat_dim),), buf, dynamo=False, opset_version=CODEBOOK_OPSET,
+                # PRESERVE (the net is in eval mode) keeps the BatchNormalization nodes with their tensors under
+                # their state-dict names; EVAL would fold them into weights we then could not tell apart.
+                training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch", 1: "frames"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        except Exception as err:  # an op without an ONNX export (plugin networks): the file cannot exist
+            raise ConfigError(f"{arch['name']}: cannot be exported to ONNX opset {CODEBOOK_OPSET}, so it has no "
+                              f"deployable file or size ({type(err).__name__}: {str(err)[:300]})") from None
     return onnx.load_from_string(buf.getvalue()), net
 
 
@@ -488,8 +492,8 @@ def codebook_onnx_size(model: nn.Module, recipe: BitRecipe | None = None) -> int
 
 def codebook_onnx_bytes(model: nn.Module) -> bytes:
     """The serialized ONNX file of ``model`` as quantized now (float layers stay float32)."""
+    from lsv_core.quant.layout import PACKED_SUFFIX, packed_tensors
     from lsv_core.quant.quantize import recipe_of
-    from lsv_core.quant.size import PACKED_SUFFIX, packed_tensors
 
     template = graph_template(model)
     recipe = recipe_of(model)

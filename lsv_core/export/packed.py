@@ -1,6 +1,6 @@
 """The packed deployable model: bit-packed codebook indices, codebooks and float tensors in one safetensors file.
 
-Tensors: exactly :func:`lsv_core.quant.size.packed_tensors` of the model (so the file size is
+Tensors: exactly :func:`lsv_core.quant.layout.packed_tensors` of the model (so the file size is
 ``packed_size_bytes(model)`` plus the safetensors header: an 8-byte length and the header JSON).
 Header metadata (safetensors' ``__metadata__``, all JSON strings):
 
@@ -35,9 +35,9 @@ from lsv_core.atomic import atomic_path
 from lsv_core.errors import CheckpointError, ConfigError
 from lsv_core.quant.bitpack import pack_bits, unpack_bits
 from lsv_core.quant.codebook import KMQATConfig
+from lsv_core.quant.layout import PACKED_SUFFIX, codebook_layout, packed_layout, packed_tensors
 from lsv_core.quant.quantize import recipe_of
 from lsv_core.quant.recipe import TRAINING_ONLY_MODULES, BitRecipe, LayerSpec
-from lsv_core.quant.size import PACKED_SUFFIX, codebook_layout, packed_layout, packed_tensors
 
 __all__ = ["PACKED_FORMAT", "load_packed", "pack_bits", "read_packed_header", "save_packed", "unpack_bits"]
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from lsv_core.data.loader import FeatureSource
 from lsv_core.data.trials import Trials
-from lsv_core.errors import ConfigError
+from lsv_core.errors import CheckpointError, ConfigError
 from lsv_core.quant.codebook import KMQATConfig
 from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.quantize import quantize, recluster_all
@@ -88,7 +88,7 @@ class FineTuneData:
 
     train: FeatureSource
     speakers: Mapping[str, int]
-    head: nn.Module
+    head: nn.Module | None  # None: a baseline without its AAM head, only for total_steps = 0
     eval: FeatureSource | None = None
     trials: Trials | None = None
     loader_workers: int = 0
@@ -181,7 +181,10 @@ def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTune
     # gets exactly the budget and schedule its trials get.
     stages = plan_stages(model, recipe, schedule.order, schedule.n_groups, sensitivity) or [[]]
     device = next(model.parameters()).device
-    head = data.head.to(device)
+    head = data.head.to(device) if data.head is not None else None
+    if schedule.total_steps > 0 and head is None:
+        raise CheckpointError(f"fine-tuning (total_steps={schedule.total_steps}) needs the baseline's AAM head and "
+                              "this baseline has none; total_steps=0 quantizes by k-means alone")
     if hasattr(head, "update"):
         head.update(schedule.margin)
     sampler = CropSampler(data.train, data.speakers, crop_frames=schedule.crop_frames,
@@ -194,7 +197,7 @@ def msft(model: nn.Module, recipe: BitRecipe | Mapping[str, Any], data: FineTune
 
 
 def _run_stages(model: nn.Module, recipe: BitRecipe, data: FineTuneData, schedule: MsftSchedule,
-                stages: list[list[str]], head: nn.Module, sampler: Any,
+                stages: list[list[str]], head: nn.Module | None, sampler: Any,
                 callback: Callable[[int, StageMetrics], bool | None] | None, progress: bool,
                 final_eval: Callable[[nn.Module], tuple[float, float]] | None,
                 codebooks: InitialCodebooks | None) -> MsftResult:
@@ -215,7 +218,7 @@ def _run_stages(model: nn.Module, recipe: BitRecipe, data: FineTuneData, schedul
         reestimate_batchnorm(model, sampler, schedule.bn_reestimate_batches)
         steps = steps_per_stage[i]
         loss = float("nan")
-        if steps > 0:
+        if steps > 0 and head is not None:
             params = list(model.parameters()) + list(head.parameters())
             optimizer = make_optimizer(params, schedule.optimizer, schedule.lr, schedule.weight_decay)
             sched = Schedule(steps, schedule.lr, schedule.final_lr, warmup=0.0, margin=schedule.margin,

@@ -423,8 +423,8 @@ class QuantPolicy:
         first_layer: spec for the first quantizable layer (``conv1``): bits, ``(1, mode)``, None for float,
             or ``"recipe"`` to leave it as the recipe says. The first layer has few weights but sees the
             raw features, so keeping it precise is a common choice.
-        embedding_layers: spec for the Linear layers after the last convolution (``seg_1``, ``seg_2``),
-            same values. ``seg_1`` is about 20 % of ResNet34's weights, so this trades size for accuracy.
+        embedding_layers: spec for the layers after the statistics pooling (``seg_1``, ``seg_2``; ECAPA's
+            ``linear``; CAM++'s ``xvector.dense.linear``), same values. ``seg_1`` is about 20 % of ResNet34's weights, so this trades size for accuracy.
         tie_shortcuts: the 1x1 projection shortcut ``layerX.Y.shortcut.0`` (or ``downsample.0``) gets the
             spec of its block's ``layerX.Y.conv1``, float if that one is float; keeps a residual block at
             one precision and shrinks the search space.
@@ -447,8 +447,17 @@ class QuantPolicy:
 
 
 def embedding_layers(model: nn.Module) -> list[str]:
-    """Quantizable Linear layers after the last quantizable convolution (WeSpeaker's ``seg_*``)."""
+    """The segment-level layers: quantizable layers after the model's statistics pooling ``pool`` (WeSpeaker's
+    ``seg_*``, ECAPA-TDNN's ``linear``, CAM++'s 1x1 ``xvector.dense.linear``); for a model without ``pool``,
+    the Linear layers after the last quantizable convolution."""
     layers = quantizable_layers(model)
+    pool = getattr(model, "pool", None)
+    if isinstance(pool, nn.Module):
+        order = [name for name, _ in model.named_modules()]
+        # named_modules lists a module once, under its first name (CAM++ also registers it as xvector.stats)
+        pool_name = next(name for name, module in model.named_modules() if module is pool)
+        start = order.index(pool_name)
+        return [n for n in layers if order.index(n) > start and not n.startswith(f"{pool_name}.")]
     modules = dict(model.named_modules())
     last_conv = max(
         (i for i, n in enumerate(layers) if isinstance(modules[n], (nn.Conv1d, nn.Conv2d))), default=-1

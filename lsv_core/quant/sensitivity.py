@@ -127,29 +127,7 @@ def hessian_traces(
         for w in weights:
             w.requires_grad_(True)
         for batch in batches:
-            loss = loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ConfigError(f"loss_fn returned {type(loss).__name__}; it should return a scalar tensor")
-            grads = torch.autograd.grad(loss.reshape(()), weights, create_graph=True, allow_unused=True)
-            # A weight the loss does not reach, or reaches only linearly, has no second-order term: its
-            # trace contribution is 0 and it must not be an output of the second back-propagation.
-            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            for probe in range(n_probes):
-                # Drawn for every layer (live or not) so a layer's probes do not depend on the others.
-                vs = [_rademacher(w, gen) for w in weights]
-                if live:
-                    hvs = torch.autograd.grad(
-                        [grads[i] for i in live],
-                        weights,
-                        grad_outputs=[vs[i] for i in live],
-                        retain_graph=probe < n_probes - 1,
-                        allow_unused=True,
-                    )
-                    for i, hv in enumerate(hvs):
-                        if hv is not None:
-                            sums[i] += float(torch.sum(vs[i].double() * hv.double()))
-                n_samples += 1
-            del loss, grads
+            n_samples += _hutchinson_batch(model, loss_fn, batch, weights, n_probes, gen, sums)
     finally:
         for w, flag in zip(weights, saved_flags, strict=True):
             w.requires_grad_(flag)
@@ -157,6 +135,34 @@ def hessian_traces(
     if n_samples == 0:
         raise ConfigError("batches is empty; hessian_traces needs at least one batch")
     return {name: s / n_samples for name, s in zip(names, sums, strict=True)}
+
+
+def _hutchinson_batch(model: nn.Module, loss_fn: LossFn, batch: Any, weights: list[torch.Tensor], n_probes: int,
+                      gen: torch.Generator, sums: list[float]) -> int:
+    """Add ``v_i·(Hv)_i`` of ``n_probes`` Rademacher probes on one batch to ``sums`` (per weight); returns
+    the number of probes (see :func:`hessian_traces`)."""
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ConfigError(f"loss_fn returned {type(loss).__name__}; it should return a scalar tensor")
+    grads = torch.autograd.grad(loss.reshape(()), weights, create_graph=True, allow_unused=True)
+    # A weight the loss does not reach, or reaches only linearly, has no second-order term: its
+    # trace contribution is 0 and it must not be an output of the second back-propagation.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    for probe in range(n_probes):
+        # Drawn for every layer (live or not) so a layer's probes do not depend on the others.
+        vs = [_rademacher(w, gen) for w in weights]
+        if live:
+            hvs = torch.autograd.grad(
+                [grads[i] for i in live],
+                weights,
+                grad_outputs=[vs[i] for i in live],
+                retain_graph=probe < n_probes - 1,
+                allow_unused=True,
+            )
+            for i, hv in enumerate(hvs):
+                if hv is not None:
+                    sums[i] += float(torch.sum(vs[i].double() * hv.double()))
+    return n_probes
 
 
 def state_dict_digest(module: nn.Module) -> str:
