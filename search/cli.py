@@ -30,6 +30,7 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED_TRIALS = 3  # `lsv run`: the study ended, but some trials failed (their reasons are printed)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) after a clean stop: running trials re-queued, nothing lost
 EXIT_SIGTERM = 143
+EXIT_LEASE_LOST = 4  # `lsv run`: another driver took the study over while this one was stalled
 # Other packages add subcommands through this entry-point group: ``f(subparsers)`` adds a parser whose
 # ``func(args) -> int`` runs it. The dashboards package adds ``report`` so that search never imports it.
 COMMAND_GROUP = "lsv.commands"
@@ -327,6 +328,7 @@ def _check_quantize(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     from search.config import load_study_config
+    from search.lease import LeaseLost
     from search.redaction import redacted
     from search.study import StudyInterrupted, run_study
     from search.tracking import StudyTracker
@@ -334,6 +336,9 @@ def _run(args: argparse.Namespace) -> int:
     config = load_study_config(args.study, n_trials=args.n_trials)
     try:
         result = run_study(config, address=args.address, fresh=args.fresh, control_only=args.control_only)
+    except LeaseLost as exc:
+        console.print(f"[bold red]lease lost:[/] {exc}", soft_wrap=True)
+        return EXIT_LEASE_LOST
     except StudyInterrupted as exc:
         console.print(f"[yellow]study {config.study.name} {exc}[/]")
         return EXIT_SIGTERM if exc.signum == signal.SIGTERM else EXIT_INTERRUPTED

@@ -9,7 +9,8 @@
   <search.artifacts>`; the data is read at the configured paths on each node. No shared filesystem.
 * :func:`hessian_on_worker` computes the baseline's Hessian traces as a Ray task with one trial's
   resources (``resources.hessian = "worker"``) instead of on the driver.
-* :func:`run_trials` drives Ray Tune with the study's Optuna searcher and early stopper.
+* :func:`run_trials` drives Ray Tune with the study's Optuna searcher and early stopper; Tune stops every
+  trial at its next step once the driver's lease is lost (another driver took the study over).
 """
 
 from __future__ import annotations
@@ -137,10 +138,12 @@ def run_trials(config: StudyConfig, searcher: AskTellSearcher, shared: SharedInp
     from ray import tune
 
     from search.nodes import node_selector
-    from search.scheduler import StageParetoStopper
+    from search.scheduler import LeaseStopper, StageParetoStopper, stage_history
     from search.trial import run_trial
 
-    scheduler = (StageParetoStopper(config.early_stop.margin, config.early_stop.min_peers)
+    # A resumed study's stopper starts from the per-stage results its storage holds.
+    scheduler = (StageParetoStopper(config.early_stop.margin, config.early_stop.min_peers,
+                                    history=stage_history(searcher.study))
                  if config.early_stop.enabled else None)
     bundle = {"CPU": config.resources.cpu, "GPU": config.resources.gpu}
     resources: Any = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
@@ -148,6 +151,7 @@ def run_trials(config: StudyConfig, searcher: AskTellSearcher, shared: SharedInp
         resources = tune.PlacementGroupFactory([bundle], bundle_label_selector=node_selector(excluded))
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), resources)
     remaining = searcher.trials_left
+    stopper = LeaseStopper(searcher.lease)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining or -1,
@@ -155,7 +159,7 @@ def run_trials(config: StudyConfig, searcher: AskTellSearcher, shared: SharedInp
                                     time_budget_s=config.study.timeout_s),
         run_config=tune.RunConfig(name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{sink_name[-8:]}",
                                   storage_path=config.storage.ray_storage or str(config.study_dir / "ray"),
-                                  verbose=0,
+                                  verbose=0, stop=stopper,
                                   failure_config=tune.FailureConfig(max_failures=config.resources.max_failures)),
     )
     tuner.fit()

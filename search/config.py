@@ -240,7 +240,8 @@ class ResourcesSection(_Section):
     """What one trial gets from Ray (``cpu``, ``gpu``: fractions share a GPU), where it runs, and what the
     driver does with a node that fails the preflight (``bad_nodes``: ``"stop"`` the study, or ``"skip"``
     the node). ``device``: ``"auto"`` is the GPU Ray assigned the trial, else the CPU (a trial with ``gpu =
-    0`` never touches a GPU, even on a GPU node). ``hessian``: where the baseline's Hessian traces (and the
+    0`` never touches a GPU, even on a GPU node, and neither do the driver's own steps: probes, Hessian
+    traces, baseline training). ``hessian``: where the baseline's Hessian traces (and the
     ``probe`` sampler's unit probes) are computed, on the ``"driver"`` or on a ``"worker"`` (a Ray task with
     one trial's resources)."""
 
@@ -256,6 +257,9 @@ class ResourcesSection(_Section):
     def _device(cls, v: str) -> str:
         if not DEVICE_RE.match(v):
             raise ValueError("allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+        if v.startswith("cuda:"):  # Ray isolates GPUs: a trial sees its own as cuda:0, whatever N says
+            raise ValueError(f"a trial's GPU is the one Ray assigns it, so {v!r} cannot be honoured; allowed in a "
+                             "study: 'auto', 'cpu', 'cuda' (with resources.gpu > 0)")
         return v
 
     @model_validator(mode="after")
@@ -347,10 +351,16 @@ class StudyConfig(_Section):
         return WorkbenchSpec(
             checkpoint=self.model.checkpoint.resolve(), data=self.data_paths().resolved(), arch=self.model.architecture,
             arch_kwargs=dict(self.model.arch_kwargs), cache_dir=self.data.cache_dir.resolve(),
-            max_trials=self.data.max_trials, subset_seed=self.data.subset_seed, device=self.resources.device,
+            max_trials=self.data.max_trials, subset_seed=self.data.subset_seed, device=self.device,
             codebook_dir=self.study_dir / "codebooks", loading=self.data_loading(),
             train_subset=TrainingSubset(self.data.train_speakers, self.data.train_utts_per_speaker,
                                         self.data.train_subset_seed))
+
+    @property
+    def device(self) -> str:
+        """The device of every step of the study: ``"cpu"`` when ``resources.gpu = 0`` (also on a machine with
+        CUDA), else ``resources.device``; a trial then takes the GPU Ray assigned it (search.trial)."""
+        return "cpu" if self.resources.gpu == 0 else self.resources.device
 
     def data_loading(self) -> DataLoading:
         """The runtime form of ``[data]``'s feature fields."""

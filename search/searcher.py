@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -42,6 +42,7 @@ class _LiveTrial:
     digest: str
     repaired: bool
     full_samples: int = 0  # fine-tuning samples of the full schedule (steps x batch): one full-trial equivalent
+    stage_eers: dict[int, float] = field(default_factory=dict)  # per-stage EERs reported so far
 
 
 def trial_cost(result: dict[str, Any], full_samples: int, state: str) -> dict[str, float]:
@@ -91,6 +92,9 @@ class AskTellSearcher(Searcher):
         # Set when the driver is stopping (SIGINT/SIGTERM): Tune then ends the trials it runs, and they are
         # re-queued, not told as stopped early.
         self.stopping: Any = None
+        # The study's DriverLease (search.lease): once another driver took the study over, nothing more is
+        # asked or told here (that driver has closed and re-queued this one's running trials).
+        self.lease: Any = None
         self.memo = _finished_results(study)
         # Optuna trials this run may still create (trained, memoized or over budget alike); None = no limit.
         self.trials_left = max_trials
@@ -116,11 +120,15 @@ class AskTellSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         dists = self.space.distributions()
         for _ in range(_MAX_ASKS):
+            if self._displaced():
+                return None  # Tune's stopper ends the run (search.cluster)
             if self.trials_left is not None:
                 if self.trials_left <= 0:
                     return Searcher.FINISHED
                 self.trials_left -= 1
             ot = self.study.ask(dists)
+            if self.lease is not None:
+                ot.set_user_attr("driver", self.lease.holder)
             params = {k: ot.params[k] for k in dists}
             repaired = False
             if self.budget is not None:
@@ -168,10 +176,17 @@ class AskTellSearcher(Searcher):
                 log.warning("could not re-queue trial %d: %s", ot.number, err)
         self.live.clear()
 
+    def _displaced(self) -> bool:
+        """Whether another driver took the study over (this one's lease is lost)."""
+        return self.lease is not None and not self.lease.holds()
+
     def _tell(self, ot: optuna.trial.Trial, values: list[float] | None = None,
               state: TrialState | None = None) -> bool:
         """``study.tell``, but a trial already finished elsewhere (another driver took over the study and
         closed it) is reported and skipped instead of crashing the driver; returns whether it was told."""
+        if self._displaced():
+            log.warning("trial %d is not told: another driver took the study over", ot.number)
+            return False
         try:
             if values is not None:
                 self.study.tell(ot, values)
@@ -208,6 +223,8 @@ class AskTellSearcher(Searcher):
         # Intermediate (per-stage) results are never told to Optuna (only final values are); they feed
         # the live progress view.
         live = self.live.get(trial_id)
+        if live is not None and not result.get("final") and "stage" in result and result.get("eer") is not None:
+            live.stage_eers[int(result["stage"])] = float(result["eer"])
         if live is not None and self.on_progress is not None:
             self.on_progress(trial_id, live.trial.number, result)
 
@@ -218,6 +235,9 @@ class AskTellSearcher(Searcher):
         ot, result = live.trial, result or {}
         if self.stopping is not None and self.stopping.is_set() and not result.get("final"):
             self.live[trial_id] = live  # abandon_live re-queues it
+            return
+        if self._displaced():  # the driver that took over re-queued it
+            log.warning("trial %d is not told: another driver took the study over", ot.number)
             return
         if self.study._storage.get_trial(ot._trial_id).state != TrialState.RUNNING:
             log.warning("trial %d was finished by another driver meanwhile; this result is dropped", ot.number)
@@ -235,17 +255,19 @@ class AskTellSearcher(Searcher):
         if not result.get("final"):
             reason = f"stopped after MSFT stage {result.get('stage')} (dominated at that stage)"
             cost = trial_cost(result, live.full_samples, "pruned")
-            ot.set_user_attr("reason", reason)
-            ot.set_user_attr("stage_eers", [result.get("eer")])
-            ot.set_user_attr("cost", cost)
+            # Every stage's EER, the stage plan and the size: a resumed run's early stopper compares with them
+            stages = {**live.stage_eers, **({int(result["stage"]): result["eer"]} if "stage" in result else {})}
+            stage_eers = [stages.get(k) for k in range(max(stages) + 1)] if stages else []
+            pruned = {"reason": reason, "stage_eers": stage_eers, "cost": cost,
+                      **{k: result[k] for k in ("stage_plan", "size_bytes") if k in result}}
+            for k, v in pruned.items():
+                ot.set_user_attr(k, v)
             if not self._tell(ot, state=TrialState.PRUNED):
                 return
-            self.sink(self._record(ot.number, "pruned", live.recipe, {**ray_id, "reason": reason,
-                                                                      "stage_eers": [result.get("eer")],
-                                                                      "cost": cost}))
+            self.sink(self._record(ot.number, "pruned", live.recipe, {**ray_id, **pruned}))
             return
         attrs = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes",
-                                        "compression_ratio", "avg_bits", "stage_eers", "trial_wall_s",
+                                        "compression_ratio", "avg_bits", "stage_eers", "stage_plan", "trial_wall_s",
                                         "packed_path", "setup_s", "node_id", "eer_boot") if k in result}
         attrs.update(ray_id)
         attrs["cost"] = trial_cost(result, live.full_samples, "complete")

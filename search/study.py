@@ -16,7 +16,10 @@ Resuming: running a study that exists continues it. Trials left RUNNING by a dri
 marked failed ("interrupted") and their assignments re-queued; finished trials missing from MLflow
 (the driver died between Optuna's tell and the MLflow write) are logged then, so nothing is lost
 and nothing is logged twice. Ctrl-C (SIGINT) or SIGTERM stops the trials, re-queues the running ones
-and raises :class:`StudyInterrupted`. ``fresh=True`` moves the old folder aside (never deletes it).
+and raises :class:`StudyInterrupted`. ``fresh=True`` moves the old folder aside (never deletes it). A
+driver stalled past ``storage.lease_timeout_s`` whose study another driver took over stops at its next
+step (no ask, no tell, no MLflow write; its Tune trials and control stopped) and raises
+:class:`~search.lease.LeaseLost`.
 """
 
 from __future__ import annotations
@@ -89,8 +92,9 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
     """Run (or resume) the study described by ``config``; returns its status when no trials remain.
 
     Raises :class:`~search.preflight.PreflightFailed` (nothing written) for bad input,
-    :class:`~search.lease.StudyBusy` when another driver runs the study, :class:`StudyInterrupted` after a
-    clean stop on SIGINT/SIGTERM. ``fault_plan`` maps Optuna trial numbers to injected faults (fault tests).
+    :class:`~search.lease.StudyBusy` when another driver runs the study, :class:`~search.lease.LeaseLost` when
+    another driver took the study over while this one was stalled (its trials stopped, nothing more told),
+    :class:`StudyInterrupted` after a clean stop on SIGINT/SIGTERM. ``fault_plan`` maps Optuna trial numbers to injected faults (fault tests).
     ``control_only`` runs only the study's fp32 control (a study made before controls existed), no trials.
     """
     t0 = time.monotonic()
@@ -179,7 +183,7 @@ def _run_checked(config: StudyConfig, pre: Preflight, t0: float, *, address: str
             remaining = 0
         if remaining != 0 or load_control(study) is None:
             _run_trials(config, study, pre, record, tracker, remaining, address, progress, fault_plan,
-                        on_status, stopped)
+                        on_status, stopped, lease)
         refresh_pareto_tags(tracker, study)
         status = study_status(study, config.size_budget_bytes)
         cost = status.cost
@@ -195,7 +199,7 @@ def _run_checked(config: StudyConfig, pre: Preflight, t0: float, *, address: str
 def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record: StudyRecord,
                 tracker: StudyTracker, remaining: int | None, address: str | None, progress: bool,
                 fault_plan: dict[int, dict[str, Any]] | None, on_status: Callable[[StudyStatus], None] | None,
-                stopped: _StopEvent) -> None:
+                stopped: _StopEvent, lease: DriverLease) -> None:
     import ray
 
     from lsv_core.quant import packed_size_bytes
@@ -213,7 +217,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         shared = cluster.shared_inputs(config, pre.baseline, space, record.baseline_digest or "", progress)
         shared_ref = ray.put(shared)
         excluded = pre.excluded_nodes  # checked before the study was created
-        omega, record = _prepare_priors(config, study, record, pre, shared_ref, excluded)
+        omega, record = _prepare_priors(config, study, record, pre, shared_ref, excluded, lease)
         control = _Control(config, study, tracker, writer, record)
         if control.point is None:  # the fp32 control runs beside the first trials (one trial's resources)
             control.ref = cluster.submit_recipe(config, shared_ref, {}, excluded=excluded)
@@ -224,13 +228,14 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         sink = start_sink(config.study_dir, sink_name)
         board = ProgressBoard(config.study.name, n_trials=config.study.n_trials, timeout_s=config.study.timeout_s,
                               console=console, live=None if progress else False)
-        on_record = _trial_sink(config, study, tracker, writer, control, board, progress, on_status)
+        on_record = _trial_sink(config, study, tracker, writer, control, board, progress, on_status, lease)
         make = cluster.make_trial_config(config, sink_name,
                                          omega if config.msft.order == "sensitivity" else None, fault_plan)
         searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
                                    budget_bytes=config.size_budget_bytes, make_config=make, sink=on_record,
                                    max_trials=remaining, on_progress=board.update)
         searcher.stopping = stopped
+        searcher.lease = lease
         with board:
             stopped.in_tune = True
             try:
@@ -240,8 +245,14 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         if stopped.is_set():  # Tune ended its loop on our SIGINT/SIGTERM: close up like an interrupt
             raise KeyboardInterrupt  # (before any other Ray call: a signal to the group may have hit Ray too)
         ray.kill(sink)
+        if not lease.holds():  # taken over: Tune stopped the trials; the control goes too, nothing is told
+            if control.ref is not None:
+                ray.cancel(control.ref, force=True)
+            lease.check()
         control.wait()
     except KeyboardInterrupt:  # SIGINT/SIGTERM (see _stop_signals): the trials still running go back in the queue
+        if not lease.holds():  # the running trials are another driver's now: touch nothing
+            raise
         if searcher is not None:
             searcher.abandon_live(INTERRUPTED)
         # The signal may land between Optuna's ask and the searcher's bookkeeping: every trial still RUNNING
@@ -263,7 +274,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
 
 
 def _prepare_priors(config: StudyConfig, study: optuna.Study, record: StudyRecord, pre: Preflight,
-                    shared_ref: Any, excluded: Any) -> tuple[Any, StudyRecord]:
+                    shared_ref: Any, excluded: Any, lease: DriverLease) -> tuple[Any, StudyRecord]:
     """What the trials need first: the sensitivities (``omega``, when the MSFT order or the allocator seeds use
     them), the unit probes (``sampler = "probe"``), and the seed recipes, enqueued once per study. Returns
     ``omega`` (None when unused) and the record (with the probes when they were measured now)."""
@@ -275,6 +286,7 @@ def _prepare_priors(config: StudyConfig, study: optuna.Study, record: StudyRecor
         omega = _sensitivities(config, study, record, pre, shared_ref, excluded)
     if config.study.sampler == "probe" and not record.unit_probes:
         record = _unit_probes(config, study, record, pre, shared_ref, excluded)
+    lease.check()  # the steps above can be long: a driver taken over meanwhile writes nothing more
     if not seeded:
         for label, recipe in _seed_recipes(config, space, model, omega):
             study.enqueue_trial(space.params_from_recipe(recipe), user_attrs={"seed": label})
@@ -285,7 +297,8 @@ def _prepare_priors(config: StudyConfig, study: optuna.Study, record: StudyRecor
 
 def _trial_sink(config: StudyConfig, study: optuna.Study, tracker: StudyTracker, writer: TrackingThread,
                 control: _Control, board: ProgressBoard, progress: bool,
-                on_status: Callable[[StudyStatus], None] | None) -> Callable[[TrialRecord], None]:
+                on_status: Callable[[StudyStatus], None] | None,
+                lease: DriverLease) -> Callable[[TrialRecord], None]:
     """What the driver does with each finished trial's record: its difference to the control, its MLflow run
     (through ``writer``), the Pareto tags every fourth trial, the progress board and ``on_status``."""
     logged = [0]
@@ -297,7 +310,7 @@ def _trial_sink(config: StudyConfig, study: optuna.Study, tracker: StudyTracker,
 
             rec.control_delta = control_delta(TrialPoint(rec.number, rec.eer, int(rec.size_bytes or 0),
                                                          eer_boot=rec.eer_boot), control.point)
-        writer.submit(tracker.log_trial, rec)
+        writer.submit(_log_unless_displaced, lease, tracker, rec)
         logged[0] += 1
         if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
             writer.submit(refresh_pareto_tags, tracker, study)
@@ -308,6 +321,15 @@ def _trial_sink(config: StudyConfig, study: optuna.Study, tracker: StudyTracker,
             on_status(st)
 
     return on_record
+
+
+def _log_unless_displaced(lease: DriverLease, tracker: StudyTracker, rec: TrialRecord) -> None:
+    """Log a told trial to MLflow, unless another driver took the study over meanwhile: that driver logged
+    every trial told before it took over (``_recover``), and a second run of it would be a duplicate."""
+    if lease.holds():
+        tracker.log_trial(rec)
+    else:
+        console.print(f"[yellow]trial {rec.number} is left for the driver that took the study over to log[/]")
 
 
 class _Control:
@@ -429,7 +451,7 @@ def _make_planned_inputs(config: StudyConfig, pre: Preflight, progress: bool) ->
         from lsv_core.train import TrainConfig, train_baseline
 
         paths = config.data_paths()
-        tc = TrainConfig(seed=config.study.seed, device="auto" if config.resources.device == "auto" else "cpu")
+        tc = TrainConfig(seed=config.study.seed, device=config.device)
         if config.model.train_steps:
             tc.steps = config.model.train_steps
         train_baseline(tc, paths.train, out=config.model.checkpoint, eval_dir=paths.eval, trials=paths.trials,

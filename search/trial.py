@@ -33,7 +33,8 @@ from lsv_core.quant.initial_codebooks import InitialCodebooks
 from lsv_core.quant.msft import MsftSchedule, StageMetrics, plan_stages
 from lsv_core.workbench import Workbench, WorkbenchSpec
 
-__all__ = ["SharedInputs", "hessian_task", "layer_sensitivity", "recipe_task", "run_trial", "trial_device"]
+__all__ = ["SharedInputs", "hessian_task", "layer_sensitivity", "placement", "ray_trial_device", "recipe_task",
+           "run_trial", "trial_device"]
 
 _WORKBENCHES: dict[str, Workbench] = {}
 
@@ -48,15 +49,42 @@ class SharedInputs:
     digest: str
 
 
-def trial_device(requested: str, gpu_ids: list[Any]) -> str:
-    """The device of a trial: ``"auto"`` is the GPU Ray assigned (``cuda:0``: Ray sets CUDA_VISIBLE_DEVICES to
-    it), else the CPU; with no GPU assigned a trial never takes one, even on a GPU node (Ray does not hide
-    the node's GPUs from a task that asked for none)."""
+def trial_device(requested: str, gpu_ids: list[Any], visible: str | None = None) -> str:
+    """The device of a trial, from the GPU ids Ray assigned it (``ray.get_gpu_ids()``), never from the config.
+
+    With no GPU assigned the trial runs on the CPU, even on a GPU node (Ray does not hide the node's GPUs
+    from a task that asked for none); ``requested = "cuda"`` then is an error. With GPUs assigned (and
+    ``requested`` not ``"cpu"``) it is the first of them as this process numbers it: Ray sets
+    ``CUDA_VISIBLE_DEVICES`` (``visible``) to the assigned ids, so the trial's GPU is ``cuda:<its position
+    in that list>`` (``cuda:0`` in a plain Ray setup); where Ray leaves the variable unset, it is
+    ``cuda:<id>``. Two trials at ``resources.gpu = 0.5`` get the same id, each its half of that GPU."""
     if requested == "cpu" or not gpu_ids:
         if requested.startswith("cuda"):
             raise RuntimeError(f"device={requested!r} but Ray assigned this trial no GPU (resources.gpu = 0?)")
         return "cpu"
-    return "cuda:0" if requested in ("auto", "cuda") else requested
+    first = str(gpu_ids[0])
+    order = [d.strip() for d in visible.split(",")] if visible else []
+    if first in order:
+        return f"cuda:{order.index(first)}"
+    if visible:
+        raise RuntimeError(f"Ray assigned GPU {first} but CUDA_VISIBLE_DEVICES={visible!r} does not list it")
+    return f"cuda:{first}"
+
+
+def ray_trial_device(requested: str) -> str:
+    """:func:`trial_device` inside a Ray task or Tune trial (the CPU outside Ray)."""
+    import ray
+
+    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    return trial_device(requested, gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def placement() -> dict[str, Any]:
+    """Where this Ray task runs, as Ray decided it: the GPU ids it assigned and ``CUDA_VISIBLE_DEVICES``."""
+    import ray
+
+    return {"gpu_ids": [str(i) for i in (ray.get_gpu_ids() if ray.is_initialized() else [])],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "node_id": _node_id()}
 
 
 def _workbench_for(spec: dict[str, Any], shared: SharedInputs | None) -> Workbench:
@@ -79,11 +107,9 @@ def recipe_task(spec: dict[str, Any], shared: SharedInputs, recipe: dict[str, An
                 omega: dict[str, dict[Any, float]] | None = None) -> dict[str, Any]:
     """Ray task: one recipe at one schedule, scored like a trial (the study's fp32 control is the empty
     recipe; ``lsv verify`` re-runs front recipes with other seeds and longer fine-tunes)."""
-    import ray
-
     torch.set_num_threads(max(1, threads))
     meter = _CostMeter()
-    spec = {**spec, "device": trial_device(spec.get("device", "auto"), ray.get_gpu_ids())}
+    spec = {**spec, "device": ray_trial_device(spec.get("device", "auto"))}
     bench = _workbench_for(spec, shared)
     sched = MsftSchedule.from_dict(schedule)
     rec = BitRecipe.from_mapping(recipe)
@@ -98,18 +124,14 @@ def recipe_task(spec: dict[str, Any], shared: SharedInputs, recipe: dict[str, An
 
 def hessian_task(spec: dict[str, Any], shared: SharedInputs, cache_path: str, seed: int) -> dict[str, float]:
     """Ray task: the baseline's Hessian traces on a worker (``resources.hessian = "worker"``)."""
-    import ray
-
-    spec = {**spec, "device": trial_device(spec.get("device", "auto"), ray.get_gpu_ids())}
+    spec = {**spec, "device": ray_trial_device(spec.get("device", "auto"))}
     return _workbench_for(spec, shared).hessian_traces(cache_path=cache_path, seed=seed)
 
 
 def probe_task(spec: dict[str, Any], shared: SharedInputs, units: dict[str, list[str]],
                choices: list[str]) -> dict[str, Any]:
     """Ray task: the unit probes on a worker (``resources.hessian = "worker"``); a ProbeResult dict."""
-    import ray
-
-    spec = {**spec, "device": trial_device(spec.get("device", "auto"), ray.get_gpu_ids())}
+    spec = {**spec, "device": ray_trial_device(spec.get("device", "auto"))}
     return _workbench_for(spec, shared).probe(units, choices).to_dict()
 
 
@@ -124,24 +146,36 @@ def layer_sensitivity(omega: dict[str, dict[Any, float]] | None, recipe: BitReci
 def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> None:
     """Ray Tune function trainable. ``config``: recipe, workbench spec, schedule, threads, artifact sink,
     fault hooks; ``shared``: the study's :class:`SharedInputs` (``tune.with_parameters``)."""
-    import ray
     from ray import tune
+
+    from search.scheduler import stage_plan_key
 
     t0 = time.monotonic()
     meter = _CostMeter()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     recipe = BitRecipe.from_mapping(config["recipe"])
-    fault = config.get("fault")  # test hook: {"kind": "raise" | "nan" | "kill", "once_file": path}
+    # Test hooks: {"kind": "raise" | "nan" | "kill", "once_file": path} inject a failure at stage 0;
+    # {"kind": "placement", "hold_s": s} reports where Ray placed the trial and the device it chose, holds
+    # for hold_s (so concurrent trials overlap), and ends before anything moves to that device (GPU
+    # placement is tested on Ray nodes with declared GPUs and no CUDA).
+    fault = config.get("fault")
     try:
         spec = dict(config["workbench"])
-        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-        spec["device"] = trial_device(spec.get("device", "auto"), gpu_ids)
+        spec["device"] = ray_trial_device(spec.get("device", "auto"))
+        if fault and fault.get("kind") == "placement":
+            t_start = time.time()
+            time.sleep(float(fault.get("hold_s", 0)))
+            tune.report({"final": True, "device": spec["device"], **placement(), "t_start": t_start,
+                         "t_end": time.time(), "optuna_trial": config["optuna_trial"]})
+            return
         bench = _workbench_for(spec, shared)
         setup_s = time.monotonic() - t0
         size = bench.size_of(recipe)
         schedule = MsftSchedule.from_dict(config["schedule"])
         sensitivity = layer_sensitivity(config.get("sensitivity"), recipe)
-        n_stages = len(plan_stages(bench.model, recipe, schedule.order, schedule.n_groups, sensitivity))
+        groups = plan_stages(bench.model, recipe, schedule.order, schedule.n_groups, sensitivity)
+        n_stages = len(groups)
+        plan = stage_plan_key(schedule.order, [[recipe[n].bits for n in g] for g in groups])
         meter.gpu_share = float(config.get("gpu", 0)) if spec["device"].startswith("cuda") else 0.0
         n_eval = len(bench.trials.utterances)
 
@@ -149,7 +183,7 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
             _inject_fault(fault, stage)
             meter.add(m.steps * schedule.batch_size, n_eval if m.eer is not None else 0)
             tune.report({"stage": stage, "eer": m.eer if m.eer is not None else math.nan,
-                         "size_bytes": size, "n_stages": n_stages, "final": False,
+                         "size_bytes": size, "n_stages": n_stages, "stage_plan": plan, "final": False,
                          "optuna_trial": config["optuna_trial"], **meter.report()})
             return False
 
@@ -163,7 +197,7 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
         tune.report({
             **{k: summary[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes",
                                        "compression_ratio", "avg_bits")},
-            "stage": len(outcome.stages) - 1, "stage_eers": [s.eer for s in outcome.stages],
+            "stage": len(outcome.stages) - 1, "stage_eers": [s.eer for s in outcome.stages], "stage_plan": plan,
             "final": True, "packed_path": str(packed), "setup_s": setup_s,
             "trial_wall_s": time.monotonic() - t0, "optuna_trial": config["optuna_trial"],
             "node_id": _node_id(), "device": spec["device"],

@@ -234,3 +234,30 @@ class RayCluster:
         bootstrap = Path("/tmp/ray/ray_current_cluster")
         if bootstrap.exists() and f":{self.port}" in bootstrap.read_text():
             bootstrap.unlink()
+
+
+class RayHead:
+    """A one-node Ray cluster on 127.0.0.1 (``ray start --head``) with declared resources: ``gpus`` makes Ray
+    hand out GPU ids (``ray.get_gpu_ids()``, ``CUDA_VISIBLE_DEVICES``) on a machine without one, a fake GPU
+    for placement tests. Stopped by its port (never ``ray stop``: that would stop every Ray here)."""
+
+    def __init__(self, cpus: int = 2, gpus: int = 0) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.cpus, self.gpus = cpus, gpus
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    def start(self, timeout_s: float = 120.0) -> RayHead:
+        ray = str(Path(sys.executable).parent / "ray")
+        subprocess.run([ray, "start", "--head", "--port", str(self.port), "--num-cpus", str(self.cpus),
+                        "--num-gpus", str(self.gpus), "--node-ip-address", "127.0.0.1", "--include-dashboard",
+                        "false"], env=self.env, check=True, capture_output=True, timeout=timeout_s)
+        return self
+
+    def stop(self) -> None:
+        from tests.conftest import kill_ray_processes
+
+        kill_ray_processes(rf"[:=]{self.port}(?!\d)")
+        bootstrap = Path("/tmp/ray/ray_current_cluster")
+        if bootstrap.exists() and f":{self.port}" in bootstrap.read_text():
+            bootstrap.unlink()

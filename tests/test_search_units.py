@@ -237,9 +237,9 @@ def test_a_trial_uses_exactly_the_gpus_ray_assigned_it() -> None:
     from search.trial import trial_device
 
     assert trial_device("auto", []) == "cpu"  # gpu = 0: the CPU, even on a GPU node
-    assert trial_device("auto", ["3"]) == "cuda:0"  # Ray's CUDA_VISIBLE_DEVICES makes its GPU the first
+    assert trial_device("auto", ["3"], "3") == "cuda:0"  # Ray's CUDA_VISIBLE_DEVICES makes its GPU the first
     assert trial_device("cpu", ["0"]) == "cpu"
-    assert trial_device("cuda", ["1"]) == "cuda:0"
+    assert trial_device("cuda", ["1"], "1") == "cuda:0"
     with pytest.raises(RuntimeError, match="assigned this trial no GPU"):
         trial_device("cuda", [])
     cfg = parse_study_config({"study": {"name": "g"}, "resources": {"gpu": 0.5}})  # two trials share one GPU
