@@ -50,18 +50,24 @@ from search.results import (
     StudyStatus,
     control_delta,
     load_control,
+    progress_metrics,
     refresh_control_deltas,
     refresh_pareto_tags,
     study_status,
 )
 from search.space import SearchSpace
 from search.storage import open_study, redacted
-from search.tracking import StudyTracker, TrackingThread, TrialRecord
+from search.tracking import CONTROL_TAG, StudyTracker, TrackingThread, TrialRecord
 
 __all__ = ["RunResult", "StudyInterrupted", "run_study"]
 
 console = Console(stderr=True)
 INTERRUPTED = "interrupted (driver stopped)"
+# The config fields logged as params of the study's parent run: the few users filter studies on (each param
+# is a column of the MLflow runs table; the whole config is the run's config.json artifact).
+PARENT_PARAMS = ("study.sampler", "study.seed", "study.n_trials", "space.granularity", "space.bits",
+                 "objectives.size_budget_mb", "objectives.min_dcf", "msft.order", "msft.total_steps",
+                 "data.max_trials", "model.checkpoint")
 
 
 class StudyInterrupted(LsvError):
@@ -110,7 +116,7 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
         baseline = {"baseline_size_bytes": float(record.fp32_bytes or 0)}
         if (record.baseline_eval or {}).get("eer") is not None:
             baseline["baseline_eer"] = float(record.baseline_eval["eer"])
-        tracker.start_study(config.public_dump(), config.digest(), baseline)
+        tracker.start_study(config.public_dump(), config.digest(), baseline, param_keys=PARENT_PARAMS)
         _recover(study, tracker)
         done = sum(1 for t in study.get_trials(deepcopy=False)
                    if t.state.is_finished() and t.user_attrs.get("reason") not in NOT_COUNTED)
@@ -141,6 +147,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     from lsv_core.quant import packed_size_bytes
     from search import cluster
     from search.artifacts import start_sink
+    from search.renderers import load_renderers, render_study
     from search.searcher import AskTellSearcher
 
     assert pre.baseline is not None and pre.space is not None
@@ -149,6 +156,8 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     stopped.install()  # Ray's core worker installs its own SIGTERM handler (it aborts the process)
     writer = TrackingThread()
     searcher: AskTellSearcher | None = None
+    renderers = load_renderers()  # e.g. the dashboards' plots of the parent run (search never imports them)
+    baseline_eer = (record.baseline_eval or {}).get("eer")
     try:
         shared = cluster.shared_inputs(config, pre.baseline, space, record.baseline_digest or "", progress)
         shared_ref = ray.put(shared)
@@ -185,9 +194,15 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                                                              eer_boot=rec.eer_boot), control.point)
             writer.submit(tracker.log_trial, rec)
             logged[0] += 1
+            st = study_status(study, config.size_budget_bytes)
+            # One step per finished trial: MLflow's chart view draws the search's progress from these.
+            history = progress_metrics(st, fp32_bytes=record.fp32_bytes, baseline_eer=baseline_eer)
+            writer.submit(tracker.log_progress, int(history.pop("n_finished") or 0), history)
             if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
                 writer.submit(refresh_pareto_tags, tracker, study)
-            st = study_status(study, config.size_budget_bytes)
+            every = config.study.report_every
+            if renderers and every and logged[0] % every == 0:
+                writer.submit(render_study, renderers, config, tracker)
             if progress:
                 board.finished(rec, st)
             if on_status is not None:
@@ -219,6 +234,10 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         _requeue_running(study)
         raise
     finally:
+        # The front as it stands, also when stopped: tags, then the pictures (lsv report redraws them later).
+        writer.submit(refresh_pareto_tags, tracker, study)
+        if renderers:
+            writer.submit(render_study, renderers, config, tracker)
         failed = writer.close()
         if started_here:
             ray.shutdown()
@@ -550,7 +569,12 @@ def _log_control(study: optuna.Study, tracker: StudyTracker) -> None:
         return
     metrics = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes") if k in result}
     metrics.update({f"cost_{k}": v for k, v in (result.get("cost") or {}).items()})
-    tracker.log_side_run("control", "control-fp32", metrics, tags={"lsv.state": "complete"}, key="control")
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    note = (f"fp32 control: the baseline fine-tuned like every trial, nothing quantized — {result['eer']:.2f} % EER"
+            + (f", {result['size_bytes'] / 1e3:.1f} kB" if result.get("size_bytes") else ""))
+    tracker.log_side_run("control", "control-fp32", metrics, key="control",
+                         tags={"lsv.state": "complete", CONTROL_TAG: "true", MLFLOW_RUN_NOTE: note})
 
 
 def _log_missing(study: optuna.Study, tracker: StudyTracker) -> None:
