@@ -48,15 +48,16 @@ def mlflow_shots(study: Path, out: Path) -> list[Path]:
     parent = tracker.parent_run_id
     server = MlflowServer(backend_store_uri=config.mlflow_uri).start()
     base = f"{server.uri}/#/experiments/{tracker.experiment_id}/runs/{parent}"
-    shots = [(tracker.front_url(server.uri), out / "mlflow_front.png", (1500, 560)),
-             (f"{base}/model-metrics", out / "mlflow_progress.png", (1500, 900)),
-             (f"{base}/artifacts/pareto.png", out / "mlflow_pareto.png", (1500, 900))]
+    # The metric charts draw after every history was fetched: give that page more (virtual) time.
+    shots = [(tracker.front_url(server.uri), out / "mlflow_front.png", (1500, 560), 20000),
+             (f"{base}/model-metrics", out / "mlflow_progress.png", (1500, 900), 60000),
+             (f"{base}/artifacts/pareto.png", out / "mlflow_pareto.png", (1500, 900), 20000)]
     try:
-        for url, png, size in shots:
-            chromium_page(url, screenshot=png, size=size)
+        for url, png, size, budget_ms in shots:
+            chromium_page(url, screenshot=png, size=size, budget_ms=budget_ms)
     finally:
         server.stop()
-    return [_small(png) for _, png, _ in shots]
+    return [_small(png) for _, png, _, _ in shots]
 
 
 def dashboard_shot(study: Path, out: Path) -> Path:

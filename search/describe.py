@@ -19,7 +19,7 @@ __all__ = ["recipe_in_words", "run_name", "trial_description"]
 # WeSpeaker's segment-level Linear layers (seg_1, seg_2) make the embedding: one word for users.
 _EMBEDDING_PREFIX = "seg_"
 FLOAT_WORDS = "fp32"
-_NAME_WORDS = 60
+_NAME_WORDS = 72
 
 
 def _token(spec: Any) -> str:
@@ -99,9 +99,18 @@ def trial_description(recipe: Mapping[str, Any], *, state: str = "complete", eer
     return line + (f" (repeats trial {memoized_from})" if memoized_from is not None else "")
 
 
-def run_name(number: int, recipe: Mapping[str, Any]) -> str:
-    """``"0007 4 bit; layer3 2 bit"``: the zero-padded trial number first, so names sort in trial order."""
+def run_name(number: int, recipe: Mapping[str, Any], *, state: str = "complete", eer: float | None = None,
+             size_bytes: float | None = None) -> str:
+    """``"0007 7.24% 34.5kB 4 bit; layer3 2 bit; ..."``: the zero-padded trial number first, so names sort in
+    trial order, then what the runs table shows without picking columns: EER (percent) and size (kB) of a
+    complete trial, or its state, and the start of its recipe in words."""
     words = recipe_in_words(recipe) if recipe else "no recipe"
-    if len(words) > _NAME_WORDS:
-        words = words[: _NAME_WORDS - 3] + "..."
-    return f"{number:04d} {words}"
+    if state != "complete":
+        head = state
+    else:
+        head = " ".join(x for x in (None if eer is None else f"{eer:.2f}%",
+                                    None if size_bytes is None else f"{size_bytes / 1e3:.1f}kB") if x)
+    text = f"{head} {words}" if head else words
+    if len(text) > _NAME_WORDS:
+        text = text[: _NAME_WORDS - 3] + "..."
+    return f"{number:04d} {text}"

@@ -11,10 +11,11 @@ Layout of a study in MLflow::
       run "<study>"   lsv.role=study     params: the few config fields users filter on (the full config is the
                                          config.json artifact); metrics: baseline_*, summary, and histories
                                          with one step per finished trial (hypervolume, front_size, ...)
-        run "0000 4 bit ..." lsv.role=trial  params bits.<layer> ("4", "1s", "1a"), avg_bits;
-        run "0001 ..."                   metrics eer (percent), min_dcf, size_bytes, size_mb, stage_eer[step]...;
+        run "0000 7.24% 34.5kB 4 bit; layer3 2 bit; ..."   (number first: names sort; search.describe)
+        run "0001 ..."    lsv.role=trial params bits.<layer> ("4", "1s", "1a"), avg_bits;
+                                         metrics eer (percent), min_dcf, size_bytes, size_mb, stage_eer[step]...;
                                          tags lsv.optuna_trial, lsv.state, lsv.reason, ...; recipe.json;
-                                         a description in words (mlflow.note.content, :mod:`search.describe`)
+                                         a description in words (mlflow.note.content)
 
 Logging is idempotent per Optuna trial number, so a resumed study adds no duplicate runs. Each trial
 costs about three store calls (create run with its tags, one ``log_batch``, terminate) plus local file
@@ -293,7 +294,8 @@ class StudyTracker:
             {key: _cut(str(value), _MAX_TAG_VALUE) for key, value in optional.items() if value is not None}
         )
         run_id = self.client.create_run(
-            self.experiment_id, start_time=start, tags=tags, run_name=run_name(record.number, record.recipe)
+            self.experiment_id, start_time=start, tags=tags, run_name=run_name(
+                record.number, record.recipe, state=record.state, eer=record.eer, size_bytes=record.size_bytes)
         ).info.run_id
 
         params = [Param(_param_key(f"bits.{layer}"), bits_param(spec)) for layer, spec in recipe.items()]

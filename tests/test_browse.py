@@ -51,9 +51,11 @@ def test_recipe_in_words_groups_blocks_and_names_the_exceptions() -> None:
 
 
 def test_run_names_sort_in_trial_order_and_stay_short() -> None:
-    names = [run_name(n, QUICKSTART_KNEE) for n in (10, 2, 100, 1)]
-    assert sorted(names) == [run_name(n, QUICKSTART_KNEE) for n in (1, 2, 10, 100)]
-    assert names[0].startswith("0010 4 bit; layer3 2 bit") and all(len(n) <= 65 for n in names)
+    names = [run_name(n, QUICKSTART_KNEE, eer=7.2431, size_bytes=34_512) for n in (10, 2, 100, 1)]
+    assert sorted(names) == [run_name(n, QUICKSTART_KNEE, eer=7.2431, size_bytes=34_512) for n in (1, 2, 10, 100)]
+    # The runs table shows the name without picking columns: EER and size first, then the recipe.
+    assert names[0].startswith("0010 7.24% 34.5kB 4 bit; layer3 2 bit; layer4") and all(len(n) <= 77 for n in names)
+    assert run_name(3, {"conv1": 2}, state="failed") == "0003 failed 2 bit everywhere"
 
 
 # -- the front within the noise -------------------------------------------------------------------------------
@@ -198,6 +200,8 @@ def test_trial_runs_are_named_described_and_carry_few_params(browse_study: dict)
     for run in runs:
         number = int(run.data.tags[TRIAL_TAG])
         assert run.info.run_name.startswith(f"{number:04d} ")
+        if number in points:
+            assert run.info.run_name.startswith(f"{number:04d} {points[number].eer:.2f}% ")
         note = run.data.tags["mlflow.note.content"]
         if number in points:
             p = points[number]
@@ -279,3 +283,48 @@ def test_export_tags_the_chosen_run(browse_study: dict, tmp_path: Path, capsys: 
                                                                         'tags.exported = "true"')
     assert [int(r.data.tags[TRIAL_TAG]) for r in runs] == [result["source_trial"]]
     assert runs[0].data.tags["exported_as"].startswith("lsv-browse v")
+
+
+@pytest.mark.slow
+def test_a_study_stopped_by_ctrl_c_still_leaves_its_pictures(tiny_study_inputs: dict, tmp_path: Path) -> None:
+    """``report_every = 0`` draws only when the study ends or stops: after SIGINT the parent run has the
+    plots and the front table of the trials done so far."""
+    import os
+    import signal
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.config import parse_study_config
+    from search.tracking import StudyTracker
+    from tests.conftest import kill_ray_processes, spawn_driver
+
+    raw = study_raw_config(tiny_study_inputs, tmp_path, name="stopped",
+                           study={"n_trials": 8, "concurrency": 1, "report_every": 0},
+                           msft={"total_steps": 12, "batch_size": 16})
+    toml = tmp_path / "stopped.toml"
+    toml.write_text(to_toml(raw))
+    config = parse_study_config(raw)
+    log = tmp_path / "driver.log"
+    proc = spawn_driver(["run", str(toml)], log)
+
+    def count(state: TrialState) -> int:
+        try:
+            study = optuna.load_study(study_name="stopped", storage=config.optuna_url)
+        except Exception:  # noqa: BLE001 - not created yet
+            return 0
+        return len(study.get_trials(deepcopy=False, states=(state,)))
+
+    deadline = time.monotonic() + 300
+    while not (count(TrialState.COMPLETE) >= 2 and count(TrialState.RUNNING) >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=180) == 130, log.read_text()[-3000:]
+    kill_ray_processes(rf"session_[\d_-]+_{proc.pid}(?!\d)")
+    tracker = StudyTracker(config.mlflow_uri, "stopped")
+    client = MlflowClient(config.mlflow_uri)
+    assert {"pareto.png", "front.csv", "front.json"} <= {a.path for a in client.list_artifacts(tracker.parent_run_id)}
+    drawn = json.loads(Path(client.download_artifacts(tracker.parent_run_id, "front.json", str(tmp_path))).read_text())
+    assert drawn["n_complete"] == count(TrialState.COMPLETE) >= 2
