@@ -8,6 +8,7 @@ starts the MLflow UI on the study's tracking store and optuna-dashboard on its O
     mlflow_front.png        the runs table filtered to the Pareto front (tags.pareto_optimal = "true")
     mlflow_progress.png     the parent run's metric histories (hypervolume, front size, ... per finished trial)
     mlflow_pareto.png       the parent run's pareto.png artifact, as `lsv run` logged it
+    mlflow_front_table.png  the parent run's front.csv artifact, shown as a table
     optuna_dashboard.png    optuna-dashboard's page of the study
 
 Each PNG is kept under 300 kB (reduced to a 256-colour palette when bigger).
@@ -48,10 +49,13 @@ def mlflow_shots(study: Path, out: Path) -> list[Path]:
     parent = tracker.parent_run_id
     server = MlflowServer(backend_store_uri=config.mlflow_uri).start()
     base = f"{server.uri}/#/experiments/{tracker.experiment_id}/runs/{parent}"
-    # The metric charts draw after every history was fetched: give that page more (virtual) time.
+    # The experiment's chart view (the trial runs folded under the study's run) draws the parent run's
+    # histories; the run page's own "Model metrics" tab never finishes drawing in headless Chromium.
+    charts = f"{server.uri}/#/experiments/{tracker.experiment_id}/runs?compareRunsMode=CHART"
     shots = [(tracker.front_url(server.uri), out / "mlflow_front.png", (1500, 560), 20000),
-             (f"{base}/model-metrics", out / "mlflow_progress.png", (1500, 900), 60000),
-             (f"{base}/artifacts/pareto.png", out / "mlflow_pareto.png", (1500, 900), 20000)]
+             (charts, out / "mlflow_progress.png", (1500, 1400), 60000),
+             (f"{base}/artifacts/pareto.png", out / "mlflow_pareto.png", (1500, 900), 20000),
+             (f"{base}/artifacts/front.csv", out / "mlflow_front_table.png", (1500, 560), 20000)]
     try:
         for url, png, size, budget_ms in shots:
             chromium_page(url, screenshot=png, size=size, budget_ms=budget_ms)

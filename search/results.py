@@ -161,8 +161,9 @@ def study_status(study: optuna.Study, budget_bytes: int | None = None) -> StudyS
 
 def progress_metrics(status: StudyStatus, *, fp32_bytes: int | None, baseline_eer: float | None) -> dict[str, float | None]:
     """The parent run's metric histories at one finished trial: ``hypervolume`` (EER points x fraction of the
-    fp32 size, the report's reference point), ``front_size``, ``best_eer_under_budget`` (percent),
-    ``cost_fte`` (full-trial equivalents spent so far) and ``n_finished``."""
+    fp32 size, against the report's reference point: 2 x the baseline's EER, or without it 1.1 x the worst
+    front EER so far, which moves), ``front_size``, ``best_eer_under_budget`` (percent), ``cost_fte``
+    (full-trial equivalents spent so far) and ``n_finished`` (the step)."""
     front = [(float(p["eer"]), float(p["size_bytes"])) for p in status.pareto]
     hv = None
     if front and fp32_bytes:
