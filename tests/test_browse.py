@@ -323,6 +323,7 @@ def test_a_study_stopped_by_ctrl_c_still_leaves_its_pictures(tiny_study_inputs: 
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=180) == 130, log.read_text()[-3000:]
     kill_ray_processes(rf"session_[\d_-]+_{proc.pid}(?!\d)")
+    assert "Traceback" not in log.read_text() and "renderer" not in log.read_text(), log.read_text()[-3000:]
     tracker = StudyTracker(config.mlflow_uri, "stopped")
     client = MlflowClient(config.mlflow_uri)
     assert {"pareto.png", "front.csv", "front.json"} <= {a.path for a in client.list_artifacts(tracker.parent_run_id)}
