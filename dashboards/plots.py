@@ -356,16 +356,18 @@ def save_pareto_png(points: Sequence[TrialPoint], path: str | Path, *, baseline:
 
 
 def save_hypervolume_png(points: Sequence[TrialPoint], path: str | Path, ref: tuple[float, float], *,
-                         size_scale: float) -> Path:
+                         size_scale: float, by_cost: bool = False) -> Path:
     """The PNG counterpart of :func:`hypervolume_figure`."""
     ordered = sorted(points, key=lambda p: p.number)
     hv = hypervolume_history(ordered, ref, size_scale=size_scale)
     fig = _new_figure(8, 3.6)
     ax = fig.add_subplot()
-    ax.step([p.number for p in ordered], hv, where="post", marker="o", ms=3)
-    ax.set_xlabel("Optuna trial number")
+    xs = [p.found_after_fte if by_cost and p.found_after_fte is not None else p.number for p in ordered]
+    ax.step(xs, hv, where="post", marker="o", ms=3)
+    ax.set_xlabel("cost so far (full-trial equivalents)" if by_cost else "Optuna trial number")
     ax.set_ylabel("hypervolume\n(EER % x size / fp32)")
-    ax.set_title(f"Hypervolume over trials (reference: EER {ref[0]:.2f} %, {ref[1]:,.0f} bytes)")
+    what = "cost" if by_cost else "trials"
+    ax.set_title(f"Hypervolume over {what} (reference: EER {ref[0]:.2f} %, {ref[1]:,.0f} bytes)")
     ax.grid(True, alpha=0.3)
     fig.savefig(path)
     return Path(path)

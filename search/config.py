@@ -58,6 +58,9 @@ class StudySection(_Section):
     timeout_s: float | None = Field(default=None, gt=0)
     sampler: str = "tpe"
     concurrency: int = Field(default=2, ge=1)
+    # Every this many finished trials `lsv run` redraws the study's plots and front table into its MLflow
+    # parent run (search.renderers), and again when the study ends or stops; 0: only then.
+    report_every: int = Field(default=8, ge=0)
 
     @field_validator("sampler")
     @classmethod
@@ -378,7 +381,7 @@ class StudyConfig(_Section):
     def digest(self) -> str:
         """Hash of everything that changes trial results (not n_trials/timeout/concurrency/storage)."""
         d = self.model_dump(mode="json")
-        for k in ("n_trials", "timeout_s", "concurrency"):
+        for k in ("n_trials", "timeout_s", "concurrency", "report_every"):
             d["study"].pop(k, None)
         d.pop("storage", None)
         for k in ("max_failures", "bad_nodes", "hessian"):  # where things run, not what they compute

@@ -34,6 +34,7 @@ __all__ = [
     "best_eer_with_size_at_most",
     "ci_knee_point",
     "paired_front",
+    "significant_front",
     "significantly_better",
     "smallest_not_worse_than",
     "smallest_within_of",
@@ -312,6 +313,22 @@ def paired_front(points: Sequence[TrialPoint], *, level: float = DEFAULT_LEVEL) 
         if not any(significantly_better(points[i], b, level) for i in rivals):
             keep.append(j)
     return sorted(keep, key=lambda i: (size[i], eer[i], i))
+
+
+def significant_front(points: Sequence[TrialPoint], *, level: float = DEFAULT_LEVEL) -> list[int]:
+    """The front thinned to the steps the noise cannot explain: the plain-front points that are
+    :func:`significantly_better` than *every* strictly smaller point (the smallest front point always
+    qualifies). Each one is a model no smaller model matches within the evaluation noise, so these are the
+    sizes worth choosing between; a front point left out has a smaller model as good as it, as far as the
+    evaluation can tell. Ordered by size, then EER, then index. Duplicates of a kept point are kept too."""
+    front = pareto_front(points)
+    size = np.array([p.size_bytes for p in points], dtype=float)
+    keep = []
+    for j in front:
+        smaller = [i for i in range(len(points)) if size[i] < size[j]]
+        if all(significantly_better(points[j], points[i], level) for i in smaller):
+            keep.append(j)
+    return keep
 
 
 def ci_knee_point(points: Sequence[TrialPoint], *, level: float = DEFAULT_LEVEL) -> int | None:

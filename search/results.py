@@ -16,7 +16,14 @@ import optuna
 from optuna.trial import TrialState
 
 from lsv_core.quant.recipe import LayerSpec
-from search.pareto import TrialPoint, paired_front, pareto_ranks
+from search.pareto import (
+    TrialPoint,
+    hypervolume,
+    knee_point,
+    pareto_ranks,
+    reference_point,
+    significant_front,
+)
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
@@ -31,6 +38,8 @@ __all__ = [
     "PARETO_OPTIMAL_CI_TAG",
     "PARETO_OPTIMAL_TAG",
     "PARETO_RANK_TAG",
+    "KNEE_TAG",
+    "progress_metrics",
     "StudyStatus",
     "load_points",
     "load_control",
@@ -40,11 +49,13 @@ __all__ = [
     "study_status",
 ]
 
-# MLflow run tags: the UI filter `tags.pareto_optimal = "true"` lists the front; `pareto_optimal_ci` the
-# CI-aware front (points no smaller point beats beyond the evaluation noise, paired bootstrap).
+# MLflow run tags (README, "Browse"): the UI filter `tags.pareto_optimal = "true"` lists the front;
+# `pareto_optimal_ci` the front within the noise (search.pareto.significant_front: front points better than
+# every smaller model beyond the evaluation noise, paired bootstrap); `knee` the front's knee.
 PARETO_OPTIMAL_TAG = "pareto_optimal"
 PARETO_OPTIMAL_CI_TAG = "pareto_optimal_ci"
 PARETO_RANK_TAG = "pareto_rank"
+KNEE_TAG = "knee"
 
 
 # -- study-level numbers, shared by `lsv run`'s progress line and `lsv status` ------------------------------
@@ -148,6 +159,21 @@ def study_status(study: optuna.Study, budget_bytes: int | None = None) -> StudyS
     return st
 
 
+def progress_metrics(status: StudyStatus, *, fp32_bytes: int | None, baseline_eer: float | None) -> dict[str, float | None]:
+    """The parent run's metric histories at one finished trial: ``hypervolume`` (EER points x fraction of the
+    fp32 size, against the report's reference point: 2 x the baseline's EER, or without it 1.1 x the worst
+    front EER so far, which moves), ``front_size``, ``best_eer_under_budget`` (percent), ``cost_fte``
+    (full-trial equivalents spent so far) and ``n_finished`` (the step)."""
+    front = [(float(p["eer"]), float(p["size_bytes"])) for p in status.pareto]
+    hv = None
+    if front and fp32_bytes:
+        ref = reference_point(front, fp32_bytes=fp32_bytes, baseline_eer=baseline_eer)
+        hv = hypervolume(front, ref, size_scale=float(fp32_bytes))
+    return {"hypervolume": hv, "front_size": float(status.pareto_size),
+            "best_eer_under_budget": status.best_eer_under_budget, "cost_fte": status.cost.total_fte,
+            "n_finished": float(status.n_complete + status.n_failed + status.n_pruned)}
+
+
 # -- loading --------------------------------------------------------------------------------------------
 def _optional_float(value: Any) -> float | None:
     try:
@@ -222,7 +248,8 @@ def load_points_from_mlflow(tracker: StudyTracker) -> list[TrialPoint]:
 
 # -- MLflow tags ----------------------------------------------------------------------------------------
 def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[TrialPoint]) -> int:
-    """Tag every trial run: ``pareto_optimal`` ("true"/"false") and, for complete trials, ``pareto_rank``.
+    """Tag every trial run: ``pareto_optimal``, ``pareto_optimal_ci`` (:func:`~search.pareto.significant_front`)
+    and ``knee`` ("true"/"false") and, for complete trials, ``pareto_rank``.
 
     ``study`` is the Optuna study (read through :func:`load_points`) or points already loaded. Only tags
     whose value changed are written, so calling this after every few trials costs one run search plus
@@ -233,13 +260,16 @@ def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[Tr
 
     points = list(study) if isinstance(study, Sequence) else load_points(study)
     ranks = dict(zip((p.number for p in points), pareto_ranks(points), strict=True))
-    ci_front = {points[i].number for i in paired_front(points)}
+    ci_front = {points[i].number for i in significant_front(points)}
+    knee = knee_point(points)
+    knee_number = points[knee].number if knee is not None else None
     changed = 0
     for run in tracker.child_runs():
         number = int(run.data.tags.get(TRIAL_TAG, "-1"))
         rank = ranks.get(number)
         want = {PARETO_OPTIMAL_TAG: "true" if rank == 0 else "false",
-                PARETO_OPTIMAL_CI_TAG: "true" if number in ci_front else "false"}
+                PARETO_OPTIMAL_CI_TAG: "true" if number in ci_front else "false",
+                KNEE_TAG: "true" if number == knee_number else "false"}
         if rank is not None:
             want[PARETO_RANK_TAG] = str(rank)
         if any(run.data.tags.get(k) != v for k, v in want.items()):

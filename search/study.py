@@ -54,18 +54,24 @@ from search.results import (
     StudyStatus,
     control_delta,
     load_control,
+    progress_metrics,
     refresh_control_deltas,
     refresh_pareto_tags,
     study_status,
 )
 from search.space import SearchSpace
 from search.storage import open_study, redacted
-from search.tracking import StudyTracker, TrackingThread, TrialRecord
+from search.tracking import CONTROL_TAG, StudyTracker, TrackingThread, TrialRecord
 
 __all__ = ["RunResult", "StudyInterrupted", "run_study"]
 
 console = Console(stderr=True)
 INTERRUPTED = "interrupted (driver stopped)"
+# The config fields logged as params of the study's parent run: the few users filter studies on (each param
+# is a column of the MLflow runs table; the whole config is the run's config.json artifact).
+PARENT_PARAMS = ("study.sampler", "study.seed", "study.n_trials", "space.granularity", "space.bits",
+                 "objectives.size_budget_mb", "objectives.min_dcf", "msft.order", "msft.total_steps",
+                 "data.max_trials", "model.checkpoint")
 
 
 class StudyInterrupted(LsvError):
@@ -174,7 +180,7 @@ def _run_checked(config: StudyConfig, pre: Preflight, t0: float, *, address: str
         baseline = {"baseline_size_bytes": float(record.fp32_bytes or 0)}
         if (record.baseline_eval or {}).get("eer") is not None:
             baseline["baseline_eer"] = float(record.baseline_eval["eer"])
-        tracker.start_study(config.public_dump(), config.digest(), baseline)
+        tracker.start_study(config.public_dump(), config.digest(), baseline, param_keys=PARENT_PARAMS)
         _recover(study, tracker)
         done = sum(1 for t in study.get_trials(deepcopy=False)
                    if t.state.is_finished() and t.user_attrs.get("reason") not in NOT_COUNTED)
@@ -205,6 +211,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     from lsv_core.quant import packed_size_bytes
     from search import cluster
     from search.artifacts import start_sink
+    from search.renderers import load_renderers, render_study
     from search.searcher import AskTellSearcher
 
     assert pre.baseline is not None and pre.space is not None
@@ -213,6 +220,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     stopped.install()  # Ray's core worker installs its own SIGTERM handler (it aborts the process)
     writer = TrackingThread()
     searcher: AskTellSearcher | None = None
+    renderers = load_renderers()  # e.g. the dashboards' plots of the parent run (search never imports them)
     try:
         shared = cluster.shared_inputs(config, pre.baseline, space, record.baseline_digest or "", progress)
         shared_ref = ray.put(shared)
@@ -228,7 +236,8 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         sink = start_sink(config.study_dir, sink_name)
         board = ProgressBoard(config.study.name, n_trials=config.study.n_trials, timeout_s=config.study.timeout_s,
                               console=console, live=None if progress else False)
-        on_record = _trial_sink(config, study, tracker, writer, control, board, progress, on_status, lease)
+        on_record = _trial_sink(config, study, tracker, writer, control, board, progress, on_status, lease,
+                                renderers, record)
         make = cluster.make_trial_config(config, sink_name,
                                          omega if config.msft.order == "sensitivity" else None, fault_plan)
         searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
@@ -262,6 +271,12 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         _requeue_running(study)
         raise
     finally:
+        # The front as it stands, also when stopped: tags, then the pictures (lsv report redraws them later);
+        # not by a driver that was taken over (the study's MLflow runs are the new driver's to write).
+        if lease.holds():
+            writer.submit(refresh_pareto_tags, tracker, study)
+            if renderers:
+                writer.submit(render_study, renderers, config, tracker)
         failed = writer.close()
         if started_here:
             ray.shutdown()
@@ -298,10 +313,14 @@ def _prepare_priors(config: StudyConfig, study: optuna.Study, record: StudyRecor
 def _trial_sink(config: StudyConfig, study: optuna.Study, tracker: StudyTracker, writer: TrackingThread,
                 control: _Control, board: ProgressBoard, progress: bool,
                 on_status: Callable[[StudyStatus], None] | None,
-                lease: DriverLease) -> Callable[[TrialRecord], None]:
+                lease: DriverLease, renderers: list[Any], record: StudyRecord) -> Callable[[TrialRecord], None]:
     """What the driver does with each finished trial's record: its difference to the control, its MLflow run
-    (through ``writer``), the Pareto tags every fourth trial, the progress board and ``on_status``."""
+    and a step of the parent run's progress histories (through ``writer``), the Pareto tags every fourth trial,
+    the parent run's pictures every ``study.report_every`` trials, the progress board and ``on_status``."""
+    from search.renderers import render_study
+
     logged = [0]
+    baseline_eer = (record.baseline_eval or {}).get("eer")
 
     def on_record(rec: TrialRecord) -> None:
         control.poll()
@@ -312,9 +331,15 @@ def _trial_sink(config: StudyConfig, study: optuna.Study, tracker: StudyTracker,
                                                          eer_boot=rec.eer_boot), control.point)
         writer.submit(_log_unless_displaced, lease, tracker, rec)
         logged[0] += 1
+        st = study_status(study, config.size_budget_bytes)
+        # One step per finished trial: MLflow's chart view draws the search's progress from these.
+        history = progress_metrics(st, fp32_bytes=record.fp32_bytes, baseline_eer=baseline_eer)
+        writer.submit(tracker.log_progress, int(history.pop("n_finished") or 0), history)
         if logged[0] % 4 == 0:  # keep `tags.pareto_optimal = "true"` usable in the UI during the study
             writer.submit(refresh_pareto_tags, tracker, study)
-        st = study_status(study, config.size_budget_bytes)
+        every = config.study.report_every
+        if renderers and every and logged[0] % every == 0:
+            writer.submit(render_study, renderers, config, tracker)
         if progress:
             board.finished(rec, st)
         if on_status is not None:
@@ -655,7 +680,12 @@ def _log_control(study: optuna.Study, tracker: StudyTracker) -> None:
         return
     metrics = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes") if k in result}
     metrics.update({f"cost_{k}": v for k, v in (result.get("cost") or {}).items()})
-    tracker.log_side_run("control", "control-fp32", metrics, tags={"lsv.state": "complete"}, key="control")
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    note = (f"fp32 control: the baseline fine-tuned like every trial, nothing quantized — {result['eer']:.2f} % EER"
+            + (f", {result['size_bytes'] / 1e3:.1f} kB" if result.get("size_bytes") else ""))
+    tracker.log_side_run("control", "control-fp32", metrics, key="control",
+                         tags={"lsv.state": "complete", CONTROL_TAG: "true", MLFLOW_RUN_NOTE: note})
 
 
 def _log_missing(study: optuna.Study, tracker: StudyTracker) -> None:

@@ -8,10 +8,14 @@ URI and no active run, because one process may track several studies and tests c
 Layout of a study in MLflow::
 
     experiment "lsv/<study>"             tag mlflow.experimentKind=custom_model_development
-      run "<study>"   lsv.role=study     params: flattened config; metrics: baseline_*, summary; config.json
-        run "trial-0" lsv.role=trial     params bits.<layer> ("4", "1s", "1a"), avg_bits;
-        run "trial-1" ...                metrics eer (percent), min_dcf, size_bytes, size_mb, stage_eer[step]...;
-                                         tags lsv.optuna_trial, lsv.state, lsv.reason, ...; recipe.json
+      run "<study>"   lsv.role=study     params: the few config fields users filter on (the full config is the
+                                         config.json artifact); metrics: baseline_*, summary, and histories
+                                         with one step per finished trial (hypervolume, front_size, ...)
+        run "0000 7.24% 34.5kB 4 bit; layer3 2 bit; ..."   (number first: names sort; search.describe)
+        run "0001 ..."    lsv.role=trial params bits.<layer> ("4", "1s", "1a"), avg_bits;
+                                         metrics eer (percent), min_dcf, size_bytes, size_mb, stage_eer[step]...;
+                                         tags lsv.optuna_trial, lsv.state, lsv.reason, ...; recipe.json;
+                                         a description in words (mlflow.note.content)
 
 Logging is idempotent per Optuna trial number, so a resumed study adds no duplicate runs. Each trial
 costs about three store calls (create run with its tags, one ``log_batch``, terminate) plus local file
@@ -30,6 +34,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,13 +44,14 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from lsv_core.errors import ConfigError
 from lsv_core.quant.recipe import BitRecipe, LayerSpec, SpecLike
+from search.describe import run_name, trial_description
 from search.redaction import redacted, scrub
 
-__all__ = ["FLOAT_PARAM", "TRIAL_STATES", "StudyTracker", "TrackingThread", "TrialRecord", "bits_param",
+__all__ = ["EXPORTED_TAG", "FLOAT_PARAM", "TRIAL_STATES", "StudyTracker", "TrackingThread", "TrialRecord", "bits_param",
            "default_tracking_uri"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,9 @@ ROLE_TAG = "lsv.role"
 TRIAL_TAG = "lsv.optuna_trial"
 FLOAT_PARAM = "32"  # bits.<layer> of a layer left in float
 CONTROL_DELTA_METRICS = ("eer_delta_control", "eer_delta_control_low", "eer_delta_control_high")
+# Filterable tags users can trust (README, "Browse"): the control run and the exported (chosen) trial run.
+CONTROL_TAG = "control"
+EXPORTED_TAG = "exported"
 
 # MLflow's limits (mlflow.utils.validation); a store rejects the whole batch when one entry breaks them.
 _MAX_KEY = 250
@@ -156,12 +165,15 @@ class StudyTracker:
         return cls(default_tracking_uri(study_dir), study_name, artifact_root=study_dir / "mlartifacts")
 
     # -- the study (parent run) --------------------------------------------------------------------
-    def start_study(self, config: Mapping[str, Any], config_hash: str, baseline: Mapping[str, float]) -> str:
+    def start_study(self, config: Mapping[str, Any], config_hash: str, baseline: Mapping[str, float], *,
+                    param_keys: Sequence[str] | None = None) -> str:
         """Create the study's parent run, or reopen it when the study resumes; returns its run id.
 
-        Logs the flattened config as params (values cut to MLflow's limits; the full text is in the
-        ``config.json`` artifact), ``baseline`` as ``baseline_<key>`` metrics, and tags ``lsv.study``,
-        ``lsv.config_hash``. Resuming with a different ``config_hash`` raises :class:`ConfigError`.
+        Logs the flattened config as params (only the dotted ``param_keys`` when given: every param is a
+        column of the runs table, so a study logs the few users filter on; values cut to MLflow's limits;
+        the full text is in the ``config.json`` artifact), ``baseline`` as ``baseline_<key>`` metrics, and
+        tags ``lsv.study``, ``lsv.config_hash``. Resuming with a different ``config_hash`` raises
+        :class:`ConfigError`.
         """
         existing = self._find_parent()
         if existing is None:
@@ -188,8 +200,10 @@ class StudyTracker:
 
         # On resume only what is missing is logged (a driver may have died between create and log).
         now = _now_ms()
+        wanted = None if param_keys is None else {_param_key(k) for k in param_keys}
         params = [
-            Param(key, value) for key, value in _config_params(config).items() if key not in logged_params
+            Param(key, value) for key, value in _config_params(config).items()
+            if key not in logged_params and (wanted is None or key in wanted)
         ]
         metrics = [
             Metric(_metric_key(key, prefix="baseline_"), float(value), now, 0)
@@ -221,6 +235,15 @@ class StudyTracker:
         metrics = [Metric(_metric_key(key), float(value), now, 0) for key, value in summary.items()]
         self._log_batch(self.parent_run_id, metrics=metrics)
         self.client.set_terminated(self.parent_run_id, status="FINISHED", end_time=now)
+
+    def log_progress(self, step: int, metrics: Mapping[str, float | None]) -> None:
+        """One point of the parent run's metric histories (e.g. ``hypervolume``, ``front_size``) at ``step``
+        (the number of finished trials), so MLflow's chart view draws the search's progress. None values
+        and non-finite ones are skipped."""
+        now = _now_ms()
+        entries = [Metric(_metric_key(k), float(v), now, int(step)) for k, v in metrics.items()
+                   if v is not None and _finite(float(v))]
+        self._log_batch(self.parent_run_id, metrics=entries)
 
     def log_study_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Attach a file or folder (e.g. a Pareto plot, the study report) to the parent run."""
@@ -257,6 +280,10 @@ class StudyTracker:
             "lsv.study": self.study_name,
             TRIAL_TAG: str(record.number),
             "lsv.state": record.state,
+            MLFLOW_RUN_NOTE: _cut(trial_description(
+                record.recipe, state=record.state, eer=record.eer, size_bytes=record.size_bytes,
+                compression_ratio=record.compression_ratio, reason=record.reason,
+                memoized_from=record.memoized_from), _MAX_TAG_VALUE),
         }
         optional = {
             "lsv.reason": record.reason,
@@ -268,7 +295,8 @@ class StudyTracker:
             {key: _cut(str(value), _MAX_TAG_VALUE) for key, value in optional.items() if value is not None}
         )
         run_id = self.client.create_run(
-            self.experiment_id, start_time=start, tags=tags, run_name=f"trial-{record.number}"
+            self.experiment_id, start_time=start, tags=tags, run_name=run_name(
+                record.number, record.recipe, state=record.state, eer=record.eer, size_bytes=record.size_bytes)
         ).info.run_id
 
         params = [Param(_param_key(f"bits.{layer}"), bits_param(spec)) for layer, spec in recipe.items()]
@@ -343,11 +371,21 @@ class StudyTracker:
         version = self.client.create_model_version(name, source, run_id=run_id, tags=dict(tags),
                                                    description=description)
         self.client.set_registered_model_alias(name, alias, version.version)
+        # `tags.exported = "true"` finds the chosen trials in the runs table; the value says where each went.
+        self.set_tags(run_id, {EXPORTED_TAG: "true", "exported_as": f"{name} v{version.version} @{alias}"})
         return str(version.version)
 
     def runs_url(self, host: str = "127.0.0.1", port: int = 5000) -> str:
         """Link to the experiment's runs table in ``mlflow ui`` / ``mlflow server`` (not its GenAI overview)."""
         return f"http://{host}:{port}/#/experiments/{self.experiment_id}/runs"
+
+    def front_url(self, base: str = "http://127.0.0.1:5000", tag: str = "pareto_optimal") -> str:
+        """Link to the runs table filtered to the runs tagged ``tag = "true"`` (the Pareto front by default),
+        smallest model first. Any order but the creation date also shows the trial runs flat: the UI nests
+        child runs under their parent (collapsed) only when sorted by date."""
+        query = urllib.parse.urlencode({"searchFilter": f'tags.{tag} = "true"', "orderByKey": "metrics.`size_bytes`",
+                                        "orderByAsc": "true"}, quote_via=urllib.parse.quote)
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?{query}"
 
     # -- internals ---------------------------------------------------------------------------------
     def _get_or_create_experiment(self) -> str:

@@ -170,3 +170,44 @@ def spawn_driver(args: list[str], log: Path, prefix: list[str] | None = None) ->
     env = {**os.environ, "PYTHONPATH": str(root), "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen([*(prefix or []), sys.executable, "-m", "search.cli", *args], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
+
+
+@pytest.fixture(scope="session")
+def browse_study(tiny_study_inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A finished 8-trial study run by `run_study` as `lsv run` does (control included), with
+    ``study.report_every = 4``, for the browsing tests (tests/test_browse.py, tests/test_real_clients.py).
+
+    While the study runs, after its 6th finished trial, the parent run's ``front.json`` is read back from
+    MLflow (waiting up to 2 minutes for the tracking thread): ``mid_study_front`` is what a user saw then."""
+    import json
+    import time
+
+    from mlflow import MlflowClient
+
+    from search.config import parse_study_config
+    from search.study import run_study
+    from search.tracking import StudyTracker
+
+    root = tmp_path_factory.mktemp("browse_study")
+    raw = study_raw_config(tiny_study_inputs, root, name="browse", study={"n_trials": 8, "report_every": 4})
+    config = parse_study_config(raw)
+    seen: dict = {}
+
+    def on_status(st) -> None:
+        if seen or st.n_complete + st.n_failed + st.n_pruned < 6:
+            return
+        tracker = StudyTracker(config.mlflow_uri, "browse")
+        client = MlflowClient(config.mlflow_uri)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if "front.json" in {a.path for a in client.list_artifacts(tracker.parent_run_id)}:
+                local = client.download_artifacts(tracker.parent_run_id, "front.json", str(root))
+                seen["mid_study_front"] = json.loads(Path(local).read_text())
+                return
+            time.sleep(1)
+        seen["mid_study_front"] = None
+
+    result = run_study(config, progress=False, on_status=on_status)
+    toml = root / "browse.toml"
+    toml.write_text(to_toml(raw))
+    return {"config": config, "toml": toml, "root": root, "status": result.status, **seen}

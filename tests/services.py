@@ -6,6 +6,9 @@
 * :class:`MlflowServer`: a real ``mlflow server`` with its own SQLite backend store and an artifact root
   it serves (``--serve-artifacts``), so clients upload and download artifacts through HTTP, with no
   shared disk. It runs in its own process group (it starts job-runner processes too), killed whole.
+  Given a study's ``backend_store_uri`` it is the MLflow UI a user opens on that study.
+* :class:`OptunaDashboard`: ``optuna-dashboard`` (PyPI) over a study's Optuna storage, and
+  :func:`chromium_page`: a page as headless Chromium renders it (its DOM, or a screenshot).
 """
 
 from __future__ import annotations
@@ -118,16 +121,18 @@ class Postgres:
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with served artifacts; ``uri`` is ``http://127.0.0.1:<port>``."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend_store_uri: str | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="lsv-mlflow-"))
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.root / 'mlflow.db'}"
 
-    def start(self, timeout_s: float = 120.0) -> MlflowServer:
+    def start(self, timeout_s: float = 180.0) -> MlflowServer:
+        # /health answers after 13-50 s on a loaded 2-core machine (NOTES.md): poll, don't sleep.
         mlflow = Path(sys.executable).parent / "mlflow"
         cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--serve-artifacts",
+               "--backend-store-uri", self.backend_store_uri, "--serve-artifacts",
                "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
         self.log = open(self.root / "server.log", "a")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -168,6 +173,81 @@ class MlflowServer:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class OptunaDashboard:
+    """``optuna-dashboard STORAGE`` on 127.0.0.1; ``get(path)`` reads its JSON API (``/api/studies``, ...)."""
+
+    def __init__(self, storage_url: str) -> None:
+        self.storage_url = storage_url
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> OptunaDashboard:
+        exe = Path(sys.executable).parent / "optuna-dashboard"
+        if not exe.exists():
+            raise RuntimeError(f"{exe} is missing: install the dev extras (pip install -e '.[dev]'; make install)")
+        self.log = open(Path(tempfile.mkdtemp(prefix="lsv-optuna-dashboard-")) / "server.log", "a")  # noqa: SIM115
+        self.proc = subprocess.Popen([str(exe), self.storage_url, "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"optuna-dashboard exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/api/studies", timeout=5):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"optuna-dashboard did not answer /api/studies within {timeout_s} s")
+
+    def get(self, path: str) -> dict:
+        import json
+
+        with urllib.request.urlopen(self.uri + path, timeout=60) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        if hasattr(self, "log"):
+            self.log.close()
+            shutil.rmtree(Path(self.log.name).parent, ignore_errors=True)
+
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+def chromium() -> str:
+    """The headless browser's path; a clear error where there is none (CI installs Debian's ``chromium``)."""
+    found = next((shutil.which(n) for n in CHROMIUM_NAMES if shutil.which(n)), None)
+    if found is None:
+        raise RuntimeError("no chromium on PATH (tried " + ", ".join(CHROMIUM_NAMES) + "); install it: "
+                           "apt-get install -y chromium (.ci/run does)")
+    return found
+
+
+def chromium_page(url: str, *, screenshot: Path | None = None, size: tuple[int, int] = (1400, 1000),
+                  budget_ms: int = 20000, timeout_s: float = 240.0) -> str:
+    """The page at ``url`` as headless Chromium renders it: its DOM after ``budget_ms`` of virtual time (a JS
+    app like the MLflow UI draws nothing before its scripts ran and fetched: under 15 s it dumps an empty
+    shell, NOTES.md), or, with ``screenshot``, a PNG there (then returns ""). A fresh profile each call, so
+    no column choice or panel state of an earlier visit leaks in."""
+    profile = Path(tempfile.mkdtemp(prefix="lsv-chromium-"))
+    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
+             f"--virtual-time-budget={budget_ms}", f"--window-size={size[0]},{size[1]}"]
+    what = [f"--screenshot={screenshot}"] if screenshot is not None else ["--dump-dom"]
+    try:
+        run = subprocess.run([*flags, *what, url], capture_output=True, text=True, timeout=timeout_s)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    if run.returncode != 0 or (screenshot is not None and not screenshot.exists()):
+        raise RuntimeError(f"chromium failed on {url} (exit {run.returncode}): {run.stderr[-2000:]}")
+    return run.stdout
 
 
 def unshare_available() -> str | None:

@@ -167,7 +167,10 @@ def test_log_trial_writes_a_nested_child_run(study_dir: Path, client: MlflowClie
     assert run_id is not None
 
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "trial-3"
+    # The name sorts in trial order; the description (MLflow's "Description") says the recipe in words.
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("0003 2.50% 70.5kB 8 bit; layer1 4 bit; ")
+    assert run.data.tags["mlflow.note.content"] == (
+        "8 bit; layer1 4 bit; layer2 1 bit static; embedding 1 bit adaptive — 2.50 % EER, 70.5 kB, 8.0x")
     assert run.info.end_time - run.info.start_time == 12_500
     assert run.data.params == {
         "bits.conv1": "8",
