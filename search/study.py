@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,13 @@ from lsv_core.errors import ConfigError, LsvError
 from lsv_core.quant import BitRecipe, LayerSpec
 from search.config import StudyConfig
 from search.lease import DriverLease
+from search.objectives import objective_keys, rounded, rounded_metrics
 from search.preflight import Preflight, preflight_study
 from search.progress import ProgressBoard
 from search.record import StudyRecord, save_record, stored_record
 from search.results import (
     CONTROL_ATTR,
+    CONTROL_BOOT,
     NOT_COUNTED,
     StudyStatus,
     control_delta,
@@ -56,6 +58,7 @@ from search.results import (
 )
 from search.space import SearchSpace
 from search.storage import open_study, redacted
+from search.system_attrs import set_study_data, trial_boot
 from search.tracking import StudyTracker, TrackingThread, TrialRecord
 
 __all__ = ["RunResult", "StudyInterrupted", "run_study"]
@@ -125,7 +128,9 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
         cost = status.cost
         tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
                               "n_pruned": status.n_pruned, "pareto_size": status.pareto_size,
-                              "cost_total_fte": cost.total_fte, "cost_wall_s": cost.wall_s, "cost_cpu_s": cost.cpu_s,
+                              "cost_total_fte": cost.total_fte, "cost_trials_fte": cost.trials_fte,
+                              "cost_probes_fte": cost.probes_fte, "cost_sensitivity_fte": cost.sensitivity_fte,
+                              "cost_control_fte": cost.control_fte, "cost_wall_s": cost.wall_s, "cost_cpu_s": cost.cpu_s,
                               "cost_gpu_s": cost.gpu_s, "cost_saved_by_memo_fte": cost.saved_by_memo_fte,
                               "cost_saved_by_early_stop_fte": cost.saved_by_early_stop_fte})
         write_text_atomic(study_dir / "status.json", json.dumps(asdict(status), indent=2), overwrite=True)
@@ -197,6 +202,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                                          omega if config.msft.order == "sensitivity" else None, fault_plan)
         searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
                                    budget_bytes=config.size_budget_bytes, make_config=make, sink=on_record,
+                                   objectives=objective_keys(config.objectives.accuracy),
                                    max_trials=remaining, on_progress=board.update)
         searcher.stopping = stopped
         with board:
@@ -263,8 +269,11 @@ class _Control:
                           "`lsv run` again retries it[/]", soft_wrap=True)
             return
         result["size_bytes"] = self.record.fp32_bytes
-        result["cost"] = {"fte": 1.0, **{k[5:]: v for k, v in result.items() if k.startswith("cost_")}}
-        self.study.set_user_attr(CONTROL_ATTR, result)
+        result["cost"] = rounded_metrics({"fte": 1.0, **{k[5:]: v for k, v in result.items() if k.startswith("cost_")}})
+        boot = result.pop("eer_boot", None)
+        if boot:  # machine data: a system attr (search.system_attrs); the summary stays readable
+            set_study_data(self.study, CONTROL_BOOT, rounded("eer", boot))
+        self.study.set_user_attr(CONTROL_ATTR, rounded_metrics(result))
         self.point = load_control(self.study)
         console.print(f"fp32 control (same fine-tuning, nothing quantized): EER {result['eer']:.2f} % "
                       f"[{result['eer_ci_low']:.2f}, {result['eer_ci_high']:.2f}]", soft_wrap=True)
@@ -428,6 +437,10 @@ def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord
     assert pre.baseline is not None
     traces = dict(record.hessian_traces) if record.hessian_traces else None
     if traces is None:
+        import torch
+
+        t0 = time.monotonic()
+        threads = max(1, int(config.resources.cpu)) if config.resources.hessian == "worker" else torch.get_num_threads()
         if config.resources.hessian == "worker":
             from search.cluster import hessian_on_worker
 
@@ -441,7 +454,10 @@ def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord
                                    progress=False)
             traces = bench.hessian_traces(cache_path=config.data.cache_dir / "hessian_traces.json",
                                           seed=config.study.seed)
-        save_record(study, config.study_dir, record.with_traces(traces))
+        # What the traces cost (search.results.CostSummary.sensitivity_fte); a cache hit costs its read.
+        spent = {"wall_s": round(time.monotonic() - t0, 2), "threads": threads}
+        record = record.with_traces(traces)
+        save_record(study, config.study_dir, replace(record, extra={**record.extra, "hessian_cost": spent}))
     return sensitivity(traces, quantization_errors(pre.baseline.model, seed=config.study.seed))
 
 
@@ -548,8 +564,10 @@ def _log_control(study: optuna.Study, tracker: StudyTracker) -> None:
     result = study.user_attrs.get(CONTROL_ATTR)
     if not isinstance(result, dict):
         return
-    metrics = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes") if k in result}
+    metrics = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf", "min_dcf_001", "size_bytes")
+               if k in result}
     metrics.update({f"cost_{k}": v for k, v in (result.get("cost") or {}).items()})
+    metrics = rounded_metrics(metrics)
     tracker.log_side_run("control", "control-fp32", metrics, tags={"lsv.state": "complete"}, key="control")
 
 
@@ -565,5 +583,5 @@ def _log_missing(study: optuna.Study, tracker: StudyTracker) -> None:
         if t.number in logged or t.state not in state_names:
             continue
         recipe = t.user_attrs.get("recipe", {})
-        tracker.log_trial(record_from(t.number, state_names[t.state], recipe, dict(t.user_attrs),
-                                      t.user_attrs.get("memoized_from")))
+        tracker.log_trial(record_from(t.number, state_names[t.state], recipe,
+                                      {**t.user_attrs, "eer_boot": trial_boot(t)}, t.user_attrs.get("memoized_from")))
