@@ -414,6 +414,14 @@ def _reevaluate(config: StudyConfig, model: nn.Module, bench: Workbench) -> tupl
                             p_target=config.objectives.p_target)
     finally:
         torch.set_num_threads(threads)
+    # Rounded as the searcher stores a trial's metrics (search.objectives): a deterministic re-evaluation
+    # then equals the logged value exactly.
+    from dataclasses import replace
+
+    from search.objectives import rounded
+
+    result = replace(result, **{k: rounded(k, getattr(result, k)) for k in (
+        "eer", "eer_ci_low", "eer_ci_high", "min_dcf", "min_dcf_001", "min_dcf_005")})
     return result, scores, embeddings
 
 
