@@ -74,6 +74,8 @@ def save_record(study: optuna.Study, study_dir: Path | None, record: StudyRecord
     """Store ``record`` in the study's storage (the source of truth) and copy it to ``study.json``."""
     data = record.to_dict()
     set_study_data(study, RECORD_ATTR, data)  # machine data (traces, probes, config): a system attr
+    if isinstance(study.user_attrs.get(RECORD_ATTR), Mapping):  # a study made before: leave a pointer
+        study.set_user_attr(RECORD_ATTR, f"moved to the study's Optuna system attr {RECORD_ATTR!r}")
     if study_dir is not None:
         study_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(study_dir / "study.json", json.dumps(data, indent=2), overwrite=True)

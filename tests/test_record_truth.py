@@ -223,3 +223,16 @@ def test_objectives_config_names_the_accuracy_choice_and_old_configs_keep_their_
     assert main(["run", str(toml)]) == 2
     err = capsys.readouterr().err
     assert 'accuracy = "min_dcf"' in err and "Traceback" not in err and not (tmp_path / "cfg").exists()
+
+
+def test_saving_the_record_of_an_old_study_moves_it_out_of_the_user_attrs(tmp_path: Path) -> None:
+    from search.record import save_record
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    record = StudyRecord(name="old", digest="d", config={}, hessian_traces={"conv1": 1.5})
+    study.set_user_attr(RECORD_ATTR, record.to_dict())  # where studies kept it before
+    save_record(study, tmp_path, record.with_probes({"wall_s": 3.0, "threads": 1}))
+    assert isinstance(study.user_attrs[RECORD_ATTR], str) and len(study.user_attrs[RECORD_ATTR]) < 100
+    again = stored_record(study)
+    assert again.hessian_traces == {"conv1": 1.5} and again.unit_probes == {"wall_s": 3.0, "threads": 1}
+    assert json.loads((tmp_path / "study.json").read_text())["unit_probes"]["wall_s"] == 3.0
