@@ -237,15 +237,8 @@ def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = 
     from search.system_attrs import trial_boot
 
     accuracy = _accuracy_of(study)
+    found_after = _found_after_fte(study)
     points = []
-    found_after: dict[int, float] = {}
-    # Spent before the first trial finished: the unit probes, the Hessian traces and the fp32 control (it runs
-    # beside the first trials), so a cost axis counts every cost (CostSummary.total_fte at the last trial).
-    whole = study_cost(study.get_trials(deepcopy=False), study)
-    spent = whole.probes_fte + whole.sensitivity_fte + whole.control_fte
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        spent += float((t.user_attrs.get("cost") or {}).get("fte", 0.0))
-        found_after[t.number] = spent
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.values is None or len(t.values) < 2:
             continue
@@ -272,6 +265,20 @@ def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = 
             accuracy=accuracy,
         ))
     return sorted(points, key=lambda p: p.number)
+
+
+def _found_after_fte(study: optuna.Study) -> dict[int, float]:
+    """trial number -> the study's cost (FTE) once that trial had run, in trial order. The unit probes, the
+    Hessian traces and the fp32 control (it runs beside the first trials) are paid before the first trial,
+    so a cost axis counts every cost and ends at :attr:`CostSummary.total_fte`."""
+    trials = study.get_trials(deepcopy=False)
+    whole = study_cost(trials, study)
+    spent = whole.probes_fte + whole.sensitivity_fte + whole.control_fte
+    found_after = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        spent += float((t.user_attrs.get("cost") or {}).get("fte", 0.0))
+        found_after[t.number] = spent
+    return found_after
 
 
 def load_points_from_mlflow(tracker: StudyTracker) -> list[TrialPoint]:
