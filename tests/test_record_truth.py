@@ -236,3 +236,34 @@ def test_saving_the_record_of_an_old_study_moves_it_out_of_the_user_attrs(tmp_pa
     again = stored_record(study)
     assert again.hessian_traces == {"conv1": 1.5} and again.unit_probes == {"wall_s": 3.0, "threads": 1}
     assert json.loads((tmp_path / "study.json").read_text())["unit_probes"]["wall_s"] == 3.0
+
+
+@pytest.mark.parametrize("where", ["sqlite", "postgresql"])
+def test_params_rewritten_and_machine_data_kept_in_every_rdb(where: str, tmp_path: Path,
+                                                            request: pytest.FixtureRequest) -> None:
+    """The two storage moves the record relies on, on SQLite and on a real PostgreSQL: a running trial's
+    params rewritten in place (also an enqueued one), and system attrs written and read from another client."""
+    from optuna.distributions import CategoricalDistribution
+
+    from search.searcher import record_ran_params
+    from search.system_attrs import set_study_data, set_trial_data, study_data
+
+    url = (f"sqlite:///{tmp_path / 'o.db'}" if where == "sqlite"
+           else request.getfixturevalue("postgres").create_database("record_truth"))
+    study = optuna.create_study(storage=url, directions=["minimize", "minimize"], study_name="rw")
+    dists = {f"b:{u}": CategoricalDistribution(["1a", "2", "4", "8"]) for u in ("a", "b", "c")}
+    study.enqueue_trial({"b:a": "8", "b:b": "8", "b:c": "8"})
+    trial = study.ask(dists)
+    ran = {"b:a": "8", "b:b": "4", "b:c": "2"}
+    record_ran_params(study, trial, ran, dists)
+    set_trial_data(study, trial._trial_id, EER_BOOT, [1.25] * 200)
+    set_study_data(study, RECORD_ATTR, {"name": "rw", "digest": "d", "config": {}})
+    study.tell(trial, [1.5, 100])
+    other = optuna.load_study(study_name="rw", storage=url)  # another client, another cache
+    done = other.trials[0]
+    assert done.params == ran and done.distributions == dists
+    assert done.system_attrs[EER_BOOT] == [1.25] * 200 and "eer_boot" not in done.user_attrs
+    assert study_data(other, RECORD_ATTR)["name"] == "rw" and stored_record(other).name == "rw"
+    with pytest.raises(RuntimeError, match="finished"):  # a finished trial's params are never rewritten
+        record_ran_params(study, trial, {"b:a": "1a", "b:b": "1a", "b:c": "1a"}, dists)
+    assert optuna.load_study(study_name="rw", storage=url).trials[0].params == ran
