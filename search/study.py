@@ -126,13 +126,13 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
         refresh_pareto_tags(tracker, study)
         status = study_status(study, config.size_budget_bytes)
         cost = status.cost
-        tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
-                              "n_pruned": status.n_pruned, "pareto_size": status.pareto_size,
-                              "cost_total_fte": cost.total_fte, "cost_trials_fte": cost.trials_fte,
-                              "cost_probes_fte": cost.probes_fte, "cost_sensitivity_fte": cost.sensitivity_fte,
-                              "cost_control_fte": cost.control_fte, "cost_wall_s": cost.wall_s, "cost_cpu_s": cost.cpu_s,
-                              "cost_gpu_s": cost.gpu_s, "cost_saved_by_memo_fte": cost.saved_by_memo_fte,
-                              "cost_saved_by_early_stop_fte": cost.saved_by_early_stop_fte})
+        tracker.finish_study(rounded_metrics({
+            "n_complete": status.n_complete, "n_failed": status.n_failed, "n_pruned": status.n_pruned,
+            "pareto_size": status.pareto_size, "cost_total_fte": cost.total_fte, "cost_trials_fte": cost.trials_fte,
+            "cost_probes_fte": cost.probes_fte, "cost_sensitivity_fte": cost.sensitivity_fte,
+            "cost_control_fte": cost.control_fte, "cost_wall_s": cost.wall_s, "cost_cpu_s": cost.cpu_s,
+            "cost_gpu_s": cost.gpu_s, "cost_saved_by_memo_fte": cost.saved_by_memo_fte,
+            "cost_saved_by_early_stop_fte": cost.saved_by_early_stop_fte}))
         write_text_atomic(study_dir / "status.json", json.dumps(asdict(status), indent=2), overwrite=True)
     return RunResult(status, study_dir, time.monotonic() - t0, resumed)
 
