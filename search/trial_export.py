@@ -326,9 +326,10 @@ def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked:
     p_target = config.objectives.p_target
     # A trial's logged minDCF is at the study's p_target ([objectives]); the card's line is at 0.01.
     dcf_001 = chosen.min_dcf if p_target == 0.01 else None
+    other = {} if p_target == 0.01 else {"p_target": p_target, "min_dcf": chosen.min_dcf, "reeval_min_dcf": reeval.min_dcf}
     accuracy = Accuracy(eer=chosen.eer, eer_ci_low=chosen.eer_ci_low, eer_ci_high=chosen.eer_ci_high,
                         min_dcf_001=dcf_001, reeval_eer=reeval.eer, reeval_min_dcf_001=reeval.min_dcf_001,
-                        eer_tolerance=options.eer_tolerance, n_eval_trials=checked.n_eval_trials)
+                        eer_tolerance=options.eer_tolerance, n_eval_trials=checked.n_eval_trials, **other)
     metrics = {"eer": chosen.eer, "eer_ci_low": chosen.eer_ci_low, "eer_ci_high": chosen.eer_ci_high,
                "min_dcf_001": dcf_001, "min_dcf": chosen.min_dcf, "p_target": p_target, "eer_reevaluated": reeval.eer,
                "min_dcf_001_reevaluated": reeval.min_dcf_001, "min_dcf_reevaluated": reeval.min_dcf,

@@ -166,7 +166,8 @@ def test_old_studies_keep_reading_attrs_from_the_old_place() -> None:
 
 
 @pytest.mark.slow
-def test_min_dcf_as_the_accuracy_objective(tiny_study_inputs: dict[str, Path], tmp_path: Path) -> None:
+def test_min_dcf_as_the_accuracy_objective(tiny_study_inputs: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     raw = study_raw_config(tiny_study_inputs, tmp_path, name="dcf", study={"n_trials": 5, "sampler": "random"},
                            objectives={"accuracy": "min_dcf", "p_target": 0.2})
     cfg = parse_study_config(raw)
@@ -195,6 +196,21 @@ def test_min_dcf_as_the_accuracy_objective(tiny_study_inputs: dict[str, Path], t
     assert runs and all({"eer", "min_dcf"} <= set(r.data.metrics) for r in runs)
     st = study_status(study)
     assert st.accuracy == "min_dcf" and st.best_min_dcf_under_budget == min(t.values[0] for t in complete)
+    # Export picks the knee of the minDCF front and states the minDCF at the study's p_target on the card.
+    from search.cli import main
+
+    toml = tmp_path / "dcf.toml"
+    toml.write_text(to_toml(raw))
+    capsys.readouterr()
+    assert main(["export", str(toml), "--knee", "--out", str(tmp_path / "bundle")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    knee = points[knee_point(points)]
+    assert result["trial"] in {knee.number, knee.memoized_from}
+    card = (tmp_path / "bundle" / "model_card.md").read_text()
+    assert f"p_target = 0.2, the study's `[objectives] p_target`): **{knee.min_dcf:.4f}**" in card
+    assert "minDCF at p_target 0.2 and packed bytes" in card
+    doc = json.loads((tmp_path / "bundle" / "recipe.json").read_text())
+    assert doc["metrics"]["min_dcf"] == knee.min_dcf and doc["metrics"]["p_target"] == 0.2
 
 
 def test_objectives_config_names_the_accuracy_choice_and_old_configs_keep_their_digest(
