@@ -202,8 +202,11 @@ def test_min_dcf_as_the_accuracy_objective(tiny_study_inputs: dict[str, Path], t
     toml = tmp_path / "dcf.toml"
     toml.write_text(to_toml(raw))
     capsys.readouterr()
-    assert main(["export", str(toml), "--knee", "--out", str(tmp_path / "bundle")]) == 0
+    # On these 540 trials one trial scored across the threshold moves the EER by 0.11 points, and ONNX Runtime
+    # and torch can disagree on one (seen: 43.8889 vs 43.7778 %); test_export checks that agreement itself.
+    assert main(["export", str(toml), "--knee", "--out", str(tmp_path / "bundle"), "--eer-tolerance", "0.5"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["eer_reevaluated"] == result["eer_logged"]  # the re-evaluation itself stays exact
     knee = points[knee_point(points)]
     assert result["trial"] in {knee.number, knee.memoized_from}
     card = (tmp_path / "bundle" / "model_card.md").read_text()
