@@ -93,7 +93,7 @@ def run_one(base: dict[str, Any], out: Path, method: str, seed: int, trials: int
     from lsv_core.quant import BitRecipe
     from lsv_core.quant.msft import plan_stages
     from search.config import parse_study_config
-    from search.record import RECORD_ATTR
+    from search.record import stored_record
     from search.study import run_study
 
     name = f"hv-{method.replace('+', '-')}-{seed}"
@@ -127,7 +127,8 @@ def run_one(base: dict[str, Any], out: Path, method: str, seed: int, trials: int
             "eer_ci": [t.user_attrs.get("eer_ci_low"), t.user_attrs.get("eer_ci_high")],
         })
     rows.sort(key=lambda r: (r["finished"] or "", r["number"]))
-    probes = (study.user_attrs.get(RECORD_ATTR) or {}).get("unit_probes")
+    record = stored_record(study)  # the record is a system attr (search.system_attrs)
+    probes = record.unit_probes if record is not None else None
     if probes:
         rows.insert(0, probe_row(probes, rows, cfg.resources.cpu))
     return {"method": method, "seed": seed, "trials": trials, "wall_s": wall, "load_avg_start": load0,

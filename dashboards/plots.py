@@ -227,7 +227,7 @@ def hypervolume_figure(points: Sequence[TrialPoint], ref: tuple[float, float], *
     fig = go.Figure(go.Scatter(x=xs, y=hv, mode="lines+markers", line={"shape": "hv"}, name="hypervolume"))
     what = "cost" if by_cost else "trials"
     fig.update_layout(title=f"Hypervolume over {what} (reference: EER {ref[0]:.2f} %, {ref[1]:,.0f} bytes)",
-                      xaxis_title="cost so far (full-trial equivalents)" if by_cost else "Optuna trial number",
+                      xaxis_title="cost so far (full-trial equivalents, all costs)" if by_cost else "Optuna trial number",
                       yaxis_title="hypervolume (EER % x size / fp32 size)", template="plotly_white", height=380)
     return fig
 

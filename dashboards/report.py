@@ -110,7 +110,8 @@ def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: 
             layer_order: list[str] | None, traces: dict[str, float] | None, status: Any,
             control: TrialPoint | None) -> None:
     size_scale = float(baseline.size_bytes) if baseline.size_bytes else 1.0
-    ref = reference_point(points, fp32_bytes=size_scale, baseline_eer=baseline.eer)
+    by_dcf = config.objectives.accuracy == "min_dcf"  # fronts, knee and hypervolume on the minDCF
+    ref = reference_point(points, fp32_bytes=size_scale, baseline_eer=None if by_dcf else baseline.eer)
     front = pareto_front(points)
     ci_front = set(paired_front(points))
     reference = None if control is None else Baseline(baseline.size_bytes, control.eer, control.eer_ci_low,
@@ -118,7 +119,8 @@ def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: 
     ranks = pareto_ranks(points)
     knee = knee_point(points)
     hv = hypervolume(points, ref, size_scale=size_scale)
-    title = f"{config.study.name}: EER vs model size"
+    title = f"{config.study.name}: EER vs model size" + (
+        f" (front and knee by minDCF at p_target {config.objectives.p_target:g})" if by_dcf else "")
 
     sections: list[str] = []
     figures = []
@@ -133,13 +135,14 @@ def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: 
         save_pareto_png(points, out / "pareto.png", baseline=baseline, knee=knee, title=title, control=reference,
                         ci_front=sorted(ci_front))
         figures.append(("Hypervolume", hypervolume_figure(points, ref, size_scale=size_scale), "hypervolume.png",
-                        _hypervolume_note(ref, size_scale, baseline)))
+                        _hypervolume_note(ref, size_scale, baseline, by_dcf)))
         save_hypervolume_png(points, out / "hypervolume.png", ref, size_scale=size_scale)
         figures.append(("Hypervolume against cost", hypervolume_figure(points, ref, size_scale=size_scale,
                                                                        by_cost=True), None,
                         "The same hypervolume against what the study had spent when each trial finished, in "
                         "full-trial equivalents (one trial at the full schedule = 1; trials stopped early count "
-                        "their share; memoized repeats nothing)."))
+                        "their share; memoized repeats nothing), the unit probes, Hessian traces and fp32 control "
+                        "included from the start: the axis ends at the study's total cost."))
         heat = bits_heatmap_figure(points, layer_order=layer_order)
         if heat is not None:
             figures.append(("Bit widths of the front", heat, "bits_heatmap.png",
@@ -154,7 +157,7 @@ def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: 
     sections.append(_summary_html(config, points, baseline, status, ref, hv, knee, len(front), len(ci_front),
                                   control))
     if points:
-        sections.append(_front_table_html(points, front, ci_front, knee, control))
+        sections.append(_front_table_html(points, front, ci_front, knee, control, config.objectives.p_target))
     else:
         sections.append("<p><b>No complete trials yet.</b> Run the study (<code>lsv run</code>) and report again.</p>")
     for k, (heading, fig, png, note) in enumerate(figures):
@@ -179,7 +182,10 @@ def _render(out: Path, config: StudyConfig, points: list[TrialPoint], baseline: 
     }, indent=2))
 
 
-def _hypervolume_note(ref: tuple[float, float], size_scale: float, baseline: Baseline) -> str:
+def _hypervolume_note(ref: tuple[float, float], size_scale: float, baseline: Baseline, by_dcf: bool = False) -> str:
+    if by_dcf:
+        return (f"Area dominated by the minDCF front up to the reference point (minDCF {ref[0]:.4f} = 1.1 x the "
+                f"worst observed; size = fp32 {ref[1]:,.0f} bytes), with sizes divided by {size_scale:,.0f} bytes.")
     why = "2 x the fp32 baseline EER" if baseline.eer is not None else "1.1 x the worst EER observed"
     return (f"Area dominated by the front up to the reference point (EER {ref[0]:.2f} % = {why}; size = fp32 "
             f"{ref[1]:,.0f} bytes), with sizes divided by {size_scale:,.0f} bytes: comparable across studies "
@@ -203,6 +209,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def _summary_html(config: StudyConfig, points: Sequence[TrialPoint], baseline: Baseline, status: Any,
                   ref: tuple[float, float], hv: float, knee: int | None, n_front: int, n_ci_front: int,
                   control: TrialPoint | None) -> str:
+    by_dcf = config.objectives.accuracy == "min_dcf"
     rows = [
         ("study", f"{config.study.name} (config digest {config.digest()})"),
         ("trials", f"{status.n_complete} complete ({status.n_memoized} memoized), {status.n_failed} failed, "
@@ -218,8 +225,11 @@ def _summary_html(config: StudyConfig, points: Sequence[TrialPoint], baseline: B
         ("size budget", "-" if config.size_budget_bytes is None else f"{config.size_budget_bytes:,} bytes"),
         ("Pareto front", f"{n_front} trials; {n_ci_front} are not beaten beyond the evaluation noise by a smaller "
                          "or equal model (CI-aware front, paired bootstrap at 95 %)"),
-        ("hypervolume", f"{hv:.4g} (reference EER {ref[0]:.2f} %, size {ref[1]:,.0f} bytes)"),
+        ("objectives", f"{'minDCF at p_target ' + format(config.objectives.p_target, 'g') if by_dcf else 'EER'} "
+                       "and model.onnx bytes, both minimised ([objectives] accuracy)"),
+        ("hypervolume", f"{hv:.4g} (reference {'minDCF' if by_dcf else 'EER'} {ref[0]:.4g}, size {ref[1]:,.0f} bytes)"),
         ("knee", "-" if knee is None else f"trial {points[knee].number}: EER {points[knee].eer:.2f} %, "
+                                          f"minDCF {_fmt(points[knee].min_dcf, '.4f')}, "
                                           f"{points[knee].size_bytes:,} bytes"),
         ("generated", time.strftime("%Y-%m-%d %H:%M:%S")),
     ]
@@ -232,9 +242,9 @@ def _ci(low: float | None, high: float | None) -> str:
 
 
 def _front_table_html(points: Sequence[TrialPoint], front: Sequence[int], ci_front: set[int], knee: int | None,
-                      control: TrialPoint | None) -> str:
+                      control: TrialPoint | None, p_target: float = 0.01) -> str:
     head = ("<tr><th>trial</th><th>origin</th><th>EER %</th><th>95 % CI</th><th>vs control (paired)</th>"
-            "<th>minDCF(0.01)</th><th>bytes</th><th>compression</th><th>avg bits</th><th>cost (FTE)</th>"
+            f"<th>minDCF({p_target:g})</th><th>bytes</th><th>compression</th><th>avg bits</th><th>cost (FTE)</th>"
             "<th>found after (FTE)</th><th>CI-aware front</th></tr>")
     body = []
     for i in front:

@@ -30,6 +30,8 @@ class EvalResult:
     n_trials: int
     n_target: int
     as_norm: bool
+    p_target: float = 0.01  # of min_dcf
+    min_dcf: float = float("nan")  # normalised minDCF at p_target (a study's [objectives] p_target)
     # EER on the shared bootstrap replicates of the trial list (lsv_core.metrics.paired), when asked for:
     # what paired comparisons with other models scored on the same trials need.
     eer_boot: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
@@ -118,7 +120,7 @@ def score(trials: Trials, emb: dict[str, np.ndarray], cohort: np.ndarray | None 
 
 
 def metrics_of(scores: np.ndarray, labels: np.ndarray, *, as_normed: bool = False, n_boot: int = 1000,
-               seed: int = 0) -> EvalResult:
+               seed: int = 0, p_target: float = 0.01) -> EvalResult:
     ci = bootstrap_eer_ci(scores, labels, n_boot=n_boot, seed=seed) if n_boot > 0 else None
     eer = ci.eer if ci else compute_eer(scores, labels)
     return EvalResult(
@@ -130,6 +132,8 @@ def metrics_of(scores: np.ndarray, labels: np.ndarray, *, as_normed: bool = Fals
         n_trials=len(labels),
         n_target=int(np.sum(labels)),
         as_norm=as_normed,
+        p_target=p_target,
+        min_dcf=compute_min_dcf(scores, labels, p_target),
     )
 
 
@@ -143,14 +147,16 @@ def cohort_embeddings(model: nn.Module, store: FeatureSource, spk2utt: dict[str,
 
 def evaluate(model: nn.Module, store: FeatureSource, trials: Trials, *, cohort: np.ndarray | None = None,
              n_boot: int = 1000, seed: int = 0, max_frames: int | None = None,
-             paired_boot: tuple[int, int] | None = None, progress: bool = False) -> EvalResult:
+             paired_boot: tuple[int, int] | None = None, progress: bool = False, p_target: float = 0.01) -> EvalResult:
     """Score ``trials`` with ``model``; ``max_frames`` cuts every utterance (a cheaper, noisier estimate).
 
     ``paired_boot=(n, seed)`` also gives the EER on ``n`` shared bootstrap replicates (``eer_boot``), for
-    paired comparisons with every other model scored on the same trials with the same ``(n, seed)``."""
+    paired comparisons with every other model scored on the same trials with the same ``(n, seed)``.
+    ``min_dcf`` is at ``p_target`` (``min_dcf_001`` / ``min_dcf_005`` always at 0.01 / 0.05)."""
     emb = extract_embeddings(model, store, trials.utterances, max_frames=max_frames, progress=progress)
     scores = score(trials, emb, cohort)
-    result = metrics_of(scores, trials.labels, as_normed=cohort is not None, n_boot=n_boot, seed=seed)
+    result = metrics_of(scores, trials.labels, as_normed=cohort is not None, n_boot=n_boot, seed=seed,
+                        p_target=p_target)
     if paired_boot is None:
         return result
     from lsv_core.metrics.paired import bootstrap_eers

@@ -79,6 +79,7 @@ class WorkbenchSpec:
     codebook_dir: Path | None = None
     loading: DataLoading = field(default_factory=DataLoading)
     train_subset: TrainingSubset = field(default_factory=TrainingSubset)
+    p_target: float = 0.01  # of the minDCF every run reports (RecipeOutcome.min_dcf)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (paths as strings)."""
@@ -89,7 +90,7 @@ class WorkbenchSpec:
                 "trials": str(self.data.trials), "arch": self.arch, "arch_kwargs": dict(self.arch_kwargs),
                 "cache_dir": text(self.cache_dir), "max_trials": self.max_trials, "subset_seed": self.subset_seed,
                 "device": self.device, "codebook_dir": text(self.codebook_dir), "loading": asdict(self.loading),
-                "train_subset": asdict(self.train_subset)}
+                "train_subset": asdict(self.train_subset), "p_target": self.p_target}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> WorkbenchSpec:
@@ -101,7 +102,8 @@ class WorkbenchSpec:
                    max_trials=d.get("max_trials"), subset_seed=int(d.get("subset_seed", 0)),
                    device=d.get("device", "auto"), codebook_dir=path(d.get("codebook_dir")),
                    loading=DataLoading(**(d.get("loading") or {})),
-                   train_subset=TrainingSubset(**(d.get("train_subset") or {})))
+                   train_subset=TrainingSubset(**(d.get("train_subset") or {})),
+                   p_target=float(d.get("p_target", 0.01)))
 
     def replace(self, **changes: Any) -> WorkbenchSpec:
         return dataclasses.replace(self, **changes)
@@ -136,6 +138,8 @@ class RecipeOutcome:
     wall_s: float
     model: nn.Module = field(repr=False)
     eer_boot: tuple[float, ...] | None = field(default=None, repr=False)  # with Workbench.run(paired_boot=...)
+    min_dcf: float = float("nan")  # at the workbench's p_target
+    p_target: float = 0.01
 
     @property
     def compression_ratio(self) -> float:
@@ -149,7 +153,7 @@ class RecipeOutcome:
         return {
             "recipe": self.recipe.to_dict(), "eer": self.eer, "eer_ci_low": self.eer_ci_low,
             "eer_ci_high": self.eer_ci_high, "min_dcf_001": self.min_dcf_001, "min_dcf_005": self.min_dcf_005,
-            "size_bytes": self.size_bytes, "fp32_bytes": self.fp32_bytes,
+            "min_dcf": self.min_dcf, "p_target": self.p_target, "size_bytes": self.size_bytes, "fp32_bytes": self.fp32_bytes,
             "compression_ratio": self.compression_ratio, "avg_bits": self.avg_bits,
             "stopped_early": self.stopped_early, "wall_s": self.wall_s,
             "stages": [asdict(s) for s in self.stages],
@@ -161,8 +165,9 @@ class Workbench:
 
     def __init__(self, model: nn.Module, head: nn.Module | None, train: FeatureSource, speakers: Mapping[str, int],
                  eval_store: FeatureSource, trials: Trials, codebook_dir: str | Path | None = None,
-                 codebooks: InitialCodebooks | None = None, loader_workers: int = 0) -> None:
+                 codebooks: InitialCodebooks | None = None, loader_workers: int = 0, p_target: float = 0.01) -> None:
         self.model = model.eval()
+        self.p_target = p_target
         self.head = head
         self.train = train
         self.speakers = speakers
@@ -209,8 +214,9 @@ class Workbench:
         del train_data  # a million-utterance listing is a few hundred MB of Python objects
         eval_store, _ = open_features(eval_data, trials.utterances, loading=spec.loading, cache_dir=spec.cache_dir,
                                       progress=progress, role="eval")
-        return cls(model.to(dev), head.to(dev) if head is not None else None, train, speakers, eval_store, trials, codebook_dir=spec.codebook_dir,
-                   codebooks=codebooks, loader_workers=spec.loading.workers_for(mode, dev))
+        return cls(model.to(dev), head.to(dev) if head is not None else None, train, speakers, eval_store, trials,
+                   codebook_dir=spec.codebook_dir, codebooks=codebooks,
+                   loader_workers=spec.loading.workers_for(mode, dev), p_target=spec.p_target)
 
     @property
     def device(self) -> torch.device:
@@ -244,19 +250,21 @@ class Workbench:
 
         def final_eval(m: nn.Module) -> tuple[float, float]:
             scored.append(evaluate(m, self.eval_store, self.trials, n_boot=n_boot, seed=schedule.seed,
-                                   paired_boot=paired_boot))
+                                   paired_boot=paired_boot, p_target=self.p_target))
             return scored[-1].eer, scored[-1].min_dcf_001
 
         result = msft(model, recipe, data, schedule, callback=callback, sensitivity=sensitivity,
                       progress=progress, final_eval=final_eval, codebooks=self.codebooks)
         # A run stopped early, or a recipe with no stage, has not been scored as a whole yet.
         final = scored[-1] if scored else evaluate(model, self.eval_store, self.trials, n_boot=n_boot,
-                                                   seed=schedule.seed, paired_boot=paired_boot)
+                                                   seed=schedule.seed, paired_boot=paired_boot,
+                                                   p_target=self.p_target)
         return RecipeOutcome(
             recipe=recipe, eer=final.eer, eer_ci_low=final.eer_ci_low, eer_ci_high=final.eer_ci_high,
             min_dcf_001=final.min_dcf_001, min_dcf_005=final.min_dcf_005,
             size_bytes=packed_size_bytes(model), fp32_bytes=self.fp32_bytes, stages=result.stages,
             stopped_early=result.stopped_early, wall_s=time.monotonic() - t0, model=model, eer_boot=final.eer_boot,
+            min_dcf=final.min_dcf, p_target=final.p_target,
         )
 
     def _train_digest(self) -> str:

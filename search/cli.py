@@ -381,7 +381,9 @@ def _status(args: argparse.Namespace) -> int:
         print(st.line())
         print(st.cost.line())
         for p in st.pareto:
-            print(f"  trial {p['number']:4d}: EER {p['eer']:.2f} %  {p['size_bytes']} bytes")
+            eer = "-" if p["eer"] is None else f"{p['eer']:.2f} %"
+            dcf = f"  minDCF {p['min_dcf']:.4f}" if "min_dcf" in p else ""
+            print(f"  trial {p['number']:4d}: EER {eer}{dcf}  {p['size_bytes']} bytes")
         for what, c in choices.items():
             print(f"{what}: " + ("-" if c is None else c["text"]))
     return 0

@@ -200,8 +200,24 @@ class SpaceSection(_Section):
 
 
 class ObjectivesSection(_Section):
+    """The two objectives, both minimised: ``accuracy`` (``"eer"``: EER in percent; ``"min_dcf"``: the
+    normalised minimum detection cost at ``p_target``, C_miss = C_fa = 1) and the deployable size in bytes,
+    at most ``size_budget_mb`` MB. Both EER and minDCF are always measured and logged."""
+
     size_budget_mb: float | None = Field(default=None, gt=0)
-    min_dcf: bool = False
+    accuracy: Literal["eer", "min_dcf"] = "eer"
+    p_target: float = Field(default=0.01, gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_min_dcf(cls, data: Any) -> Any:
+        # Before `accuracy`, a `min_dcf` flag was accepted and did nothing (the EER was the objective).
+        if isinstance(data, dict) and "min_dcf" in data:
+            data = dict(data)
+            if data.pop("min_dcf") is not False:
+                raise ValueError("min_dcf = true is no longer a field: choose the accuracy objective with "
+                                 "accuracy = \"min_dcf\" (and p_target, default 0.01) or accuracy = \"eer\"")
+        return data
 
 
 class MsftSection(_Section):
@@ -357,7 +373,7 @@ class StudyConfig(_Section):
             max_trials=self.data.max_trials, subset_seed=self.data.subset_seed, device=self.device,
             codebook_dir=self.study_dir / "codebooks", loading=self.data_loading(),
             train_subset=TrainingSubset(self.data.train_speakers, self.data.train_utts_per_speaker,
-                                        self.data.train_subset_seed))
+                                        self.data.train_subset_seed), p_target=self.objectives.p_target)
 
     @property
     def device(self) -> str:
@@ -395,6 +411,10 @@ class StudyConfig(_Section):
             d["model"].pop("factory", None)
         if d["msft"].get("final_lr") == MsftSection.model_fields["final_lr"].default:
             d["msft"].pop("final_lr", None)
+        o = d["objectives"]  # the accuracy default keeps the digest of studies made with `min_dcf = false`
+        if o.get("accuracy") == "eer" and o.get("p_target") == ObjectivesSection.model_fields["p_target"].default:
+            o.pop("accuracy"), o.pop("p_target")
+            o["min_dcf"] = False
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dump(self) -> dict[str, Any]:

@@ -17,6 +17,9 @@ Conventions (the tests check each one against brute force):
 * **Hypervolume** is measured in (EER percent) x (size / ``size_scale``); with ``size_scale`` = fp32 bytes
   it is in "EER points x fraction of the fp32 model", comparable across studies of one baseline.
   :func:`reference_point` gives the reference this project uses (see there).
+* **Accuracy objective.** A study may minimise the minDCF instead of the EER (``[objectives] accuracy``):
+  its points carry ``accuracy = "min_dcf"`` and fronts, ranks, knee and hypervolume use the minDCF
+  (without intervals; the CI-aware front and knee, built on the EER's bootstrap, are then the plain ones).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class TrialPoint:
     size_bytes: int
     eer_ci_low: float | None = None
     eer_ci_high: float | None = None
-    min_dcf: float | None = None  # normalised minDCF at p_target = 0.01
+    min_dcf: float | None = None  # normalised minDCF at the study's p_target (0.01 unless configured)
     compression_ratio: float | None = None
     avg_bits: float | None = None
     recipe: Mapping[str, Any] = field(default_factory=dict)  # layer -> bits or {"bits": 1, "mode": ...}
@@ -71,6 +74,18 @@ class TrialPoint:
     eer_boot: tuple[float, ...] | None = field(default=None, repr=False)
     cost_fte: float | None = None  # what this trial cost, in full-trial equivalents (memoized: 0)
     found_after_fte: float | None = None  # the study's total cost when this trial finished (trial order)
+    # The study's accuracy objective ([objectives] accuracy): "eer", or "min_dcf" (then ``min_dcf`` is at the
+    # study's p_target and fronts, knee and hypervolume use it; intervals and paired tests are the EER's).
+    accuracy: str = "eer"
+
+    @property
+    def accuracy_value(self) -> float:
+        """The accuracy objective's value: the EER (percent) or the minDCF, as ``accuracy`` says."""
+        if self.accuracy == "eer":
+            return self.eer
+        if self.min_dcf is None:
+            raise ValueError(f"trial {self.number} has no minDCF, the study's accuracy objective")
+        return self.min_dcf
 
 
 PointLike = TrialPoint | Sequence[float]
@@ -83,7 +98,9 @@ def _coords(points: Sequence[PointLike]) -> tuple[np.ndarray, np.ndarray, np.nda
     eer, size = np.empty(n), np.empty(n)
     low, high = np.empty(n), np.empty(n)
     for i, p in enumerate(points):
-        if isinstance(p, TrialPoint):
+        if isinstance(p, TrialPoint) and p.accuracy != "eer":
+            e, s, lo, hi = p.accuracy_value, p.size_bytes, None, None  # no interval: it is the EER's
+        elif isinstance(p, TrialPoint):
             e, s, lo, hi = p.eer, p.size_bytes, p.eer_ci_low, p.eer_ci_high
         else:
             if len(p) not in (2, 4):
@@ -304,7 +321,9 @@ def paired_front(points: Sequence[TrialPoint], *, level: float = DEFAULT_LEVEL) 
     """CI-aware front: ``b`` is off it only when some ``a`` no bigger is :func:`significantly_better`.
 
     It contains the plain front and every point whose gap to it is within the noise. Ordered by size,
-    then EER, then index."""
+    then EER, then index. The paired bootstrap is the EER's: with minDCF as the objective it is the plain front."""
+    if any(p.accuracy != "eer" for p in points):
+        return sorted(pareto_front(points), key=lambda i: (points[i].size_bytes, points[i].accuracy_value, i))
     size = np.array([p.size_bytes for p in points], dtype=float)
     eer = np.array([p.eer for p in points], dtype=float)
     keep = []
@@ -335,8 +354,8 @@ def ci_knee_point(points: Sequence[TrialPoint], *, level: float = DEFAULT_LEVEL)
     """The knee, made CI-aware: the smallest point that is not significantly worse than the plain knee
     (:func:`knee_point`); a bigger model is only worth it when the noise cannot explain its gain."""
     knee = knee_point(points)
-    if knee is None:
-        return None
+    if knee is None or any(p.accuracy != "eer" for p in points):  # intervals are the EER's
+        return knee
     equal = [i for i in paired_front(points, level=level)
              if points[i].size_bytes <= points[knee].size_bytes
              and not significantly_better(points[knee], points[i], level)]

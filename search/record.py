@@ -3,7 +3,8 @@
 It holds the config digest (a study is resumed only with the config it was made with), the config
 itself, the baseline's quantizable layer order, its ``state_dict`` digest, fp32 packed size and
 training-time evaluation, and the Hessian traces and the unit probes (``sampler = "probe"``) once they
-are computed. Readers (``lsv status``, ``lsv report``, ``lsv export``) take these from the record instead
+are computed. It is kept in the study's Optuna *system* attr ``lsv.record`` (:mod:`search.system_attrs`;
+studies made before kept it in a user attr, still read). Readers (``lsv status``, ``lsv report``, ``lsv export``) take these from the record instead
 of loading the baseline's weights, so they work from any machine that reaches the storage. A copy is
 written to ``<study dir>/study.json`` for people and scripts on the driver's machine.
 """
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lsv_core.atomic import write_text_atomic
 from lsv_core.errors import LsvError
+from search.system_attrs import set_study_data, study_data
 
 if TYPE_CHECKING:
     import optuna
@@ -69,12 +71,14 @@ class StudyRecord:
 def save_record(study: optuna.Study, study_dir: Path | None, record: StudyRecord) -> None:
     """Store ``record`` in the study's storage (the source of truth) and copy it to ``study.json``."""
     data = record.to_dict()
-    study.set_user_attr(RECORD_ATTR, data)
+    set_study_data(study, RECORD_ATTR, data)  # machine data (traces, probes, config): a system attr
+    if isinstance(study.user_attrs.get(RECORD_ATTR), Mapping):  # a study made before: leave a pointer
+        study.set_user_attr(RECORD_ATTR, f"moved to the study's Optuna system attr {RECORD_ATTR!r}")
     if study_dir is not None:
         study_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(study_dir / "study.json", json.dumps(data, indent=2), overwrite=True)
 
 
 def stored_record(study: optuna.Study) -> StudyRecord | None:
-    data = study.user_attrs.get(RECORD_ATTR)
+    data = study_data(study, RECORD_ATTR, old_user_attr=RECORD_ATTR)  # older studies: a user attr
     return StudyRecord.from_dict(data) if isinstance(data, Mapping) else None

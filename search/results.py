@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTROL_ATTR",
+    "CONTROL_BOOT",
     "NOT_COUNTED",
     "control_delta",
     "refresh_control_deltas",
@@ -65,11 +66,21 @@ NOT_COUNTED = ("interrupted (driver stopped)", "duplicate of a running trial")
 
 @dataclass
 class CostSummary:
-    """What a study's trials cost: full-trial equivalents (one trial at the study's full schedule = 1), the
-    workers' wall, CPU and GPU seconds, fine-tuning samples and evaluated utterances, and what memoization
-    (a repeated recipe costs nothing: 1 FTE saved each) and early stopping (1 - the share run) saved."""
+    """What a study cost, in full-trial equivalents (FTE: one trial at the study's full schedule = 1), itemized:
+    ``trials_fte`` (the trials, each the share of its schedule it ran), ``probes_fte`` (the unit probes of
+    ``sampler = "probe"``), ``sensitivity_fte`` (the baseline's Hessian traces) and ``control_fte`` (the fp32
+    control run); ``total_fte`` is their sum. Probes and Hessian traces are priced by their CPU-seconds over
+    a full trial's (the median wall time of the trials trained to the end, times the CPUs of one trial), as
+    ``bench/hypervolume.py`` does. Also the trials' wall, CPU and GPU seconds, fine-tuning samples and
+    evaluated utterances, and what memoization (a repeated recipe costs nothing: 1 FTE saved each) and
+    early stopping (1 - the share run) saved."""
 
     total_fte: float = 0.0
+    trials_fte: float = 0.0
+    probes_fte: float = 0.0
+    sensitivity_fte: float = 0.0
+    control_fte: float = 0.0
+    full_trial_wall_s: float | None = None  # the median wall time of a full trial (what 1 FTE is worth)
     wall_s: float = 0.0
     cpu_s: float = 0.0
     gpu_s: float = 0.0
@@ -82,12 +93,34 @@ class CostSummary:
     saved_by_early_stop_fte: float = 0.0
 
     def line(self) -> str:
-        return (f"cost {self.total_fte:.1f} full-trial equivalents ({self.wall_s / 3600:.2f} worker-hours, "
+        return (f"cost {self.total_fte:.1f} full-trial equivalents (trials {self.trials_fte:.1f}, unit probes "
+                f"{self.probes_fte:.1f}, Hessian traces {self.sensitivity_fte:.1f}, fp32 control {self.control_fte:.1f}; "
+                f"{self.wall_s / 3600:.2f} worker-hours, "
                 f"{self.cpu_s / 3600:.2f} CPU-hours, {self.gpu_s / 3600:.2f} GPU-hours); saved "
                 f"{self.saved_by_memo_fte:.1f} by memoization, {self.saved_by_early_stop_fte:.1f} by early stopping")
 
 
-def study_cost(trials: list[optuna.trial.FrozenTrial]) -> CostSummary:
+def _full_trial_wall_s(trials: list[optuna.trial.FrozenTrial]) -> float | None:
+    """Median wall time of the trials trained to the end (what one full-trial equivalent took)."""
+    import statistics
+
+    walls = [float(t.user_attrs["trial_wall_s"]) for t in trials
+             if t.state == TrialState.COMPLETE and "memoized_from" not in t.user_attrs
+             and float((t.user_attrs.get("cost") or {}).get("fte", 1.0)) >= 1.0 and t.user_attrs.get("trial_wall_s")]
+    return statistics.median(walls) if walls else None
+
+
+def _side_cost_fte(measured: Any, full_wall_s: float | None, trial_cpus: float) -> float:
+    """A driver/worker measurement ``{"wall_s", "threads"}`` in full-trial equivalents (0 before any full
+    trial has finished: nothing to price it by yet)."""
+    if not isinstance(measured, dict) or not full_wall_s:
+        return 0.0
+    cpu_s = float(measured.get("wall_s") or 0.0) * max(1, int(measured.get("threads") or 1))
+    return cpu_s / (full_wall_s * max(trial_cpus, 1e-9))
+
+
+def study_cost(trials: list[optuna.trial.FrozenTrial], study: optuna.Study | None = None) -> CostSummary:
+    """The cost of ``trials``; with ``study``, also of its unit probes, Hessian traces and fp32 control."""
     c = CostSummary()
     for t in trials:
         cost = t.user_attrs.get("cost") or {}
@@ -95,7 +128,7 @@ def study_cost(trials: list[optuna.trial.FrozenTrial]) -> CostSummary:
             c.n_memoized += 1
             c.saved_by_memo_fte += 1.0
             continue
-        c.total_fte += float(cost.get("fte", 0.0))
+        c.trials_fte += float(cost.get("fte", 0.0))
         c.wall_s += float(cost.get("wall_s", 0.0))
         c.cpu_s += float(cost.get("cpu_s", 0.0))
         c.gpu_s += float(cost.get("gpu_s", 0.0))
@@ -106,6 +139,19 @@ def study_cost(trials: list[optuna.trial.FrozenTrial]) -> CostSummary:
             c.saved_by_early_stop_fte += max(0.0, 1.0 - float(cost.get("fte", 1.0)))
         elif cost:
             c.n_trained += 1
+    if study is not None:
+        from search.record import stored_record
+
+        record = stored_record(study)
+        c.full_trial_wall_s = _full_trial_wall_s(trials)
+        cpus = float(((record.config if record else {}).get("resources") or {}).get("cpu") or 1.0)
+        if record is not None:
+            c.probes_fte = _side_cost_fte(record.unit_probes, c.full_trial_wall_s, cpus)
+            c.sensitivity_fte = _side_cost_fte((record.extra or {}).get("hessian_cost"), c.full_trial_wall_s, cpus)
+        control = study.user_attrs.get(CONTROL_ATTR)
+        if isinstance(control, dict):
+            c.control_fte = float((control.get("cost") or {}).get("fte", 1.0))
+    c.total_fte = c.trials_fte + c.probes_fte + c.sensitivity_fte + c.control_fte
     return c
 
 
@@ -124,12 +170,16 @@ class StudyStatus:
     pareto: list[dict[str, Any]] = field(default_factory=list)
     failure_reasons: dict[str, int] = field(default_factory=dict)  # reason -> trials
     cost: CostSummary = field(default_factory=CostSummary)
+    accuracy: str = "eer"  # the accuracy objective ([objectives] accuracy): "eer" or "min_dcf"
+    best_min_dcf_under_budget: float | None = None  # with accuracy = "min_dcf"
 
     def line(self) -> str:
         best = "-" if self.best_eer_under_budget is None else f"{self.best_eer_under_budget:.2f} %"
+        dcf = ("" if self.best_min_dcf_under_budget is None
+               else f" | best minDCF under budget {self.best_min_dcf_under_budget:.4f}")
         return (f"{self.name}: done {self.n_complete} (memoized {self.n_memoized}), running {self.n_running}, "
                 f"failed {self.n_failed}, pruned {self.n_pruned} | Pareto front {self.pareto_size} | "
-                f"best EER under budget {best}")
+                f"best EER under budget {best}{dcf}")
 
 
 def study_status(study: optuna.Study, budget_bytes: int | None = None) -> StudyStatus:
@@ -146,15 +196,20 @@ def study_status(study: optuna.Study, budget_bytes: int | None = None) -> StudyS
         reason = str(t.user_attrs.get("reason") or "unknown")[:200]
         st.failure_reasons[reason] = st.failure_reasons.get(reason, 0) + 1
     st.n_running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-    st.cost = study_cost(trials)
+    st.cost = study_cost(trials, study)
+    st.accuracy = _accuracy_of(study)
     if complete:
         front = {t.number: t for t in study.best_trials}
         st.pareto_size = len({tuple(t.values) for t in front.values()})
-        st.pareto = [{"number": t.number, "eer": t.values[0], "size_bytes": int(t.values[1])}
+        st.pareto = [{"number": t.number, "eer": _eer_of(t, st.accuracy),
+                      **({"min_dcf": t.values[0]} if st.accuracy == "min_dcf" else {}), "size_bytes": int(t.values[1])}
                      for t in sorted(front.values(), key=lambda t: t.values[1])]
         ok = [t for t in complete if budget_bytes is None or t.values[1] <= budget_bytes]
-        if ok:
-            st.best_eer_under_budget = min(t.values[0] for t in ok)
+        eers = [e for e in (_eer_of(t, st.accuracy) for t in ok) if e is not None]
+        if eers:
+            st.best_eer_under_budget = min(eers)
+        if ok and st.accuracy == "min_dcf":
+            st.best_min_dcf_under_budget = min(t.values[0] for t in ok)
         st.smallest_bytes = int(min(t.values[1] for t in complete))
     return st
 
@@ -172,6 +227,16 @@ def progress_metrics(status: StudyStatus, *, fp32_bytes: int | None, baseline_ee
     return {"hypervolume": hv, "front_size": float(status.pareto_size),
             "best_eer_under_budget": status.best_eer_under_budget, "cost_fte": status.cost.total_fte,
             "n_finished": float(status.n_complete + status.n_failed + status.n_pruned)}
+
+
+def _accuracy_of(study: optuna.Study) -> str:
+    """The study's accuracy objective, from its Optuna metric names (``min_dcf_p...``: minDCF; else EER)."""
+    names = study.metric_names or []
+    return "min_dcf" if names and str(names[0]).startswith("min_dcf") else "eer"
+
+
+def _eer_of(t: optuna.trial.FrozenTrial, accuracy: str) -> float | None:
+    return float(t.values[0]) if accuracy == "eer" else _optional_float(t.user_attrs.get("eer"))
 
 
 # -- loading --------------------------------------------------------------------------------------------
@@ -195,11 +260,11 @@ def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = 
         from search.storage import open_study
 
         study = open_study(source, create=False)
+    from search.system_attrs import trial_boot
+
+    accuracy = _accuracy_of(study)
+    found_after = _found_after_fte(study)
     points = []
-    spent, found_after = 0.0, {}
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        spent += float((t.user_attrs.get("cost") or {}).get("fte", 0.0))
-        found_after[t.number] = spent
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.values is None or len(t.values) < 2:
             continue
@@ -207,18 +272,39 @@ def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = 
         memo = attrs.get("memoized_from")
         if memo is not None and not include_memoized:
             continue
+        eer = _eer_of(t, accuracy)
+        if eer is None:
+            continue
+        seed = attrs.get("seed")
+        if seed and attrs.get("repaired"):  # an enqueued seed the size budget changed: say so
+            seed = f"{seed} → repaired"
         points.append(TrialPoint(
-            number=t.number, eer=float(t.values[0]), size_bytes=int(t.values[1]),
+            number=t.number, eer=eer, size_bytes=int(t.values[1]),
             eer_ci_low=_optional_float(attrs.get("eer_ci_low")), eer_ci_high=_optional_float(attrs.get("eer_ci_high")),
-            min_dcf=_optional_float(attrs.get("min_dcf_001")),
+            min_dcf=(float(t.values[0]) if accuracy == "min_dcf"
+                     else _optional_float(attrs.get("min_dcf", attrs.get("min_dcf_001")))),
             compression_ratio=_optional_float(attrs.get("compression_ratio")),
             avg_bits=_optional_float(attrs.get("avg_bits")), recipe=dict(attrs.get("recipe") or {}),
-            seed=attrs.get("seed"), memoized_from=None if memo is None else int(memo),
-            packed_path=attrs.get("packed_path"), digest=attrs.get("digest"),
-            eer_boot=tuple(attrs["eer_boot"]) if attrs.get("eer_boot") else None,
+            seed=seed, memoized_from=None if memo is None else int(memo),
+            packed_path=attrs.get("packed_path"), digest=attrs.get("digest"), eer_boot=trial_boot(t),
             cost_fte=_optional_float((attrs.get("cost") or {}).get("fte")), found_after_fte=found_after[t.number],
+            accuracy=accuracy,
         ))
     return sorted(points, key=lambda p: p.number)
+
+
+def _found_after_fte(study: optuna.Study) -> dict[int, float]:
+    """trial number -> the study's cost (FTE) once that trial had run, in trial order. The unit probes, the
+    Hessian traces and the fp32 control (it runs beside the first trials) are paid before the first trial,
+    so a cost axis counts every cost and ends at :attr:`CostSummary.total_fte`."""
+    trials = study.get_trials(deepcopy=False)
+    whole = study_cost(trials, study)
+    spent = whole.probes_fte + whole.sensitivity_fte + whole.control_fte
+    found_after = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        spent += float((t.user_attrs.get("cost") or {}).get("fte", 0.0))
+        found_after[t.number] = spent
+    return found_after
 
 
 def load_points_from_mlflow(tracker: StudyTracker) -> list[TrialPoint]:
@@ -279,20 +365,25 @@ def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[Tr
 
 
 # -- the fp32 control ----------------------------------------------------------------------------------------
-CONTROL_ATTR = "lsv.control"
+CONTROL_ATTR = "lsv.control"  # user attr: the control's metrics and cost
+CONTROL_BOOT = "lsv.control.eer_boot"  # system attr: its paired-bootstrap EERs (search.system_attrs)
 
 
 def load_control(study: optuna.Study) -> TrialPoint | None:
     """The study's fp32 control (the baseline fine-tuned with the trials' schedule, nothing quantized) as a
     point of number -1 at the fp32 size, or None when the study has none yet."""
+    from search.system_attrs import study_data
+
     c = study.user_attrs.get(CONTROL_ATTR)
     if not isinstance(c, dict) or c.get("eer") is None:
         return None
+    boot = study_data(study, CONTROL_BOOT) or c.get("eer_boot")  # older studies: inside the user attr
+    accuracy = _accuracy_of(study)
     return TrialPoint(number=-1, eer=float(c["eer"]), size_bytes=int(c.get("size_bytes") or 0),
                       eer_ci_low=_optional_float(c.get("eer_ci_low")), eer_ci_high=_optional_float(c.get("eer_ci_high")),
-                      min_dcf=_optional_float(c.get("min_dcf_001")), seed="control",
-                      eer_boot=tuple(c["eer_boot"]) if c.get("eer_boot") else None,
-                      cost_fte=_optional_float((c.get("cost") or {}).get("fte")))
+                      min_dcf=_optional_float(c.get("min_dcf", c.get("min_dcf_001"))), seed="control",
+                      eer_boot=tuple(float(x) for x in boot) if boot else None,
+                      cost_fte=_optional_float((c.get("cost") or {}).get("fte")), accuracy=accuracy)
 
 
 def control_delta(point: TrialPoint, control: TrialPoint | None, level: float = 0.95) -> tuple[float, float, float] | None:

@@ -34,6 +34,12 @@ answer them from memory anyway). Without Hessian traces in the record (a study w
 no sensitivity order) Ω falls back to the k-means error alone, with a warning. A study without an lsv
 record (plain Optuna use) is sampled at random.
 
+"EER" above is the study's accuracy objective, its first Optuna value: the EER in percent, or the minDCF
+when ``[objectives] accuracy = "min_dcf"`` (:mod:`search.objectives`). Fronts, the reference point and the
+calibration curve all use that value; the probes' EER damage only ranks recipes, and the fitted curve maps
+it onto the objective's scale. Trials are read by the params that ran (the driver rewrites a repaired
+trial's params, :func:`search.searcher.record_ran_params`).
+
 Cost per suggestion is flat in the number of trials: the unit table is built once per study, and the trial
 history is read incrementally (only trials finished since the last call are looked at).
 """

@@ -9,7 +9,11 @@ sampler only ever learns from finished MSFT runs.
   result at once (``memoized_from``) and a new suggestion is asked for; it is never trained twice.
 * Size budget: a suggestion over budget is repaired toward it (:meth:`SearchSpace.repair`, biggest byte
   saving first) before it is trained; assignments over budget are never trained. The repaired recipe
-  is what is told, trained and logged (user attr ``repaired``).
+  is what is told, trained and logged, and the trial's Optuna params are rewritten to it before anything
+  is trained (:func:`record_ran_params`), so every sampler (TPE, NSGA-II, GP, probe) learns from the
+  assignment that ran and ``space.recipe_from_params(trial.params)`` is the trial's recipe. The sampler's
+  proposal is kept only where it differed: user attrs ``repaired`` and ``proposed`` (the changed params).
+  Enqueued seeds go through the same path.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from lsv_core.quant import BitRecipe
+from search.objectives import rounded, rounded_metrics
 from search.space import SearchSpace
+from search.system_attrs import EER_BOOT, set_trial_data, trial_boot
 from search.tracking import TrialRecord
 
-__all__ = ["AskTellSearcher", "record_from"]
+__all__ = ["AskTellSearcher", "record_from", "record_ran_params"]
 
 RecordSink = Callable[[TrialRecord], None]
 log = logging.getLogger(__name__)
@@ -41,6 +47,7 @@ class _LiveTrial:
     recipe: BitRecipe
     digest: str
     repaired: bool
+    params: dict[str, str]  # the Optuna params that run (re-queued as they are if the driver stops)
     full_samples: int = 0  # fine-tuning samples of the full schedule (steps x batch): one full-trial equivalent
     stage_eers: dict[int, float] = field(default_factory=dict)  # per-stage EERs reported so far
 
@@ -63,6 +70,37 @@ def trial_cost(result: dict[str, Any], full_samples: int, state: str) -> dict[st
     return cost
 
 
+def record_ran_params(study: optuna.Study, trial: optuna.trial.Trial, params: dict[str, str],
+                      dists: dict[str, optuna.distributions.BaseDistribution]) -> None:
+    """Rewrite the params of a RUNNING trial to ``params`` (the repaired assignment), in its storage.
+
+    Optuna has no public call for this: ``RDBStorage.set_trial_param`` inserts a row and a param already
+    set violates its (trial_id, param_name) unique key, so the rows are updated through Optuna's own
+    models; ``InMemoryStorage.set_trial_param`` overwrites. ``_CachedStorage`` caches finished trials
+    only, and the trial is still running, so every later read (samplers included) sees the new values.
+    """
+    from optuna.storages import InMemoryStorage, RDBStorage
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    changed = {k: v for k, v in params.items() if trial.params.get(k) != v}
+    if isinstance(backend, RDBStorage):
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(backend.scoped_session, True) as session:
+            row = models.TrialModel.find_or_raise_by_id(trial._trial_id, session)
+            backend.check_trial_is_updatable(trial._trial_id, row.state)
+            for name, value in changed.items():
+                param = models.TrialParamModel.find_or_raise_by_trial_and_param_name(row, name, session)
+                param.param_value = dists[name].to_internal_repr(value)
+    elif isinstance(backend, InMemoryStorage):
+        for name, value in changed.items():
+            backend.set_trial_param(trial._trial_id, name, dists[name].to_internal_repr(value), dists[name])
+    else:
+        raise TypeError(f"cannot rewrite trial params in a {type(backend).__name__}; use an RDB storage")
+
+
 def _finished_results(study: optuna.Study) -> dict[str, tuple[int, list[float]]]:
     """digest -> (trial number, values) of every COMPLETE trial that was really trained."""
     out: dict[str, tuple[int, list[float]]] = {}
@@ -76,7 +114,7 @@ def _finished_results(study: optuna.Study) -> dict[str, tuple[int, list[float]]]
 class AskTellSearcher(Searcher):
     def __init__(self, study: optuna.Study, space: SearchSpace, *, size_of: Callable[[BitRecipe], int],
                  budget_bytes: int | None, make_config: Callable[[BitRecipe, int], dict[str, Any]],
-                 sink: RecordSink, objectives: tuple[str, ...] = ("eer", "size_bytes"),
+                 sink: RecordSink, objectives: tuple[str, ...] = ("eer", "size_bytes"),  # result keys (search.objectives)
                  max_trials: int | None = None,
                  on_progress: Callable[[str, int, dict[str, Any]], None] | None = None) -> None:
         super().__init__(metric=None, mode=None)
@@ -137,13 +175,15 @@ class AskTellSearcher(Searcher):
                     self._tell_failed(ot, params, "even the smallest choices exceed the size budget")
                     continue
                 repaired = fixed != params
+                if repaired:
+                    record_ran_params(self.study, ot, fixed, dists)
+                    ot.set_user_attr("repaired", True)
+                    ot.set_user_attr("proposed", {k: v for k, v in params.items() if fixed[k] != v})
                 params = fixed
             recipe = self.space.recipe_from_params(params)
             digest = recipe.digest()
             ot.set_user_attr("digest", digest)
             ot.set_user_attr("recipe", recipe.to_dict())
-            if repaired:
-                ot.set_user_attr("repaired", True)
             if digest in self.memo:
                 self._tell_memoized(ot, recipe, digest)
                 continue
@@ -157,7 +197,7 @@ class AskTellSearcher(Searcher):
             cfg = self.make_config(recipe, ot.number)
             schedule = cfg.get("schedule") or {}
             full = int(schedule.get("total_steps", 0)) * int(schedule.get("batch_size", 0))
-            self.live[trial_id] = _LiveTrial(ot, recipe, digest, repaired, full)
+            self.live[trial_id] = _LiveTrial(ot, recipe, digest, repaired, params, full)
             if self.on_progress is not None:
                 self.on_progress(trial_id, ot.number, {"started": True})
             return cfg
@@ -171,7 +211,7 @@ class AskTellSearcher(Searcher):
             try:
                 ot.set_user_attr("reason", reason)
                 self.study.tell(ot, state=TrialState.FAIL)
-                self.study.enqueue_trial(dict(ot.params), user_attrs={"retry_of": ot.number})
+                self.study.enqueue_trial(dict(live.params), user_attrs={"retry_of": ot.number})
             except Exception as err:  # noqa: BLE001 - the next run's recovery re-queues it anyway
                 log.warning("could not re-queue trial %d: %s", ot.number, err)
         self.live.clear()
@@ -205,13 +245,16 @@ class AskTellSearcher(Searcher):
         src = self.study.get_trials(deepcopy=False)[source]
         ot.set_user_attr("memoized_from", source)
         for k, v in src.user_attrs.items():
-            if k not in ("digest", "recipe", "repaired", "cost"):
+            if k not in ("digest", "recipe", "repaired", "proposed", "seed", "retry_of", "cost"):
                 ot.set_user_attr(k, v)
         ot.set_user_attr("cost", {"fte": 0.0})  # answered from the stored result: nothing trained
+        boot = trial_boot(src)
+        if boot:
+            set_trial_data(self.study, ot._trial_id, EER_BOOT, list(boot))
         if not self._tell(ot, values):
             return
-        self.sink(self._record(ot.number, "complete", recipe, {**src.user_attrs, "cost": {"fte": 0.0}},
-                               memoized_from=source))
+        self.sink(self._record(ot.number, "complete", recipe, {**src.user_attrs, "eer_boot": boot,
+                                                               "cost": {"fte": 0.0}}, memoized_from=source))
 
     def _tell_failed(self, ot: optuna.trial.Trial, params: dict[str, str], reason: str) -> None:
         ot.set_user_attr("reason", reason)
@@ -245,7 +288,7 @@ class AskTellSearcher(Searcher):
         ray_id = {"ray_trial_id": trial_id}
         if error or result.get("error"):
             reason = result.get("error") or "the Ray worker failed (see the trial's error file under ray/)"
-            cost = trial_cost(result, live.full_samples, "failed")
+            cost = rounded_metrics(trial_cost(result, live.full_samples, "failed"))
             ot.set_user_attr("reason", reason)
             ot.set_user_attr("cost", cost)
             if not self._tell(ot, state=TrialState.FAIL):
@@ -254,10 +297,10 @@ class AskTellSearcher(Searcher):
             return
         if not result.get("final"):
             reason = f"stopped after MSFT stage {result.get('stage')} (dominated at that stage)"
-            cost = trial_cost(result, live.full_samples, "pruned")
+            cost = rounded_metrics(trial_cost(result, live.full_samples, "pruned"))
             # Every stage's EER, the stage plan and the size: a resumed run's early stopper compares with them
             stages = {**live.stage_eers, **({int(result["stage"]): result["eer"]} if "stage" in result else {})}
-            stage_eers = [stages.get(k) for k in range(max(stages) + 1)] if stages else []
+            stage_eers = [rounded("eer", stages.get(k)) for k in range(max(stages) + 1)] if stages else []
             pruned = {"reason": reason, "stage_eers": stage_eers, "cost": cost,
                       **{k: result[k] for k in ("stage_plan", "size_bytes") if k in result}}
             for k, v in pruned.items():
@@ -266,14 +309,20 @@ class AskTellSearcher(Searcher):
                 return
             self.sink(self._record(ot.number, "pruned", live.recipe, {**ray_id, **pruned}))
             return
-        attrs = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes",
-                                        "compression_ratio", "avg_bits", "stage_eers", "stage_plan", "trial_wall_s",
-                                        "packed_path", "setup_s", "node_id", "eer_boot") if k in result}
+        # Metrics rounded to what they mean; the bootstrap EERs are machine data (search.system_attrs).
+        attrs = rounded_metrics({k: result[k] for k in (
+            "eer", "eer_ci_low", "eer_ci_high", "min_dcf", "min_dcf_001", "size_bytes", "compression_ratio",
+            "avg_bits", "stage_eers", "stage_plan", "trial_wall_s", "packed_path", "setup_s", "node_id")
+            if k in result})
         attrs.update(ray_id)
-        attrs["cost"] = trial_cost(result, live.full_samples, "complete")
+        attrs["cost"] = rounded_metrics(trial_cost(result, live.full_samples, "complete"))
         for k, v in attrs.items():
             ot.set_user_attr(k, v)
-        values = [float(result[k] if k != "min_dcf" else result["min_dcf_001"]) for k in self.objectives]
+        boot = rounded("eer", result.get("eer_boot")) or None
+        if boot:
+            set_trial_data(self.study, ot._trial_id, EER_BOOT, boot)
+            attrs["eer_boot"] = boot
+        values = [rounded(k, float(result[k])) for k in self.objectives]
         if not all(math.isfinite(v) for v in values):
             ot.set_user_attr("reason", f"non-finite objective values {values}")
             if not self._tell(ot, state=TrialState.FAIL):
@@ -302,7 +351,7 @@ def record_from(number: int, state: str, recipe: BitRecipe | dict[str, Any], att
         ray_trial_id=attrs.get("ray_trial_id"),
         config_hash=BitRecipe.from_mapping(recipe_dict).digest() if recipe_dict else None,
         avg_bits=attrs.get("avg_bits"), eer=attrs.get("eer"), eer_ci_low=attrs.get("eer_ci_low"),
-        eer_ci_high=attrs.get("eer_ci_high"), min_dcf=attrs.get("min_dcf_001"),
+        eer_ci_high=attrs.get("eer_ci_high"), min_dcf=attrs.get("min_dcf", attrs.get("min_dcf_001")),
         size_bytes=attrs.get("size_bytes"), compression_ratio=attrs.get("compression_ratio"),
         stage_eers=[e for e in (attrs.get("stage_eers") or []) if e is not None],
         wall_s=attrs.get("trial_wall_s"), memoized_from=memoized_from, artifacts=artifacts,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,9 +51,17 @@ def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
         storage = optuna.storages.RDBStorage(url, heartbeat_interval=None)
         if not create:
             return optuna.load_study(study_name=config.study.name, storage=storage)
-        return optuna.create_study(study_name=config.study.name, storage=storage,
-                                   directions=["minimize", "minimize"], sampler=make_sampler(config),
-                                   load_if_exists=True)
+        study = optuna.create_study(study_name=config.study.name, storage=storage,
+                                    directions=["minimize", "minimize"], sampler=make_sampler(config),
+                                    load_if_exists=True)
+        from search.objectives import objective_names
+
+        names = objective_names(config.objectives.accuracy, config.objectives.p_target)
+        if study.metric_names != names:  # new studies, and those made before they were named
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, unchanged through 5.1
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(names)
+        return study
     except KeyError:
         raise ConfigError(f"no study {config.study.name!r} in {redacted(url)}") from None
     except (ImportError, SQLAlchemyError) as err:

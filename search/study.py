@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,13 @@ from lsv_core.errors import ConfigError, LsvError
 from lsv_core.quant import BitRecipe, LayerSpec
 from search.config import StudyConfig
 from search.lease import DriverLease
+from search.objectives import objective_keys, rounded, rounded_metrics
 from search.preflight import Preflight, preflight_study
 from search.progress import ProgressBoard
 from search.record import StudyRecord, save_record, stored_record
 from search.results import (
     CONTROL_ATTR,
+    CONTROL_BOOT,
     NOT_COUNTED,
     StudyStatus,
     control_delta,
@@ -61,6 +63,7 @@ from search.results import (
 )
 from search.space import SearchSpace
 from search.storage import open_study, redacted
+from search.system_attrs import set_study_data, trial_boot
 from search.tracking import CONTROL_TAG, StudyTracker, TrackingThread, TrialRecord
 
 __all__ = ["RunResult", "StudyInterrupted", "run_study"]
@@ -193,11 +196,13 @@ def _run_checked(config: StudyConfig, pre: Preflight, t0: float, *, address: str
         refresh_pareto_tags(tracker, study)
         status = study_status(study, config.size_budget_bytes)
         cost = status.cost
-        tracker.finish_study({"n_complete": status.n_complete, "n_failed": status.n_failed,
-                              "n_pruned": status.n_pruned, "pareto_size": status.pareto_size,
-                              "cost_total_fte": cost.total_fte, "cost_wall_s": cost.wall_s, "cost_cpu_s": cost.cpu_s,
-                              "cost_gpu_s": cost.gpu_s, "cost_saved_by_memo_fte": cost.saved_by_memo_fte,
-                              "cost_saved_by_early_stop_fte": cost.saved_by_early_stop_fte})
+        tracker.finish_study(rounded_metrics({
+            "n_complete": status.n_complete, "n_failed": status.n_failed, "n_pruned": status.n_pruned,
+            "pareto_size": status.pareto_size, "cost_total_fte": cost.total_fte, "cost_trials_fte": cost.trials_fte,
+            "cost_probes_fte": cost.probes_fte, "cost_sensitivity_fte": cost.sensitivity_fte,
+            "cost_control_fte": cost.control_fte, "cost_wall_s": cost.wall_s, "cost_cpu_s": cost.cpu_s,
+            "cost_gpu_s": cost.gpu_s, "cost_saved_by_memo_fte": cost.saved_by_memo_fte,
+            "cost_saved_by_early_stop_fte": cost.saved_by_early_stop_fte}))
         write_text_atomic(study_dir / "status.json", json.dumps(asdict(status), indent=2), overwrite=True)
     return RunResult(status, study_dir, time.monotonic() - t0, resumed)
 
@@ -242,6 +247,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
                                          omega if config.msft.order == "sensitivity" else None, fault_plan)
         searcher = AskTellSearcher(study, space, size_of=lambda r: packed_size_bytes(model, r),
                                    budget_bytes=config.size_budget_bytes, make_config=make, sink=on_record,
+                                   objectives=objective_keys(config.objectives.accuracy),
                                    max_trials=remaining, on_progress=board.update)
         searcher.stopping = stopped
         searcher.lease = lease
@@ -393,8 +399,11 @@ class _Control:
                           "`lsv run` again retries it[/]", soft_wrap=True)
             return
         result["size_bytes"] = self.record.fp32_bytes
-        result["cost"] = {"fte": 1.0, **{k[5:]: v for k, v in result.items() if k.startswith("cost_")}}
-        self.study.set_user_attr(CONTROL_ATTR, result)
+        result["cost"] = rounded_metrics({"fte": 1.0, **{k[5:]: v for k, v in result.items() if k.startswith("cost_")}})
+        boot = result.pop("eer_boot", None)
+        if boot:  # machine data: a system attr (search.system_attrs); the summary stays readable
+            set_study_data(self.study, CONTROL_BOOT, rounded("eer", boot))
+        self.study.set_user_attr(CONTROL_ATTR, rounded_metrics(result))
         self.point = load_control(self.study)
         console.print(f"fp32 control (same fine-tuning, nothing quantized): EER {result['eer']:.2f} % "
                       f"[{result['eer_ci_low']:.2f}, {result['eer_ci_high']:.2f}]", soft_wrap=True)
@@ -558,6 +567,10 @@ def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord
     assert pre.baseline is not None
     traces = dict(record.hessian_traces) if record.hessian_traces else None
     if traces is None:
+        import torch
+
+        t0 = time.monotonic()
+        threads = max(1, int(config.resources.cpu)) if config.resources.hessian == "worker" else torch.get_num_threads()
         if config.resources.hessian == "worker":
             from search.cluster import hessian_on_worker
 
@@ -571,7 +584,10 @@ def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord
                                    progress=False)
             traces = bench.hessian_traces(cache_path=config.data.cache_dir / "hessian_traces.json",
                                           seed=config.study.seed)
-        save_record(study, config.study_dir, record.with_traces(traces))
+        # What the traces cost (search.results.CostSummary.sensitivity_fte); a cache hit costs its read.
+        spent = {"wall_s": round(time.monotonic() - t0, 2), "threads": threads}
+        record = record.with_traces(traces)
+        save_record(study, config.study_dir, replace(record, extra={**record.extra, "hessian_cost": spent}))
     return sensitivity(traces, quantization_errors(pre.baseline.model, seed=config.study.seed))
 
 
@@ -678,10 +694,12 @@ def _log_control(study: optuna.Study, tracker: StudyTracker) -> None:
     result = study.user_attrs.get(CONTROL_ATTR)
     if not isinstance(result, dict):
         return
-    metrics = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes") if k in result}
+    metrics = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf", "min_dcf_001", "size_bytes")
+               if k in result}
     metrics.update({f"cost_{k}": v for k, v in (result.get("cost") or {}).items()})
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
+    metrics = rounded_metrics(metrics)
     note = (f"fp32 control: the baseline fine-tuned like every trial, nothing quantized — {result['eer']:.2f} % EER"
             + (f", {result['size_bytes'] / 1e3:.1f} kB" if result.get("size_bytes") else ""))
     tracker.log_side_run("control", "control-fp32", metrics, key="control",
@@ -700,5 +718,5 @@ def _log_missing(study: optuna.Study, tracker: StudyTracker) -> None:
         if t.number in logged or t.state not in state_names:
             continue
         recipe = t.user_attrs.get("recipe", {})
-        tracker.log_trial(record_from(t.number, state_names[t.state], recipe, dict(t.user_attrs),
-                                      t.user_attrs.get("memoized_from")))
+        tracker.log_trial(record_from(t.number, state_names[t.state], recipe,
+                                      {**t.user_attrs, "eer_boot": trial_boot(t)}, t.user_attrs.get("memoized_from")))

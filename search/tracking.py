@@ -578,9 +578,13 @@ def _trial_metrics(record: TrialRecord, timestamp: int) -> list[Metric]:
     values.update({f"cost_{k}": v for k, v in record.cost.items()})
     if record.control_delta is not None:
         values.update(dict(zip(CONTROL_DELTA_METRICS, record.control_delta, strict=True)))
-    metrics = [Metric(key, float(value), timestamp, 0) for key, value in values.items() if value is not None]
+    # Rounded to what they mean (search.objectives): EER 4 decimals, minDCF 5, bytes as integers.
+    from search.objectives import rounded
+
+    metrics = [Metric(key, float(rounded(key, value)), timestamp, 0) for key, value in values.items()
+               if value is not None]
     metrics += [
-        Metric("stage_eer", float(eer), timestamp, step) for step, eer in enumerate(record.stage_eers)
+        Metric("stage_eer", float(rounded("eer", eer)), timestamp, step) for step, eer in enumerate(record.stage_eers)
     ]
     return metrics
 

@@ -117,7 +117,7 @@ def recipe_task(spec: dict[str, Any], shared: SharedInputs, recipe: dict[str, An
                         sensitivity=layer_sensitivity(omega, rec))
     meter.add(sum(s.steps for s in outcome.stages) * sched.batch_size, len(bench.trials.utterances))
     return {"eer": outcome.eer, "eer_ci_low": outcome.eer_ci_low, "eer_ci_high": outcome.eer_ci_high,
-            "min_dcf_001": outcome.min_dcf_001, "eer_boot": list(outcome.eer_boot or ()),
+            "min_dcf_001": outcome.min_dcf_001, "min_dcf": outcome.min_dcf, "eer_boot": list(outcome.eer_boot or ()),
             "size_bytes": outcome.size_bytes, "n_trials": len(bench.trials), "seed": sched.seed,
             "total_steps": sched.total_steps, "node_id": _node_id(), **meter.report()}
 
@@ -195,7 +195,7 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
         packed = _keep_packed(outcome.model, config, outcome.eer)
         summary = outcome.summary()
         tune.report({
-            **{k: summary[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "size_bytes",
+            **{k: summary[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "min_dcf", "size_bytes",
                                        "compression_ratio", "avg_bits")},
             "stage": len(outcome.stages) - 1, "stage_eers": [s.eer for s in outcome.stages], "stage_plan": plan,
             "final": True, "packed_path": str(packed), "setup_s": setup_s,

@@ -245,7 +245,8 @@ def verify_trial(config: StudyConfig, chosen: TrialPoint, points: list[TrialPoin
         raise ExportMismatch(reeval_mismatch(chosen.number, packed, reeval.eer, chosen.eer, eer_tolerance,
                                              bench.trials.labels) + "".join(f"; note: {n}" for n in notes))
     return VerifiedTrial(chosen, source, model, packed, reeval, len(bench.trials), run,
-                         thresholds=_thresholds(scores, bench.trials.labels), embeddings=embeddings)
+                         thresholds=_thresholds(scores, bench.trials.labels, config.objectives.p_target),
+                         embeddings=embeddings)
 
 
 def reeval_mismatch(number: int, packed: Path, reeval_eer: float, logged_eer: float, tolerance: float,
@@ -339,13 +340,17 @@ def _bundle_facts(config: StudyConfig, record: StudyRecord, study: Any, checked:
         "verification": _verification_text(verification),
     }
     reeval = checked.reeval
+    p_target = config.objectives.p_target
+    # A trial's logged minDCF is at the study's p_target ([objectives]); the card's line is at 0.01.
+    dcf_001 = chosen.min_dcf if p_target == 0.01 else None
+    other = {} if p_target == 0.01 else {"p_target": p_target, "min_dcf": chosen.min_dcf, "reeval_min_dcf": reeval.min_dcf}
     accuracy = Accuracy(eer=chosen.eer, eer_ci_low=chosen.eer_ci_low, eer_ci_high=chosen.eer_ci_high,
-                        min_dcf_001=chosen.min_dcf, reeval_eer=reeval.eer, reeval_min_dcf_001=reeval.min_dcf_001,
-                        eer_tolerance=options.eer_tolerance, n_eval_trials=checked.n_eval_trials)
+                        min_dcf_001=dcf_001, reeval_eer=reeval.eer, reeval_min_dcf_001=reeval.min_dcf_001,
+                        eer_tolerance=options.eer_tolerance, n_eval_trials=checked.n_eval_trials, **other)
     metrics = {"eer": chosen.eer, "eer_ci_low": chosen.eer_ci_low, "eer_ci_high": chosen.eer_ci_high,
-               "min_dcf_001": chosen.min_dcf, "eer_reevaluated": reeval.eer,
-               "min_dcf_001_reevaluated": reeval.min_dcf_001, "n_eval_trials": checked.n_eval_trials,
-               "logged_size_bytes": chosen.size_bytes}
+               "min_dcf_001": dcf_001, "min_dcf": chosen.min_dcf, "p_target": p_target, "eer_reevaluated": reeval.eer,
+               "min_dcf_001_reevaluated": reeval.min_dcf_001, "min_dcf_reevaluated": reeval.min_dcf,
+               "n_eval_trials": checked.n_eval_trials, "logged_size_bytes": chosen.size_bytes}
     title = (f"{config.study.name}, trial {chosen.number}: {checked.model.arch['name']} at "
              f"{average_bits(checked.model, recipe_of(checked.model)):.2f} bits/weight")
     evaluated_on = {"study": config.study.name, "trials": str(config.workbench_spec().data.trials),
@@ -384,7 +389,9 @@ def _how_found(config: StudyConfig, chosen: TrialPoint, rule: SelectionRule, n_c
         f"Each trial: k-means codebooks per layer, then multi-stage fine-tuning (order `{msft.order}`, "
         f"{msft.total_steps} steps, lr {msft.lr:g}, centroids by `{msft.centroid_update}`), scored by cosine "
         f"EER on {config.data.max_trials or 'all'} trials (subset seed {config.data.subset_seed}).",
-        f"Selected by the rule: {rule.describe()}; objectives minimised together: EER and packed bytes"
+        f"Selected by the rule: {rule.describe()}; objectives minimised together: "
+        + ("EER" if config.objectives.accuracy == "eer" else f"minDCF at p_target {config.objectives.p_target:g}")
+        + " and packed bytes"
         + (f" (size budget {config.size_budget_bytes:,} bytes)" if config.size_budget_bytes else "") + ".",
     ]
 
@@ -421,17 +428,26 @@ def _reevaluate(config: StudyConfig, model: nn.Module, bench: Workbench) -> tupl
     try:
         embeddings = extract_embeddings(model, bench.eval_store, bench.trials.utterances)
         scores = score(bench.trials, embeddings)
-        result = metrics_of(scores, bench.trials.labels, n_boot=TRIAL_N_BOOT, seed=config.study.seed)
+        result = metrics_of(scores, bench.trials.labels, n_boot=TRIAL_N_BOOT, seed=config.study.seed,
+                            p_target=config.objectives.p_target)
     finally:
         torch.set_num_threads(threads)
+    # Rounded as the searcher stores a trial's metrics (search.objectives): a deterministic re-evaluation
+    # then equals the logged value exactly.
+    from dataclasses import replace
+
+    from search.objectives import rounded
+
+    result = replace(result, **{k: rounded(k, getattr(result, k)) for k in (
+        "eer", "eer_ci_low", "eer_ci_high", "min_dcf", "min_dcf_001", "min_dcf_005")})
     return result, scores, embeddings
 
 
-def _thresholds(scores: Any, labels: Any) -> dict[str, OperatingPoint]:
-    """infer.py's operating points, from the re-evaluation's scores."""
+def _thresholds(scores: Any, labels: Any, p_target: float = 0.01) -> dict[str, OperatingPoint]:
+    """infer.py's operating points, from the re-evaluation's scores (minDCF at the study's p_target)."""
     from lsv_core.metrics.thresholds import eer_threshold, min_dcf_threshold
 
-    return {"eer": eer_threshold(scores, labels), "min_dcf": min_dcf_threshold(scores, labels, p_target=0.01)}
+    return {"eer": eer_threshold(scores, labels), "min_dcf": min_dcf_threshold(scores, labels, p_target=p_target)}
 
 
 def _onnx_agreement(path: Path, bench: Workbench, checked: VerifiedTrial) -> OnnxAgreement:

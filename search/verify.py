@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from rich.console import Console
 
 from lsv_core.errors import ConfigError, LsvError
+from search.objectives import rounded_metrics
 from search.pareto import TrialPoint, knee_point, pareto_front
+from search.system_attrs import set_study_data
 
 if TYPE_CHECKING:
     import optuna
@@ -111,8 +113,17 @@ class VerifyReport:
 
 def verification_of(study: optuna.Study, number: int) -> dict[str, Any] | None:
     """What ``lsv verify`` stored for trial ``number`` (``{"runs": [...], ...}``), or None."""
+    from search.system_attrs import study_data
+
     v = study.user_attrs.get(f"{VERIFY_ATTR}{number}")
-    return v if isinstance(v, dict) and v.get("runs") else None
+    if not isinstance(v, dict) or not v.get("runs"):
+        return None
+    boots = study_data(study, f"{VERIFY_ATTR}{number}.eer_boot") or {}  # older studies: inside each run
+    for r in v["runs"]:
+        boot = boots.get(f"{r['seed']}/{r['total_steps']}")
+        if boot:
+            r["eer_boot"] = boot
+    return v
 
 
 def _chosen(points: list[TrialPoint], plan: VerifyPlan) -> list[TrialPoint]:
@@ -209,11 +220,17 @@ def _keep(study: optuna.Study, tracker: Any, p: TrialPoint, result: dict[str, An
     key = f"{VERIFY_ATTR}{p.number}"
     kept = verification_of(study, p.number) or {"trial": p.number, "runs": []}
     kept["runs"] = [r for r in kept["runs"] if (r["seed"], r["total_steps"]) != (result["seed"], result["total_steps"])]
-    kept["runs"].append({k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "seed",
-                                                "total_steps", "eer_boot", "cost_wall_s", "node_id") if k in result})
+    kept["runs"].append(rounded_metrics({k: result[k] for k in (
+        "eer", "eer_ci_low", "eer_ci_high", "min_dcf", "min_dcf_001", "seed", "total_steps", "eer_boot", "cost_wall_s",
+        "node_id") if k in result}))
+    # The bootstrap EERs are machine data (search.system_attrs): the user attr keeps the readable part.
+    boots = {f"{r['seed']}/{r['total_steps']}": r.pop("eer_boot") for r in kept["runs"] if r.get("eer_boot")}
+    if boots:
+        set_study_data(study, f"{key}.eer_boot", boots)
     study.set_user_attr(key, kept)
     run = tracker.trial_run(p.number)
-    metrics = {k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf_001", "cost_wall_s") if k in result}
+    metrics = rounded_metrics({k: result[k] for k in ("eer", "eer_ci_low", "eer_ci_high", "min_dcf", "min_dcf_001",
+                                                      "cost_wall_s") if k in result})
     tracker.log_side_run("verification", f"verify-{p.number}-s{result['seed']}", metrics,
                          tags={"lsv.verifies": str(p.number), "lsv.seed": str(result["seed"]),
                                "lsv.total_steps": str(result["total_steps"])},

@@ -276,7 +276,8 @@ def test_control_run_deltas_and_ci_aware_choices(real_study: dict, capsys: pytes
         if p is not None:
             want = control_delta(p, control)
             got = tuple(run.data.metrics[k] for k in CONTROL_DELTA_METRICS)
-            assert got == pytest.approx(want) and got[1] <= got[0] <= got[2]
+            # MLflow holds EER points rounded to 4 decimals (search.objectives)
+            assert got == pytest.approx(want, abs=5e-5) and got[1] <= got[0] <= got[2]
             assert run.data.tags["pareto_optimal_ci"] in ("true", "false")
             assert run.data.metrics["cost_fte"] == pytest.approx(p.cost_fte) and 0 < p.cost_fte <= 1
     assert main(["status", str(real_study["toml"]), "--json"]) == 0

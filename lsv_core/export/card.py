@@ -58,6 +58,10 @@ class Accuracy:
     reeval_min_dcf_001: float
     eer_tolerance: float
     n_eval_trials: int
+    # The study's minDCF objective at another p_target than 0.01 ([objectives] p_target), when it has one.
+    p_target: float | None = None
+    min_dcf: float | None = None
+    reeval_min_dcf: float | None = None
 
 
 @dataclass(frozen=True)
@@ -209,8 +213,12 @@ def render_model_card(card: ModelCard) -> str:
         "",
         f"* EER **{card.accuracy.eer:.2f} %**{_ci(card.accuracy.eer_ci_low, card.accuracy.eer_ci_high)} on {card.accuracy.n_eval_trials:,} trials "
         "(the study's evaluation subset, `data.max_trials`).",
-        f"* minDCF (p_target = 0.01): **{card.accuracy.min_dcf_001:.4f}**" if card.accuracy.min_dcf_001 is not None
-        else "* minDCF (p_target = 0.01): not logged",
+        *([f"* minDCF (p_target = 0.01): **{card.accuracy.min_dcf_001:.4f}**" if card.accuracy.min_dcf_001 is not None
+           else "* minDCF (p_target = 0.01): not logged"] if card.accuracy.p_target is None else []),
+        *([f"* minDCF (p_target = {card.accuracy.p_target:g}, the study's `[objectives] p_target`): "
+           f"**{card.accuracy.min_dcf:.4f}**"
+           + (f" (re-evaluated {card.accuracy.reeval_min_dcf:.4f})" if card.accuracy.reeval_min_dcf is not None else "")]
+          if card.accuracy.p_target is not None and card.accuracy.min_dcf is not None else []),
         f"* Re-evaluated at export from the packed file: EER {card.accuracy.reeval_eer:.4f} %, minDCF(0.01) "
         f"{card.accuracy.reeval_min_dcf_001:.4f}; accepted because |EER - logged| <= {card.accuracy.eer_tolerance:g} points.",
         "",
