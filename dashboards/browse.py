@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from dashboards.plots import Baseline, save_bits_heatmap_png, save_hypervolume_png, save_pareto_png
 from search.describe import recipe_in_words
 from search.pareto import TrialPoint, knee_point, pareto_front, reference_point, significant_front
-from search.record import read_record
 from search.results import control_delta, load_control, load_points
+from search.storage import read_record
 
 if TYPE_CHECKING:
     from search.config import StudyConfig

@@ -266,15 +266,7 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
             lease.check()
         control.wait()
     except KeyboardInterrupt:  # SIGINT/SIGTERM (see _stop_signals): the trials still running go back in the queue
-        if not lease.holds():  # the running trials are another driver's now: touch nothing
-            raise
-        if searcher is not None:
-            searcher.abandon_live(INTERRUPTED)
-        # The signal may land between Optuna's ask and the searcher's bookkeeping: every trial still RUNNING
-        # is this driver's (it holds the lease), so all of them go back in the queue. A storage transaction
-        # the interrupt cut short is rolled back first (SQLite would otherwise stay locked by it).
-        _end_interrupted_session(study)
-        _requeue_running(study)
+        _requeue_after_interrupt(study, searcher, lease)
         raise
     finally:
         # The front as it stands, also when stopped: tags, then the pictures (lsv report redraws them later);
@@ -292,6 +284,20 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
         console.print(f"[yellow]{len(failed)} MLflow call(s) failed during the study ({scrub_known(failed[0])}); "
                       "retrying[/]")  # MLflow's messages hold the request URL
         _log_missing(study, tracker)
+
+
+def _requeue_after_interrupt(study: optuna.Study, searcher: Any, lease: DriverLease) -> None:
+    """After SIGINT/SIGTERM: this driver's running trials go back in the queue (nothing lost, nothing doubled);
+    a driver that was taken over touches nothing (the running trials are the other driver's now)."""
+    if not lease.holds():
+        return
+    if searcher is not None:
+        searcher.abandon_live(INTERRUPTED)
+    # The signal may land between Optuna's ask and the searcher's bookkeeping: every trial still RUNNING
+    # is this driver's (it holds the lease), so all of them go back in the queue. A storage transaction
+    # the interrupt cut short is rolled back first (SQLite would otherwise stay locked by it).
+    _end_interrupted_session(study)
+    _requeue_running(study)
 
 
 def _prepare_priors(config: StudyConfig, study: optuna.Study, record: StudyRecord, pre: Preflight,
