@@ -112,8 +112,8 @@ def _mixed_recipe(model: Any, args: argparse.Namespace) -> tuple[Any, str]:
     if args.study and Path(args.study).exists() and model.arch["name"] == "ThinResNet":
         try:
             from search import load_study_config
-            from search.results import load_points
-            from search.selection import SelectionRule, select_trial
+            from search.results.reading import load_points
+            from search.results.selection import SelectionRule, select_trial
 
             config = load_study_config(args.study)
             point = select_trial(load_points(config), SelectionRule(knee=True))

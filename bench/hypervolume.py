@@ -7,8 +7,8 @@ Methods (sampler, seed trials, stage-aware early stopping), every other setting 
 * ``random``, ``tpe``, ``nsga2``: Optuna's samplers alone (no seeds, no early stopping);
 * ``tpe+seeds+es``: TPE with the uniform and allocator seed trials and early stopping (the quickstart's
   settings before issue 14);
-* ``hessian+seeds+es``: :class:`search.samplers.HessianPriorSampler` with seeds and early stopping;
-* ``probe+seeds+es``: :class:`search.samplers.ProbePriorSampler` with the uniform seeds (not Ω's
+* ``hessian+seeds+es``: :class:`search.samplers.prior.HessianPriorSampler` with seeds and early stopping;
+* ``probe+seeds+es``: :class:`search.samplers.prior.ProbePriorSampler` with the uniform seeds (not Ω's
   allocator seeds) and early stopping. Its unit probes are the run's first cost (their CPU-seconds over a
   full trial's), so the comparison pays for what the prior measured.
 
@@ -93,8 +93,8 @@ def run_one(base: dict[str, Any], out: Path, method: str, seed: int, trials: int
     from lsv_core.quant import BitRecipe
     from lsv_core.quant.msft import plan_stages
     from search.config import parse_study_config
-    from search.record import stored_record
-    from search.study import run_study
+    from search.results.record import stored_record
+    from search.study.run import run_study
 
     name = f"hv-{method.replace('+', '-')}-{seed}"
     cfg = parse_study_config(study_raw(base, out, name, method, seed, trials))
@@ -127,7 +127,7 @@ def run_one(base: dict[str, Any], out: Path, method: str, seed: int, trials: int
             "eer_ci": [t.user_attrs.get("eer_ci_low"), t.user_attrs.get("eer_ci_high")],
         })
     rows.sort(key=lambda r: (r["finished"] or "", r["number"]))
-    record = stored_record(study)  # the record is a system attr (search.system_attrs)
+    record = stored_record(study)  # the record is a system attr (search.results.system_attrs)
     probes = record.unit_probes if record is not None else None
     if probes:
         rows.insert(0, probe_row(probes, rows, cfg.resources.cpu))
@@ -173,7 +173,7 @@ def reference(runs: list[dict[str, Any]], ref_eer: float | None) -> Reference:
 
 def union_hypervolume(runs: list[dict[str, Any]], ref_eer: float, size: float) -> float:
     """Hypervolume of the union of ``runs``' finished trials against (``ref_eer``, ``size``)."""
-    from search.pareto import hypervolume
+    from search.results.pareto import hypervolume
 
     union = [p for run in runs for p in complete_points(run)]
     return hypervolume(union, (ref_eer, size), size_scale=size)
@@ -192,7 +192,7 @@ def per_seed_references(runs: list[dict[str, Any]], ref: Reference) -> dict[int,
 
 def cost_curve(run: dict[str, Any], ref: Reference) -> list[tuple[float, float]]:
     """(cumulative cost, hypervolume / reference hypervolume) after each finished trial."""
-    from search.pareto import hypervolume
+    from search.results.pareto import hypervolume
 
     points: list[tuple[float, float]] = []
     spent = 0.0

@@ -11,7 +11,7 @@ interval over recipes, and both costs per kB saved with their ranks.
     python bench/proxy_check.py --grid bench/results/hypervolume_issue14b.json \\
         --json bench/results/proxy_check_issue14.json
 
-Units, choices and byte costs come from the sampler's own :func:`search.samplers.unit_table` for
+Units, choices and byte costs come from the sampler's own :func:`search.samplers.prior.unit_table` for
 ``--study`` (default the quickstart), with the Hessian traces cached under its ``data.cache_dir``
 (``--prior hessian``) or the unit probes, measured when it starts (``--prior probe``, about 35 s; the column
 headed Ω then holds the probes' estimated damage):
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from lsv_core.quant import BitRecipe
     from lsv_core.quant.sensitivity import state_dict_digest
     from search.config import load_study_config
-    from search.samplers import _load_baseline, unit_table
+    from search.samplers.prior import _load_baseline, unit_table
     from search.space import SearchSpace
 
     config = load_study_config(args.study)

@@ -2,7 +2,7 @@
 searched too: 5^37 recipes), 1,000 trials with a fake objective (no training): the sampler's own time per
 suggestion and the driver's memory, per block of 100 trials.
 
-The driver is the project's: :class:`search.searcher.AskTellSearcher` over an Optuna study in SQLite
+The driver is the project's: :class:`search.study.searcher.AskTellSearcher` over an Optuna study in SQLite
 (RDB) storage with the study record a real study writes, budget repair and memoization included; Ray
 is left out (it only carries configs to workers). The objective stands in for training: a fixed,
 deterministic function of the recipe, Σ w_l Ω_l(b_l) over the layers (Ω from the k-means errors of a
@@ -83,11 +83,11 @@ def run(sampler_name: str, trials: int, budget_bits: int | None, seed: int, work
     from lsv_core.models.checkpoint import save_checkpoint
     from lsv_core.quant import BitRecipe, packed_size_bytes, quantizable_layers
     from lsv_core.quant.sensitivity import quantization_errors, sensitivity, state_dict_digest
+    from search.cluster.storage import SAMPLERS
     from search.config import parse_study_config
-    from search.record import StudyRecord, save_record
-    from search.searcher import AskTellSearcher
+    from search.results.record import StudyRecord, save_record
     from search.space import SearchSpace
-    from search.storage import SAMPLERS
+    from search.study.searcher import AskTellSearcher
 
     torch.manual_seed(0)
     model = build_model("ResNet34", feat_dim=80, embed_dim=256)

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.config import parse_study_config
-from search.study import run_study
+from search.study.run import run_study
 
 
 def study_config(out: Path, name: str, trials: int, concurrency: int, steps: int, max_trials: int) -> dict:

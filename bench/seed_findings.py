@@ -121,7 +121,7 @@ def probe_allocations(bench: Workbench, study: Path, bits: tuple[int, ...]) -> t
     the unit space is scored (choices^units of them, so coarse spaces only), sizes from the sampler's table."""
     import itertools
 
-    from search.samplers import unit_table
+    from search.samplers.prior import unit_table
     from search.space import SearchSpace
 
     config = load_study_config(study)

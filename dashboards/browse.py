@@ -1,5 +1,5 @@
 """What a study shows in its MLflow parent run while it runs: the renderer ``lsv run`` calls (entry point
-``lsv.renderers``, :mod:`search.renderers`) every ``study.report_every`` finished trials and at the end.
+``lsv.renderers``, :mod:`search.results.renderers`) every ``study.report_every`` finished trials and at the end.
 
 Logged at the top of the parent run's artifacts, replaced at each call::
 
@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dashboards.plots import Baseline, save_bits_heatmap_png, save_hypervolume_png, save_pareto_png
-from search.describe import recipe_in_words
-from search.pareto import TrialPoint, knee_point, pareto_front, reference_point, significant_front
-from search.results import control_delta, load_control, load_points
-from search.storage import read_record
+from search.cluster.storage import read_record
+from search.results.describe import recipe_in_words
+from search.results.pareto import TrialPoint, knee_point, pareto_front, reference_point, significant_front
+from search.results.reading import control_delta, load_control, load_points
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
-    from search.tracking import StudyTracker
+    from search.results.tracking import StudyTracker
 
 __all__ = ["FRONT_COLUMNS", "front_rows", "log_to_parent_run"]
 

@@ -14,7 +14,7 @@ console = Console(stderr=True, soft_wrap=True)
 def _report(args: argparse.Namespace) -> int:
     from dashboards.report import write_report
     from search.config import load_study_config
-    from search.preflight import PreflightFailed, Problem, check_folders
+    from search.study.preflight import PreflightFailed, Problem, check_folders
 
     config = load_study_config(args.study)
     problems: list[Problem] = []

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsv_core.quant.recipe import ALLOWED_BITS, LayerSpec
-from search.pareto import TrialPoint, hypervolume_history, pareto_front, pareto_ranks
+from search.results.pareto import TrialPoint, hypervolume_history, pareto_front, pareto_ranks
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go

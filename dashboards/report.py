@@ -1,7 +1,7 @@
 """The study report: one static ``index.html`` (opens from disk, no server, no network) plus PNGs.
 
 ``write_report(config)`` reads the study from its Optuna storage (the source of truth: its trials and
-its record, :mod:`search.record`, with the baseline's layer order, size, EER and Hessian traces), writes
+its record, :mod:`search.results.record`, with the baseline's layer order, size, EER and Hessian traces), writes
 ``runs/<study>/report/``::
 
     index.html         interactive plots (plotly.js inlined once) and a table of the Pareto front
@@ -43,7 +43,8 @@ from dashboards.plots import (
     sensitivity_figure,
 )
 from lsv_core.atomic import replace_dir
-from search.pareto import (
+from search.cluster.storage import read_record
+from search.results.pareto import (
     TrialPoint,
     hypervolume,
     knee_point,
@@ -52,9 +53,8 @@ from search.pareto import (
     pareto_ranks,
     reference_point,
 )
-from search.record import StudyRecord
-from search.results import control_delta, load_control, load_points, refresh_pareto_tags, study_status
-from search.storage import read_record
+from search.results.reading import control_delta, load_control, load_points, refresh_pareto_tags, study_status
+from search.results.record import StudyRecord
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
@@ -273,7 +273,7 @@ def _page(title: str, body: str) -> str:
 
 
 def _log_to_mlflow(config: StudyConfig, points: list[TrialPoint], out: Path) -> None:
-    from search.tracking import StudyTracker
+    from search.results.tracking import StudyTracker
 
     tracker = StudyTracker(config.mlflow_uri, config.study.name)
     try:

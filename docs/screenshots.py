@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from search.config import load_study_config  # noqa: E402
-from search.tracking import StudyTracker  # noqa: E402
+from search.results.tracking import StudyTracker  # noqa: E402
 from tests.services import MlflowServer, OptunaDashboard, chromium_page  # noqa: E402
 
 MAX_BYTES = 300_000

@@ -7,7 +7,7 @@ Import the public API from here::
 * :func:`load_study_config` / :func:`parse_study_config` / :class:`StudyConfig` - a study TOML, validated;
 * :func:`run_study` / :class:`RunResult` - run or resume a study on a local Ray or a cluster;
 * :func:`read_record` / :class:`StudyRecord` / :class:`StudyNotRun` - what a study was made from;
-* :func:`load_points` / :func:`study_status` / :class:`StudyStatus` - its results (``search.pareto`` has the
+* :func:`load_points` / :func:`study_status` / :class:`StudyStatus` - its results (``search.results.pareto`` has the
   front, hypervolume and knee math);
 * :func:`export_trial` / :class:`SelectionRule` / :class:`ExportOptions` / :class:`ExportResult` - export
   one trial as a deployable, registered bundle.
@@ -24,19 +24,19 @@ _PUBLIC = {
     "StudyConfig": "search.config",
     "load_study_config": "search.config",
     "parse_study_config": "search.config",
-    "RunResult": "search.study",
-    "run_study": "search.study",
-    "StudyNotRun": "search.record",
-    "StudyRecord": "search.record",
-    "read_record": "search.storage",
-    "StudyStatus": "search.results",
-    "load_points": "search.results",
-    "study_status": "search.results",
-    "SelectionRule": "search.selection",
-    "NoTrialMeetsRule": "search.selection",
-    "ExportOptions": "search.trial_export",
-    "ExportResult": "search.trial_export",
-    "export_trial": "search.trial_export",
+    "RunResult": "search.study.run",
+    "run_study": "search.study.run",
+    "StudyNotRun": "search.results.record",
+    "StudyRecord": "search.results.record",
+    "read_record": "search.cluster.storage",
+    "StudyStatus": "search.results.reading",
+    "load_points": "search.results.reading",
+    "study_status": "search.results.reading",
+    "SelectionRule": "search.results.selection",
+    "NoTrialMeetsRule": "search.results.selection",
+    "ExportOptions": "search.results.export",
+    "ExportResult": "search.results.export",
+    "export_trial": "search.results.export",
 }
 
 __all__ = sorted(_PUBLIC)

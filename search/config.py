@@ -25,7 +25,7 @@ from lsv_core.quant.recipe import ALLOWED_BITS, binary_modes
 from lsv_core.settings import bounds_of, default_of
 from lsv_core.workbench import DataPaths, WorkbenchSpec
 from search.redaction import redacted
-from search.sampler_names import SAMPLER_NAMES
+from search.samplers.names import SAMPLER_NAMES
 
 __all__ = ["StudyConfig", "load_study_config", "parse_study_config"]
 
@@ -59,7 +59,7 @@ class StudySection(_Section):
     sampler: str = "tpe"
     concurrency: int = Field(default=2, ge=1)
     # Every this many finished trials `lsv run` redraws the study's plots and front table into its MLflow
-    # parent run (search.renderers), and again when the study ends or stops; 0: only then.
+    # parent run (search.results.renderers), and again when the study ends or stops; 0: only then.
     report_every: int = Field(default=8, ge=0)
 
     @field_validator("sampler")
@@ -323,7 +323,7 @@ class StorageSection(_Section):
         from search.redaction import remember_secrets
 
         # Whatever later prints an error about these URLs (a driver's message, a traceback's last line), the CLI
-        # hides their passwords (search.storage.scrub_known).
+        # hides their passwords (search.cluster.storage.scrub_known).
         remember_secrets(self.optuna, self.mlflow, self.ray_address, self.ray_storage)
         return self
 
@@ -378,7 +378,7 @@ class StudyConfig(_Section):
     @property
     def device(self) -> str:
         """The device of every step of the study: ``"cpu"`` when ``resources.gpu = 0`` (also on a machine with
-        CUDA), else ``resources.device``; a trial then takes the GPU Ray assigned it (search.trial)."""
+        CUDA), else ``resources.device``; a trial then takes the GPU Ray assigned it (search.study.trial)."""
         return "cpu" if self.resources.gpu == 0 else self.resources.device
 
     def data_loading(self) -> DataLoading:

@@ -185,8 +185,8 @@ def browse_study(tiny_study_inputs: dict[str, Path], tmp_path_factory: pytest.Te
     from mlflow import MlflowClient
 
     from search.config import parse_study_config
-    from search.study import run_study
-    from search.tracking import StudyTracker
+    from search.results.tracking import StudyTracker
+    from search.study.run import run_study
 
     root = tmp_path_factory.mktemp("browse_study")
     raw = study_raw_config(tiny_study_inputs, root, name="browse", study={"n_trials": 8, "report_every": 4})

@@ -22,7 +22,7 @@ import pytest
 # stream (where `refused` would import it) is closed after that test, so a later ray.init could not log.
 import ray
 
-from search.preflight import check_ray_address
+from search.study.preflight import check_ray_address
 from tests.test_bad_input import _ray_pids, _write_study, refused
 
 COMMANDS = ["run", "verify"]
@@ -192,7 +192,7 @@ def test_study_run_by_another_driver_is_refused_before_ray(tiny_study_inputs: di
 
     import optuna
 
-    from search.lease import LEASE_ATTR
+    from search.cluster.lease import LEASE_ATTR
 
     toml = _write_study(tiny_study_inputs, tmp_path)
     db = tmp_path / "runs" / "bad" / "optuna.db"

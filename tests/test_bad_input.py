@@ -3,7 +3,7 @@ or line, that no traceback is printed, that no Ray process was started, and that
 
 The cases are what a careless user does (typos, wrong types, files that are corrupt, empty, of another
 sample rate or missing, impossible budgets, unreachable services); they run the real CLI (`main`) on real
-files. Studies are checked by the preflight before any state exists (search/preflight.py).
+files. Studies are checked by the preflight before any state exists (search/study/preflight.py).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from lsv_core.errors import ConfigError
-from search.describe import recipe_in_words, run_name, trial_description
-from search.pareto import (
+from search.results.describe import recipe_in_words, run_name, trial_description
+from search.results.pareto import (
     TrialPoint,
     best_eer_with_size_at_most,
     knee_point,
@@ -107,7 +107,7 @@ def test_search_never_imports_dashboards_but_finds_its_renderer() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] == "dashboards" for n in names), f"{path.name} imports dashboards"
     from dashboards.browse import log_to_parent_run
-    from search.renderers import load_renderers
+    from search.results.renderers import load_renderers
 
     found = dict(load_renderers())
     assert found.get("parent_run") is log_to_parent_run, (
@@ -143,8 +143,8 @@ def _parent(client: MlflowClient, tracker) -> object:
 def test_lsv_run_alone_logs_plots_front_table_and_progress(browse_study: dict, tmp_path: Path) -> None:
     import matplotlib.image
 
-    from search.results import load_points
-    from search.tracking import StudyTracker
+    from search.results.reading import load_points
+    from search.results.tracking import StudyTracker
 
     config = browse_study["config"]
     tracker = StudyTracker(config.mlflow_uri, "browse")
@@ -188,9 +188,9 @@ def test_lsv_run_alone_logs_plots_front_table_and_progress(browse_study: dict, t
 
 @pytest.mark.slow
 def test_trial_runs_are_named_described_and_carry_few_params(browse_study: dict) -> None:
-    from search.results import load_points
-    from search.study import PARENT_PARAMS
-    from search.tracking import TRIAL_TAG, StudyTracker
+    from search.results.reading import load_points
+    from search.results.tracking import TRIAL_TAG, StudyTracker
+    from search.study.run import PARENT_PARAMS
 
     config = browse_study["config"]
     tracker = StudyTracker(config.mlflow_uri, "browse")
@@ -216,8 +216,8 @@ def test_trial_runs_are_named_described_and_carry_few_params(browse_study: dict)
 
 @pytest.mark.slow
 def test_tags_select_the_front_its_noise_front_the_knee_and_the_control(browse_study: dict) -> None:
-    from search.results import load_points
-    from search.tracking import TRIAL_TAG, StudyTracker
+    from search.results.reading import load_points
+    from search.results.tracking import TRIAL_TAG, StudyTracker
 
     config = browse_study["config"]
     tracker = StudyTracker(config.mlflow_uri, "browse")
@@ -243,7 +243,7 @@ def test_tags_select_the_front_its_noise_front_the_knee_and_the_control(browse_s
 def test_status_answers_the_anytime_questions_from_the_record(browse_study: dict,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     from search.cli import main
-    from search.results import load_points
+    from search.results.reading import load_points
 
     toml = str(browse_study["toml"])
     points = load_points(browse_study["config"])
@@ -274,7 +274,7 @@ def test_status_answers_the_anytime_questions_from_the_record(browse_study: dict
 @pytest.mark.slow
 def test_export_tags_the_chosen_run(browse_study: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from search.cli import main
-    from search.tracking import TRIAL_TAG, StudyTracker
+    from search.results.tracking import TRIAL_TAG, StudyTracker
 
     capsys.readouterr()
     assert main(["export", str(browse_study["toml"]), "--knee", "--out", str(tmp_path / "bundle")]) == 0
@@ -298,7 +298,7 @@ def test_a_study_stopped_by_ctrl_c_still_leaves_its_pictures(tiny_study_inputs: 
     from optuna.trial import TrialState
 
     from search.config import parse_study_config
-    from search.tracking import StudyTracker
+    from search.results.tracking import StudyTracker
     from tests.conftest import kill_ray_processes, spawn_driver
 
     raw = study_raw_config(tiny_study_inputs, tmp_path, name="stopped",

@@ -21,7 +21,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.config import parse_study_config
-from search.study import run_study
+from search.study.run import run_study
 from tests.conftest import kill_ray_processes, spawn_driver, study_raw_config, to_toml
 from tests.services import RayCluster, unshare_available
 

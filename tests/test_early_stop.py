@@ -12,10 +12,10 @@ from lsv_core.models import build_model
 from lsv_core.quant import BitRecipe, packed_size_bytes, quantizable_layers
 from lsv_core.quant.msft import plan_stages
 from search.config import SpaceSection
-from search.scheduler import StageParetoStopper, stage_history, stage_plan_key
-from search.searcher import AskTellSearcher
+from search.results.tracking import TrialRecord
 from search.space import SearchSpace
-from search.tracking import TrialRecord
+from search.study.scheduler import StageParetoStopper, stage_history, stage_plan_key
+from search.study.searcher import AskTellSearcher
 
 MODEL = build_model("ThinResNet", m_channels=4, first_stride=2, embed_dim=32)
 

@@ -20,10 +20,10 @@ import torch
 from lsv_core.errors import ConfigError
 from lsv_core.export.bundle import packed_file_sizes
 from search.cli import main
-from search.pareto import TrialPoint
-from search.results import load_points
-from search.selection import NoTrialMeetsRule, SelectionRule, select_trial
-from search.trial_export import ExportMismatch
+from search.results.export import ExportMismatch
+from search.results.pareto import TrialPoint
+from search.results.reading import load_points
+from search.results.selection import NoTrialMeetsRule, SelectionRule, select_trial
 from tests.conftest import study_raw_config, to_toml
 
 POINTS = [
@@ -71,7 +71,7 @@ def test_rule_validation() -> None:
 @pytest.fixture(scope="module")
 def real_study(tiny_study_inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     from search.config import parse_study_config
-    from search.study import run_study
+    from search.study.run import run_study
 
     root = tmp_path_factory.mktemp("export_study")
     raw = study_raw_config(tiny_study_inputs, root, name="exp")
@@ -324,8 +324,8 @@ def test_a_study_sized_by_tensor_bytes_exports_with_a_note(real_study: dict) -> 
     import dataclasses
 
     from lsv_core.quant import BitRecipe, packed_tensor_bytes
-    from search.tracking import StudyTracker
-    from search.trial_export import verify_trial
+    from search.results.export import verify_trial
+    from search.results.tracking import StudyTracker
 
     config = real_study["config"]
     best = _best(config)

@@ -19,7 +19,7 @@ from lsv_core.metrics import compute_eer
 from lsv_core.models import build_model
 from lsv_core.quant import BitRecipe, quantize
 from search.cli import build_parser
-from search.trial_export import EER_TOLERANCE, reeval_mismatch
+from search.results.export import EER_TOLERANCE, reeval_mismatch
 from tests.test_deploy import QUICKSTART, _trained_bn
 
 N_UTTS = 8

@@ -2,7 +2,7 @@
 
 The Ray tests run a real one-node cluster started with ``ray start --num-gpus 2`` on this CPU-only machine
 (fake GPUs: Ray hands out their ids and sets ``CUDA_VISIBLE_DEVICES`` exactly as on a GPU node). There is no
-CUDA here, so the trials run :func:`search.trial.run_trial` with its ``placement`` test hook: the trial picks
+CUDA here, so the trials run :func:`search.study.trial.run_trial` with its ``placement`` test hook: the trial picks
 its device through the same code as a real one, reports it with Ray's GPU ids and ``CUDA_VISIBLE_DEVICES``,
 and stops before moving anything to the device.
 """
@@ -18,7 +18,7 @@ import torch
 from lsv_core.device import pick_device
 from lsv_core.errors import ConfigError
 from search.config import parse_study_config
-from search.trial import placement, ray_trial_device, trial_device
+from search.study.trial import placement, ray_trial_device, trial_device
 
 
 def test_trial_device_follows_rays_ids_not_the_config() -> None:
@@ -73,7 +73,7 @@ def _placements(tmp_path: Path, gpu: float, n: int, hold_s: float) -> list[dict]
     """``n`` concurrent Tune trials of :func:`run_trial` at ``gpu`` GPUs each, stopped by the placement hook."""
     from ray import tune
 
-    from search.trial import run_trial
+    from search.study.trial import run_trial
 
     trainable = tune.with_resources(run_trial, {"cpu": 0.5, "gpu": gpu})
     space = {"recipe": {}, "workbench": {"device": "auto"}, "optuna_trial": tune.grid_search(list(range(n))),
@@ -136,7 +136,7 @@ def _task_placement() -> tuple[str, dict]:
 @pytest.mark.slow
 def test_ray_tasks_control_verify_hessian_probe_take_the_same_path(ray_on) -> None:
     """The control, ``lsv verify``, worker-side Hessian and probes are Ray tasks that choose their device with
-    :func:`ray_trial_device` (search.trial.recipe_task, hessian_task, probe_task)."""
+    :func:`ray_trial_device` (search.study.trial.recipe_task, hessian_task, probe_task)."""
     import ray
 
     ray_on()

@@ -135,3 +135,15 @@ def test_the_checks_see_what_they_look_for(tmp_path: Path) -> None:
     assert import_circles(graph) == [["search.a", "search.b"]]
     assert long_functions(tmp_path) == ["search/c.py:g (81)"]
     assert long_functions(tmp_path, limit=81) == []
+
+
+def test_folders_hold_at_most_12_modules() -> None:
+    """A reader guesses the folder of a capability (STYLE.md): no folder of the packages has more than 12
+    modules at its top level (``__init__`` and ``__main__`` not counted)."""
+    crowded = []
+    for top in PACKAGES:
+        for folder in [ROOT / top, *(p for p in (ROOT / top).rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+            modules = [p for p in folder.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+            if len(modules) > 12:
+                crowded.append(f"{folder.relative_to(ROOT)} ({len(modules)})")
+    assert crowded == [], "group these folders' modules into packages by role"

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.lease import LEASE_ATTR, DriverLease, StudyBusy
+from search.cluster.lease import LEASE_ATTR, DriverLease, StudyBusy
 
 
 def _study(url: str, name: str) -> optuna.Study:

@@ -20,12 +20,12 @@ from optuna.trial import TrialState
 
 from lsv_core.models import build_model
 from lsv_core.quant import packed_size_bytes
+from search.cluster.lease import LEASE_ATTR, DriverLease, LeaseLost
 from search.config import SpaceSection
-from search.lease import LEASE_ATTR, DriverLease, LeaseLost
-from search.scheduler import LeaseStopper
-from search.searcher import AskTellSearcher
+from search.results.tracking import TrialRecord
 from search.space import SearchSpace
-from search.tracking import TrialRecord
+from search.study.scheduler import LeaseStopper
+from search.study.searcher import AskTellSearcher
 
 MODEL = build_model("ThinResNet", m_channels=4, first_stride=2, embed_dim=32)
 

@@ -13,7 +13,7 @@ import pytest
 from lsv_core.models import load_checkpoint, save_checkpoint
 from search.cli import main
 from search.config import load_study_config
-from search.preflight import PreflightFailed, preflight_study
+from search.study.preflight import PreflightFailed, preflight_study
 from tests.conftest import study_raw_config, to_toml
 
 
@@ -92,8 +92,8 @@ def test_workbench_refuses_fine_tuning_without_a_head(tiny_study_inputs: dict[st
 def test_a_one_shot_study_runs_on_a_headless_checkpoint(tiny_study_inputs: dict[str, Path], headless: Path,
                                                         tmp_path: Path) -> None:
     """The whole study on a real local Ray: trials and the fp32 control, none fine-tuned, none failed."""
-    from search.record import read_record
-    from search.results import study_status
+    from search.results.reading import study_status
+    from search.results.record import read_record
 
     config = _config(tiny_study_inputs, headless, tmp_path, msft={"total_steps": 0},
                      study={"n_trials": 3, "concurrency": 1})

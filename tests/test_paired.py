@@ -7,7 +7,7 @@ import pytest
 
 from lsv_core.metrics import bootstrap_eer_ci, compute_eer
 from lsv_core.metrics.paired import bootstrap_eers, paired_delta, replicate_weights
-from search.pareto import (
+from search.results.pareto import (
     TrialPoint,
     ci_knee_point,
     knee_point,

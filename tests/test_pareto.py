@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from search.pareto import (
+from search.results.pareto import (
     TrialPoint,
     best_eer_with_size_at_most,
     hypervolume,

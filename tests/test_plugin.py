@@ -173,7 +173,7 @@ def test_a_study_searches_ecapa_and_a_plugin_network(which: str, tiny_study_inpu
 
     from lsv_core.models.checkpoint import load_checkpoint
     from lsv_core.train import TrainConfig, train_baseline
-    from search.study import run_study
+    from search.study.run import run_study
     from tests.conftest import study_raw_config
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(DOCS), os.environ.get("PYTHONPATH", "")]))

@@ -16,10 +16,10 @@ from lsv_core.quant import BitRecipe, packed_size_bytes
 from lsv_core.quant.probe import ProbeResult, context_token, estimated_damage, probe_tokens, probe_units
 from lsv_core.quant.quantize import recipe_of
 from lsv_core.quant.sensitivity import quantization_errors, state_dict_digest
-from search.pareto import hypervolume
-from search.record import save_record, stored_record
-from search.samplers import ProbePriorSampler, _calibrate, unit_table
-from search.storage import SAMPLERS
+from search.cluster.storage import SAMPLERS
+from search.results.pareto import hypervolume
+from search.results.record import save_record, stored_record
+from search.samplers.prior import ProbePriorSampler, _calibrate, unit_table
 from tests.test_samplers import drive, make_study, proxy_objective, thin_model
 
 
@@ -170,7 +170,7 @@ def test_probe_sampler_beats_random_and_the_hessian_prior_on_an_objective_omega_
 
 
 def test_hypervolume_gain_equals_the_difference_of_hypervolumes() -> None:
-    from search.samplers import _hv_gain, _staircase
+    from search.samplers.prior import _hv_gain, _staircase
 
     rng = np.random.default_rng(0)
     ref = (20.0, 100.0)
@@ -190,7 +190,7 @@ def test_a_probe_study_measures_its_probes_once_before_the_first_trial(tiny_stud
 
     from search.config import parse_study_config
     from search.space import SearchSpace
-    from search.study import run_study
+    from search.study.run import run_study
     from tests.conftest import study_raw_config
 
     raw = study_raw_config(tiny_study_inputs, tmp_path, name="pr", study={"sampler": "probe", "n_trials": 5},

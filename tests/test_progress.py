@@ -11,9 +11,9 @@ import time
 
 from rich.console import Console
 
-from search.progress import ProgressBoard
-from search.results import CostSummary, StudyStatus
-from search.tracking import TrialRecord
+from search.results.reading import CostSummary, StudyStatus
+from search.results.tracking import TrialRecord
+from search.study.progress import ProgressBoard
 
 
 def _read_all(fd: int, wait_s: float = 0.5) -> str:

@@ -41,7 +41,7 @@ def test_optuna_dashboard_shows_the_objectives_and_the_front(browse_study: dict)
 
 @pytest.mark.slow
 def test_mlflow_ui_front_filter_lists_exactly_the_front_runs(browse_study: dict) -> None:
-    from search.tracking import StudyTracker
+    from search.results.tracking import StudyTracker
 
     chromium()  # fails here, with how to install it, where there is no browser
     config = browse_study["config"]

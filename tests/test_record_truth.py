@@ -24,12 +24,12 @@ from lsv_core.export.packed import read_packed_header
 from lsv_core.models import load_checkpoint
 from lsv_core.quant import BitRecipe
 from search.config import parse_study_config
-from search.pareto import TrialPoint, knee_point, pareto_front
-from search.record import RECORD_ATTR, StudyRecord, stored_record
-from search.results import CONTROL_ATTR, load_control, load_points, study_status
+from search.results.pareto import TrialPoint, knee_point, pareto_front
+from search.results.reading import CONTROL_ATTR, load_control, load_points, study_status
+from search.results.record import RECORD_ATTR, StudyRecord, stored_record
+from search.results.system_attrs import EER_BOOT
 from search.space import SearchSpace
-from search.study import run_study
-from search.system_attrs import EER_BOOT
+from search.study.run import run_study
 from tests.conftest import study_raw_config, to_toml
 
 OPTUNA = str(Path(sys.executable).parent / "optuna")
@@ -245,7 +245,7 @@ def test_objectives_config_names_the_accuracy_choice_and_old_configs_keep_their_
 
 
 def test_saving_the_record_of_an_old_study_moves_it_out_of_the_user_attrs(tmp_path: Path) -> None:
-    from search.record import save_record
+    from search.results.record import save_record
 
     study = optuna.create_study(directions=["minimize", "minimize"])
     record = StudyRecord(name="old", digest="d", config={}, hessian_traces={"conv1": 1.5})
@@ -264,8 +264,8 @@ def test_params_rewritten_and_machine_data_kept_in_every_rdb(where: str, tmp_pat
     params rewritten in place (also an enqueued one), and system attrs written and read from another client."""
     from optuna.distributions import CategoricalDistribution
 
-    from search.searcher import record_ran_params
-    from search.system_attrs import set_study_data, set_trial_data, study_data
+    from search.results.system_attrs import set_study_data, set_trial_data, study_data
+    from search.study.searcher import record_ran_params
 
     url = (f"sqlite:///{tmp_path / 'o.db'}" if where == "sqlite"
            else request.getfixturevalue("postgres").create_database("record_truth"))

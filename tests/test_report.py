@@ -22,8 +22,8 @@ from dashboards.plots import (
     save_bits_heatmap_png,
     save_pareto_png,
 )
-from search.pareto import TrialPoint, pareto_front, pareto_ranks
-from search.results import load_points, refresh_pareto_tags
+from search.results.pareto import TrialPoint, pareto_front, pareto_ranks
+from search.results.reading import load_points, refresh_pareto_tags
 from tests.conftest import study_raw_config, to_toml
 
 RECIPE_A = {"conv1": 8, "layer1.0.conv1": {"bits": 1, "mode": "static"}, "seg_1": 2}
@@ -73,7 +73,7 @@ def test_heatmap_and_pngs(tmp_path: Path) -> None:
 
 def test_study_record_round_trip_and_baseline() -> None:
     from dashboards.report import study_baseline
-    from search.record import StudyRecord
+    from search.results.record import StudyRecord
 
     record = StudyRecord(name="s", digest="d", config={"study": {"name": "s"}}, layers=["conv1", "seg_1"],
                          baseline_digest="abc", fp32_bytes=640288,
@@ -95,7 +95,7 @@ def real_study(tiny_study_inputs: dict[str, Path], tmp_path_factory: pytest.Temp
     """A finished 6-trial study with the allocator seed (so the Hessian traces exist, computed on a Ray
     worker), fine-tuned in the MSFT "sensitivity" order (two stages per trial, whatever its bits)."""
     from search.config import parse_study_config
-    from search.study import run_study
+    from search.study.run import run_study
 
     root = tmp_path_factory.mktemp("report_study")
     raw = study_raw_config(tiny_study_inputs, root, name="rep", seeds={"uniform": True, "allocator_fractions": [0.3]},
@@ -121,7 +121,7 @@ def test_sensitivity_order_runs_every_trial_in_n_groups_stages(real_study: dict)
 
 @pytest.mark.slow
 def test_refresh_pareto_tags_in_real_mlflow_store(real_study: dict) -> None:
-    from search.tracking import TRIAL_TAG, StudyTracker
+    from search.results.tracking import TRIAL_TAG, StudyTracker
 
     config = real_study["config"]
     study = optuna.load_study(study_name="rep", storage=config.optuna_url)
@@ -142,7 +142,7 @@ def test_refresh_pareto_tags_in_real_mlflow_store(real_study: dict) -> None:
             assert run.data.tags["pareto_rank"] == str(ranks[number])
 
     # The MLflow child runs tell the same story as the Optuna storage.
-    from search.results import load_points_from_mlflow
+    from search.results.reading import load_points_from_mlflow
 
     from_mlflow = load_points_from_mlflow(tracker)
     assert [(p.number, p.size_bytes, dict(p.recipe)) for p in from_mlflow] == \
@@ -155,7 +155,7 @@ def test_report_files_and_mlflow_artifacts(real_study: dict) -> None:
     import matplotlib.image
 
     from dashboards.report import write_report
-    from search.tracking import StudyTracker
+    from search.results.tracking import StudyTracker
 
     config = real_study["config"]
     index = write_report(config)
@@ -188,8 +188,8 @@ def test_report_files_and_mlflow_artifacts(real_study: dict) -> None:
     # cache moved away it renders the same sections. A rewrite replaces the folder whole; a record without
     # traces (a study that never computed them) skips the sensitivity section.
     from search.cli import main
-    from search.record import save_record
-    from search.storage import read_record
+    from search.cluster.storage import read_record
+    from search.results.record import save_record
 
     moved = [(config.data.cache_dir / "hessian_traces.json", real_study["root"] / "traces.json"),
              (config.model.checkpoint, real_study["root"] / "ckpt.moved")]
@@ -256,8 +256,8 @@ def test_control_run_deltas_and_ci_aware_choices(real_study: dict, capsys: pytes
     """Every study runs the fp32 control once (not a trial); each trial's difference to it has a paired
     interval, in Optuna, MLflow and the report; `lsv status` answers the CI-aware questions."""
     from search.cli import main
-    from search.results import control_delta, load_control
-    from search.tracking import CONTROL_DELTA_METRICS, TRIAL_TAG, StudyTracker
+    from search.results.reading import control_delta, load_control
+    from search.results.tracking import CONTROL_DELTA_METRICS, TRIAL_TAG, StudyTracker
 
     config = real_study["config"]
     study = optuna.load_study(study_name="rep", storage=config.optuna_url)
@@ -292,9 +292,9 @@ def test_control_run_deltas_and_ci_aware_choices(real_study: dict, capsys: pytes
 def test_verify_reruns_the_knee_and_export_requires_it(real_study: dict, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from search.cli import main
-    from search.pareto import knee_point
-    from search.tracking import StudyTracker
-    from search.verify import verification_of
+    from search.results.pareto import knee_point
+    from search.results.tracking import StudyTracker
+    from search.results.verify import verification_of
 
     config = real_study["config"]
     toml = str(real_study["toml"])

@@ -18,13 +18,13 @@ from lsv_core.models import build_model
 from lsv_core.models.checkpoint import save_checkpoint
 from lsv_core.quant import BitRecipe, packed_size_bytes, quantizable_layers
 from lsv_core.quant.sensitivity import state_dict_digest
+from search.cluster.storage import SAMPLERS, open_study
 from search.config import parse_study_config
-from search.pareto import hypervolume
-from search.record import StudyRecord, save_record
-from search.samplers import HessianPriorSampler, UnitTable, hull_path, unit_table
-from search.searcher import AskTellSearcher
+from search.results.pareto import hypervolume
+from search.results.record import StudyRecord, save_record
+from search.samplers.prior import HessianPriorSampler, UnitTable, hull_path, unit_table
 from search.space import SearchSpace
-from search.storage import SAMPLERS, open_study
+from search.study.searcher import AskTellSearcher
 
 
 def thin_model(seed: int = 0) -> torch.nn.Module:
@@ -88,8 +88,8 @@ def test_every_allocation_on_the_path_is_optimal_at_its_own_size(seed: int) -> N
 
 
 def test_incremental_front_equals_the_front_of_all_points() -> None:
-    from search.pareto import pareto_front
-    from search.samplers import _add_to_front
+    from search.results.pareto import pareto_front
+    from search.samplers.prior import _add_to_front
 
     rng = np.random.default_rng(0)
     points: dict[tuple[int, ...], tuple[float, int]] = {}
@@ -223,7 +223,7 @@ def test_a_study_without_record_is_sampled_at_random() -> None:
 
 def test_every_sampler_name_the_config_accepts_has_a_factory() -> None:
     from search.config import StudySection
-    from search.sampler_names import SAMPLER_NAMES
+    from search.samplers.names import SAMPLER_NAMES
 
     assert sorted(SAMPLERS) == sorted(SAMPLER_NAMES)
     for name in SAMPLER_NAMES:

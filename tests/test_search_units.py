@@ -15,10 +15,10 @@ from lsv_core.quant import BitRecipe, packed_size_bytes, quantizable_layers
 from lsv_core.quant.msft import MsftSchedule
 from search.cli import main
 from search.config import SpaceSection, load_study_config, parse_study_config
-from search.scheduler import StageParetoStopper, dominated_by_margin
-from search.searcher import AskTellSearcher
+from search.results.tracking import TrialRecord
 from search.space import SearchSpace
-from search.tracking import TrialRecord
+from search.study.scheduler import StageParetoStopper, dominated_by_margin
+from search.study.searcher import AskTellSearcher
 
 MODEL = build_model("ThinResNet", m_channels=4, first_stride=2, embed_dim=32)
 
@@ -213,7 +213,7 @@ def test_searcher_repairs_over_budget_and_respects_trial_limit(tmp_path: Path) -
 
 
 def test_layer_sensitivity_picks_each_layers_omega_at_its_bits() -> None:
-    from search.trial import layer_sensitivity
+    from search.study.trial import layer_sensitivity
 
     layers = quantizable_layers(MODEL)[:3]
     omega = {name: {1: 100.0 + i, 2: 10.0 + i, 4: 1.0 + i} for i, name in enumerate(layers)}
@@ -234,7 +234,7 @@ def test_evaluation_subset_does_not_follow_the_study_seed() -> None:
 
 
 def test_a_trial_uses_exactly_the_gpus_ray_assigned_it() -> None:
-    from search.trial import trial_device
+    from search.study.trial import trial_device
 
     assert trial_device("auto", []) == "cpu"  # gpu = 0: the CPU, even on a GPU node
     assert trial_device("auto", ["3"], "3") == "cuda:0"  # Ray's CUDA_VISIBLE_DEVICES makes its GPU the first

@@ -116,7 +116,7 @@ def test_config_dump_and_mlflow_params_have_no_secret(tiny_study_inputs: dict[st
     import mlflow
 
     from search.config import parse_study_config
-    from search.tracking import StudyTracker
+    from search.results.tracking import StudyTracker
     from tests.conftest import study_raw_config
 
     raw = study_raw_config(tiny_study_inputs, tmp_path / "runs", name="sec", storage={

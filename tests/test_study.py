@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.config import parse_study_config
-from search.study import run_study
+from search.study.run import run_study
 from tests.conftest import kill_ray_processes, spawn_driver, study_raw_config, to_toml
 
 pytestmark = pytest.mark.slow
@@ -74,8 +74,8 @@ def test_study_logs_every_trial_once_and_resumes(tiny_study_inputs: dict[str, Pa
     with pytest.raises(ConfigError, match="different config"):
         run_study(changed, progress=False)
     # A study whose sizes were logged in the old unit (packed tensors) is not mixed with model.onnx bytes.
-    from search.record import save_record
-    from search.storage import read_record
+    from search.cluster.storage import read_record
+    from search.results.record import save_record
 
     record, study = read_record(cfg)
     save_record(study, None, record.__class__.from_dict({**record.to_dict(), "size_format": None}))

@@ -1,4 +1,4 @@
-"""MLflow tracking of a study (search/tracking.py) against a real SQLite store, read back through MlflowClient.
+"""MLflow tracking of a study (search/results/tracking.py) against a real SQLite store, read back through MlflowClient.
 
 One SQLite store serves the whole module (its first initialisation costs seconds); each test uses its own
 study name, which is itself the isolation the tracker promises.
@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 
 from lsv_core.errors import ConfigError
 from lsv_core.quant.recipe import BitRecipe
-from search import tracking
-from search.tracking import StudyTracker, TrialRecord, bits_param, default_tracking_uri
+from search.results import tracking
+from search.results.tracking import StudyTracker, TrialRecord, bits_param, default_tracking_uri
 
 RECIPE = {"conv1": 8, "layer1.0.conv1": 4, "layer2.0.conv1": {"bits": 1, "mode": "static"}, "seg_1": 1}
 CONFIG = {"study": {"name": "x", "trials": 20}, "search": {"bits": [1, 2, 4, 8]}, "notes": "demo"}
@@ -312,7 +312,7 @@ def test_tracking_thread_logs_in_order_and_survives_a_failing_call(
 ) -> None:
     import threading
 
-    from search.tracking import TrackingThread
+    from search.results.tracking import TrackingThread
 
     tracker = open_study(study_dir, "threaded")
     writer = TrackingThread()

@@ -11,7 +11,7 @@ Layout of a study in MLflow::
       run "<study>"   lsv.role=study     params: the few config fields users filter on (the full config is the
                                          config.json artifact); metrics: baseline_*, summary, and histories
                                          with one step per finished trial (hypervolume, front_size, ...)
-        run "0000 7.24% 34.5kB 4 bit; layer3 2 bit; ..."   (number first: names sort; search.describe)
+        run "0000 7.24% 34.5kB 4 bit; layer3 2 bit; ..."   (number first: names sort; search.results.describe)
         run "0001 ..."    lsv.role=trial params bits.<layer> ("4", "1s", "1a"), avg_bits;
                                          metrics eer (percent), min_dcf, size_bytes, size_mb, stage_eer[step]...;
                                          tags lsv.optuna_trial, lsv.state, lsv.reason, ...; recipe.json;
@@ -48,8 +48,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from lsv_core.errors import ConfigError
 from lsv_core.quant.recipe import BitRecipe, LayerSpec, SpecLike
-from search.describe import run_name, trial_description
 from search.redaction import redacted, scrub
+from search.results.describe import run_name, trial_description
 
 __all__ = ["EXPORTED_TAG", "FLOAT_PARAM", "TRIAL_STATES", "StudyTracker", "TrackingThread", "TrialRecord", "bits_param",
            "default_tracking_uri"]

@@ -3,7 +3,7 @@
 It holds the config digest (a study is resumed only with the config it was made with), the config
 itself, the baseline's quantizable layer order, its ``state_dict`` digest, fp32 packed size and
 training-time evaluation, and the Hessian traces and the unit probes (``sampler = "probe"``) once they
-are computed. It is kept in the study's Optuna *system* attr ``lsv.record`` (:mod:`search.system_attrs`;
+are computed. It is kept in the study's Optuna *system* attr ``lsv.record`` (:mod:`search.results.system_attrs`;
 studies made before kept it in a user attr, still read). Readers (``lsv status``, ``lsv report``, ``lsv export``) take these from the record instead
 of loading the baseline's weights, so they work from any machine that reaches the storage. A copy is
 written to ``<study dir>/study.json`` for people and scripts on the driver's machine.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lsv_core.atomic import write_text_atomic
 from lsv_core.errors import LsvError
-from search.system_attrs import set_study_data, study_data
+from search.results.system_attrs import set_study_data, study_data
 
 if TYPE_CHECKING:
     import optuna

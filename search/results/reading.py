@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lsv_core.quant.recipe import LayerSpec
-from search.pareto import (
+from search.results.pareto import (
     TrialPoint,
     hypervolume,
     knee_point,
@@ -27,7 +27,7 @@ from search.pareto import (
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
-    from search.tracking import StudyTracker
+    from search.results.tracking import StudyTracker
 
 __all__ = [
     "CONTROL_ATTR",
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 # MLflow run tags (README, "Browse"): the UI filter `tags.pareto_optimal = "true"` lists the front;
-# `pareto_optimal_ci` the front within the noise (search.pareto.significant_front: front points better than
+# `pareto_optimal_ci` the front within the noise (search.results.pareto.significant_front: front points better than
 # every smaller model beyond the evaluation noise, paired bootstrap); `knee` the front's knee.
 PARETO_OPTIMAL_TAG = "pareto_optimal"
 PARETO_OPTIMAL_CI_TAG = "pareto_optimal_ci"
@@ -140,7 +140,7 @@ def study_cost(trials: list[optuna.trial.FrozenTrial], study: optuna.Study | Non
         elif cost:
             c.n_trained += 1
     if study is not None:
-        from search.record import stored_record
+        from search.results.record import stored_record
 
         record = stored_record(study)
         c.full_trial_wall_s = _full_trial_wall_s(trials)
@@ -257,10 +257,10 @@ def load_points(source: StudyConfig | optuna.Study, *, include_memoized: bool = 
     if isinstance(source, optuna.Study):
         study = source
     else:
-        from search.storage import open_study
+        from search.cluster.storage import open_study
 
         study = open_study(source, create=False)
-    from search.system_attrs import trial_boot
+    from search.results.system_attrs import trial_boot
 
     accuracy = _accuracy_of(study)
     found_after = _found_after_fte(study)
@@ -312,7 +312,7 @@ def load_points_from_mlflow(tracker: StudyTracker) -> list[TrialPoint]:
 
     Recipes come from the ``bits.<layer>`` params (``"4"``, ``"1a"``/``"1s"`` for adaptive/static 1 bit).
     """
-    from search.tracking import FLOAT_PARAM, TRIAL_TAG
+    from search.results.tracking import FLOAT_PARAM, TRIAL_TAG
 
     points = []
     for run in tracker.child_runs():
@@ -334,7 +334,7 @@ def load_points_from_mlflow(tracker: StudyTracker) -> list[TrialPoint]:
 
 # -- MLflow tags ----------------------------------------------------------------------------------------
 def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[TrialPoint]) -> int:
-    """Tag every trial run: ``pareto_optimal``, ``pareto_optimal_ci`` (:func:`~search.pareto.significant_front`)
+    """Tag every trial run: ``pareto_optimal``, ``pareto_optimal_ci`` (:func:`~search.results.pareto.significant_front`)
     and ``knee`` ("true"/"false") and, for complete trials, ``pareto_rank``.
 
     ``study`` is the Optuna study (read through :func:`load_points`) or points already loaded. Only tags
@@ -342,7 +342,7 @@ def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[Tr
     a store call per changed run. Runs of failed/pruned trials get ``pareto_optimal=false`` and no rank.
     Returns the number of runs whose tags were written.
     """
-    from search.tracking import TRIAL_TAG
+    from search.results.tracking import TRIAL_TAG
 
     points = list(study) if isinstance(study, Sequence) else load_points(study)
     ranks = dict(zip((p.number for p in points), pareto_ranks(points), strict=True))
@@ -366,13 +366,13 @@ def refresh_pareto_tags(tracker: StudyTracker, study: optuna.Study | Sequence[Tr
 
 # -- the fp32 control ----------------------------------------------------------------------------------------
 CONTROL_ATTR = "lsv.control"  # user attr: the control's metrics and cost
-CONTROL_BOOT = "lsv.control.eer_boot"  # system attr: its paired-bootstrap EERs (search.system_attrs)
+CONTROL_BOOT = "lsv.control.eer_boot"  # system attr: its paired-bootstrap EERs (search.results.system_attrs)
 
 
 def load_control(study: optuna.Study) -> TrialPoint | None:
     """The study's fp32 control (the baseline fine-tuned with the trials' schedule, nothing quantized) as a
     point of number -1 at the fp32 size, or None when the study has none yet."""
-    from search.system_attrs import study_data
+    from search.results.system_attrs import study_data
 
     c = study.user_attrs.get(CONTROL_ATTR)
     if not isinstance(c, dict) or c.get("eer") is None:
@@ -401,7 +401,7 @@ def control_delta(point: TrialPoint, control: TrialPoint | None, level: float = 
 def refresh_control_deltas(tracker: StudyTracker, study: optuna.Study) -> int:
     """Log ``eer_delta_control[_low|_high]`` on every complete trial run that lacks them (trials that
     finished before the control did); returns how many runs were updated."""
-    from search.tracking import CONTROL_DELTA_METRICS, TRIAL_TAG
+    from search.results.tracking import CONTROL_DELTA_METRICS, TRIAL_TAG
 
     control = load_control(study)
     if control is None:

@@ -22,8 +22,8 @@ from rich.console import Console
 
 from lsv_core.errors import ConfigError, LsvError
 from search.objectives import rounded_metrics
-from search.pareto import TrialPoint, knee_point, pareto_front
-from search.system_attrs import set_study_data
+from search.results.pareto import TrialPoint, knee_point, pareto_front
+from search.results.system_attrs import set_study_data
 
 if TYPE_CHECKING:
     import optuna
@@ -113,7 +113,7 @@ class VerifyReport:
 
 def verification_of(study: optuna.Study, number: int) -> dict[str, Any] | None:
     """What ``lsv verify`` stored for trial ``number`` (``{"runs": [...], ...}``), or None."""
-    from search.system_attrs import study_data
+    from search.results.system_attrs import study_data
 
     v = study.user_attrs.get(f"{VERIFY_ATTR}{number}")
     if not isinstance(v, dict) or not v.get("runs"):
@@ -127,7 +127,7 @@ def verification_of(study: optuna.Study, number: int) -> dict[str, Any] | None:
 
 
 def _chosen(points: list[TrialPoint], plan: VerifyPlan) -> list[TrialPoint]:
-    from search.selection import NoTrialMeetsRule, closest_trials
+    from search.results.selection import NoTrialMeetsRule, closest_trials
 
     if plan.which == "knee":
         k = knee_point(points)
@@ -149,11 +149,11 @@ def verify_study(config: StudyConfig, plan: VerifyPlan, *, address: str | None =
 
     import ray
 
-    from search import cluster
-    from search.preflight import ADDRESS_FIELDS, PreflightFailed, check_ray_address, preflight_study
-    from search.results import control_delta, load_control, load_points
-    from search.storage import read_record
-    from search.tracking import StudyTracker
+    from search.cluster import ray_cluster as cluster
+    from search.cluster.storage import read_record
+    from search.results.reading import control_delta, load_control, load_points
+    from search.results.tracking import StudyTracker
+    from search.study.preflight import ADDRESS_FIELDS, PreflightFailed, check_ray_address, preflight_study
 
     address = address or config.storage.ray_address or os.environ.get("RAY_ADDRESS")
     if address and (problems := check_ray_address(address, where=ADDRESS_FIELDS)):  # before reading the study
@@ -223,7 +223,7 @@ def _keep(study: optuna.Study, tracker: Any, p: TrialPoint, result: dict[str, An
     kept["runs"].append(rounded_metrics({k: result[k] for k in (
         "eer", "eer_ci_low", "eer_ci_high", "min_dcf", "min_dcf_001", "seed", "total_steps", "eer_boot", "cost_wall_s",
         "node_id") if k in result}))
-    # The bootstrap EERs are machine data (search.system_attrs): the user attr keeps the readable part.
+    # The bootstrap EERs are machine data (search.results.system_attrs): the user attr keeps the readable part.
     boots = {f"{r['seed']}/{r['total_steps']}": r.pop("eer_boot") for r in kept["runs"] if r.get("eer_boot")}
     if boots:
         set_study_data(study, f"{key}.eer_boot", boots)

@@ -14,9 +14,9 @@ import optuna
 from sqlalchemy.exc import SQLAlchemyError
 
 from lsv_core.errors import ConfigError, LsvError
-from search.record import StudyNotRun, StudyRecord, stored_record
 from search.redaction import redacted, scrub
-from search.samplers import HessianPriorSampler, ProbePriorSampler
+from search.results.record import StudyNotRun, StudyRecord, stored_record
+from search.samplers.prior import HessianPriorSampler, ProbePriorSampler
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
@@ -92,7 +92,7 @@ def read_record(config: StudyConfig) -> tuple[StudyRecord, optuna.Study]:
     return record, study
 
 
-# study.sampler (one of search.sampler_names.SAMPLER_NAMES) -> factory(seed). Eight startup trials: the seed recipes fill most of them.
+# study.sampler (one of search.samplers.names.SAMPLER_NAMES) -> factory(seed). Eight startup trials: the seed recipes fill most of them.
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8),
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),

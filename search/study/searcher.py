@@ -30,9 +30,9 @@ from ray.tune.search import Searcher
 
 from lsv_core.quant import BitRecipe
 from search.objectives import rounded, rounded_metrics
+from search.results.system_attrs import EER_BOOT, set_trial_data, trial_boot
+from search.results.tracking import TrialRecord
 from search.space import SearchSpace
-from search.system_attrs import EER_BOOT, set_trial_data, trial_boot
-from search.tracking import TrialRecord
 
 __all__ = ["AskTellSearcher", "record_from", "record_ran_params"]
 
@@ -130,7 +130,7 @@ class AskTellSearcher(Searcher):
         # Set when the driver is stopping (SIGINT/SIGTERM): Tune then ends the trials it runs, and they are
         # re-queued, not told as stopped early.
         self.stopping: Any = None
-        # The study's DriverLease (search.lease): once another driver took the study over, nothing more is
+        # The study's DriverLease (search.cluster.lease): once another driver took the study over, nothing more is
         # asked or told here (that driver has closed and re-queued this one's running trials).
         self.lease: Any = None
         self.memo = _finished_results(study)
@@ -159,7 +159,7 @@ class AskTellSearcher(Searcher):
         dists = self.space.distributions()
         for _ in range(_MAX_ASKS):
             if self._displaced():
-                return None  # Tune's stopper ends the run (search.cluster)
+                return None  # Tune's stopper ends the run (search.cluster.ray_cluster)
             if self.trials_left is not None:
                 if self.trials_left <= 0:
                     return Searcher.FINISHED
@@ -309,7 +309,7 @@ class AskTellSearcher(Searcher):
                 return
             self.sink(self._record(ot.number, "pruned", live.recipe, {**ray_id, **pruned}))
             return
-        # Metrics rounded to what they mean; the bootstrap EERs are machine data (search.system_attrs).
+        # Metrics rounded to what they mean; the bootstrap EERs are machine data (search.results.system_attrs).
         attrs = rounded_metrics({k: result[k] for k in (
             "eer", "eer_ci_low", "eer_ci_high", "min_dcf", "min_dcf_001", "size_bytes", "compression_ratio",
             "avg_bits", "stage_eers", "stage_plan", "trial_wall_s", "packed_path", "setup_s", "node_id")

@@ -104,7 +104,7 @@ class StageParetoStopper(FIFOScheduler):
 
 class LeaseStopper(Stopper):
     """Tune's stopper: ends the whole run (every trial stopped, nothing more suggested) once the driver's
-    lease (:class:`search.lease.DriverLease`) is lost. Tune asks ``stop_all`` at every step of its loop
+    lease (:class:`search.cluster.lease.DriverLease`) is lost. Tune asks ``stop_all`` at every step of its loop
     (about every 0.1 s); the lease reads the storage at most every ``recheck_s``."""
 
     def __init__(self, lease: Any) -> None:

@@ -10,7 +10,7 @@ a package offers a renderer through the entry-point group :data:`RENDERER_GROUP`
 
 A renderer is ``f(config: StudyConfig, tracker: StudyTracker) -> None``; it reads the study from its storage
 and logs to ``tracker.parent_run_id``. ``lsv run`` calls every renderer on the tracking thread
-(:class:`search.tracking.TrackingThread`) every ``study.report_every`` finished trials, and when the study
+(:class:`search.results.tracking.TrackingThread`) every ``study.report_every`` finished trials, and when the study
 ends or is interrupted, so trials never wait on drawing. Without any renderer installed (``search`` alone)
 the study only logs its metric histories.
 """
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
-    from search.tracking import StudyTracker
+    from search.results.tracking import StudyTracker
 
 __all__ = ["RENDERER_GROUP", "Renderer", "load_renderers", "render_study"]
 

@@ -19,8 +19,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from search.results import StudyStatus
-from search.tracking import TrialRecord
+from search.results.reading import StudyStatus
+from search.results.tracking import TrialRecord
 
 __all__ = ["ProgressBoard"]
 

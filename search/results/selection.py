@@ -1,7 +1,7 @@
 """Choosing a trial of a study: by number, the best EER under a size, the smallest under an EER, the knee,
 or, CI-aware, the smallest model not significantly worse than the knee or than the fp32 control.
 
-:func:`select_trial` is a pure function of the study's points (:func:`search.results.load_points`); a rule
+:func:`select_trial` is a pure function of the study's points (:func:`search.results.reading.load_points`); a rule
 no trial meets raises :class:`NoTrialMeetsRule` naming the closest trials.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lsv_core.errors import ConfigError, LsvError
-from search.pareto import (
+from search.results.pareto import (
     DEFAULT_LEVEL,
     TrialPoint,
     best_eer_with_size_at_most,
@@ -37,8 +37,8 @@ class SelectionRule:
     * ``trial``: that Optuna trial number;
     * ``max_size_mb``: the lowest EER among trials of at most this many MB (10^6 bytes of ``model.onnx``);
     * ``max_eer``: the smallest trial with an EER of at most this many percent points;
-    * ``knee``: the knee of the Pareto front (:func:`search.pareto.knee_point`);
-    * ``knee_ci``: the smallest trial not significantly worse than the knee (:func:`search.pareto.ci_knee_point`);
+    * ``knee``: the knee of the Pareto front (:func:`search.results.pareto.knee_point`);
+    * ``knee_ci``: the smallest trial not significantly worse than the knee (:func:`search.results.pareto.ci_knee_point`);
     * ``not_worse_than_control``: the smallest trial not significantly worse than the study's fp32 control;
     * ``within_pp``: the smallest trial within this many EER points of the control, with confidence.
 

@@ -2,11 +2,11 @@
 
 * :func:`connect` joins the cluster at the given address (or starts a private local instance: a bare
   ``ray.init()`` would join whatever cluster ``ray start`` last left on this machine).
-* :func:`preflight_nodes` runs :mod:`search.nodes` on every node; bad nodes stop the study (exit 2) or, with
+* :func:`preflight_nodes` runs :mod:`search.cluster.nodes` on every node; bad nodes stop the study (exit 2) or, with
   ``resources.bad_nodes = "skip"``, are left out of the trials' placement.
 * :func:`shared_inputs` builds what every trial shares (baseline tensors, initial codebooks), shipped
   once through the object store; the packed models come back through the :mod:`artifact sink
-  <search.artifacts>`; the data is read at the configured paths on each node. No shared filesystem.
+  <search.cluster.artifacts>`; the data is read at the configured paths on each node. No shared filesystem.
 * :func:`hessian_on_worker` computes the baseline's Hessian traces as a Ray task with one trial's
   resources (``resources.hessian = "worker"``) instead of on the driver.
 * :func:`run_trials` drives Ray Tune with the study's Optuna searcher and early stopper; Tune stops every
@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from search.preflight import PreflightFailed, Problem
+from search.study.preflight import PreflightFailed, Problem
 
 if TYPE_CHECKING:
     from lsv_core.models.baseline import Baseline
     from search.config import StudyConfig
-    from search.searcher import AskTellSearcher
     from search.space import SearchSpace
-    from search.trial import SharedInputs
+    from search.study.searcher import AskTellSearcher
+    from search.study.trial import SharedInputs
 
 __all__ = ["connect", "hessian_on_worker", "preflight_nodes", "run_trials", "shared_inputs"]
 
@@ -57,7 +57,7 @@ def shared_inputs(config: StudyConfig, baseline: Baseline, space: SearchSpace, d
     from lsv_core.quant import latent_weight, quantizable_layers
     from lsv_core.quant.initial_codebooks import InitialCodebooks
     from lsv_core.quant.recipe import LayerSpec
-    from search.trial import SharedInputs
+    from search.study.trial import SharedInputs
 
     schedule = config.msft_schedule()
     modules = dict(baseline.model.named_modules())
@@ -70,11 +70,11 @@ def shared_inputs(config: StudyConfig, baseline: Baseline, space: SearchSpace, d
 
 
 def preflight_nodes(config: StudyConfig, baseline_digest: str | None, baseline_ref: Any) -> list[str]:
-    """Check every node (:mod:`search.nodes`; the baseline in ``baseline_ref`` must arrive with
+    """Check every node (:mod:`search.cluster.nodes`; the baseline in ``baseline_ref`` must arrive with
     ``baseline_digest``); returns the node ids to leave out (``bad_nodes = "skip"``) or raises
     :class:`PreflightFailed` naming each bad node and why."""
     import lsv_core
-    from search.nodes import NodeExpectations, check_nodes, code_digest
+    from search.cluster.nodes import NodeExpectations, check_nodes, code_digest
 
     paths = config.data_paths().resolved()
     expect = NodeExpectations(
@@ -111,7 +111,7 @@ def hessian_on_worker(config: StudyConfig, shared_ref: Any, excluded: list[str])
     """The baseline's Hessian traces, computed by a Ray task with one trial's resources on a worker node."""
     import ray
 
-    from search.trial import hessian_task
+    from search.study.trial import hessian_task
 
     options = _one_trial_options(config, excluded)
     spec = config.workbench_spec().replace(codebook_dir=None).to_dict()
@@ -125,7 +125,7 @@ def probe_on_worker(config: StudyConfig, shared_ref: Any, excluded: list[str], u
     """The unit probes (:meth:`Workbench.probe`), measured by a Ray task with one trial's resources."""
     import ray
 
-    from search.trial import probe_task
+    from search.study.trial import probe_task
 
     options = _one_trial_options(config, excluded)
     spec = config.workbench_spec().replace(codebook_dir=None).to_dict()
@@ -137,9 +137,9 @@ def run_trials(config: StudyConfig, searcher: AskTellSearcher, shared: SharedInp
     """Run the trials ``searcher`` proposes with Ray Tune until it is finished (or the study's timeout)."""
     from ray import tune
 
-    from search.nodes import node_selector
-    from search.scheduler import LeaseStopper, StageParetoStopper, stage_history
-    from search.trial import run_trial
+    from search.cluster.nodes import node_selector
+    from search.study.scheduler import LeaseStopper, StageParetoStopper, stage_history
+    from search.study.trial import run_trial
 
     # A resumed study's stopper starts from the per-stage results its storage holds.
     scheduler = (StageParetoStopper(config.early_stop.margin, config.early_stop.min_peers,
@@ -176,12 +176,12 @@ def paired_boot(config: StudyConfig) -> tuple[int, int]:
 
 def submit_recipe(config: StudyConfig, shared_ref: Any, recipe: dict[str, Any], *, seed: int | None = None,
                   steps_mult: float = 1.0, excluded: list[str] | None = None, omega: dict | None = None) -> Any:
-    """Start :func:`search.trial.recipe_task` on the cluster with one trial's resources; returns its ref."""
+    """Start :func:`search.study.trial.recipe_task` on the cluster with one trial's resources; returns its ref."""
     import dataclasses
 
     import ray
 
-    from search.trial import recipe_task
+    from search.study.trial import recipe_task
 
     schedule = config.msft_schedule()
     schedule = dataclasses.replace(schedule, seed=schedule.seed if seed is None else seed,

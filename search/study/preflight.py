@@ -206,7 +206,7 @@ def _check_out_dir(config: StudyConfig, problems: list[Problem]) -> None:
 
 
 def _check_storage(config: StudyConfig, problems: list[Problem]) -> None:
-    from search.storage import check_mlflow_uri, check_optuna_url
+    from search.cluster.storage import check_mlflow_uri, check_optuna_url
 
     problems += [Problem("storage.optuna", m) for m in check_optuna_url(config.optuna_url, config.study_dir)]
     problems += [Problem("storage.mlflow", m) for m in check_mlflow_uri(config.mlflow_uri, config.study_dir)]

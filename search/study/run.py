@@ -1,15 +1,15 @@
 """Running a study: check everything, prepare the baseline, then Ray Tune trials steered by an Optuna study.
 
 Everything lives under ``runs/<study>/`` on the driver: ``optuna.db`` (the source of truth for trials and
-the study record, :mod:`search.record`), ``mlflow.db`` and ``mlartifacts/`` (a parent run for the study, a
+the study record, :mod:`search.results.record`), ``mlflow.db`` and ``mlartifacts/`` (a parent run for the study, a
 child run per trial; on a tracking server, in the server's stores), ``trials/`` (packed models, sent by
 the workers through Ray), ``codebooks/``, ``ray/`` (Ray Tune's folders) and ``study.json`` (a copy of the
-record). Nothing needs a filesystem shared with the worker nodes (:mod:`search.cluster`).
+record). Nothing needs a filesystem shared with the worker nodes (:mod:`search.cluster.ray_cluster`).
 
-Order: the preflight (:mod:`search.preflight`) checks config, storage, data, checkpoint, space and budget
+Order: the preflight (:mod:`search.study.preflight`) checks config, storage, data, checkpoint, space and budget
 and raises before anything is written; the corpus / default baseline are made if planned; every Ray node
 is checked (a bad node stops the run before the study exists: nothing written, Ray shut down again); the
-study is created or resumed under a driver lease (:mod:`search.lease`: one live driver per study); then
+study is created or resumed under a driver lease (:mod:`search.cluster.lease`: one live driver per study); then
 the trials run.
 
 Resuming: running a study that exists continues it. Trials left RUNNING by a driver that died are
@@ -19,7 +19,7 @@ and nothing is logged twice. Ctrl-C (SIGINT) or SIGTERM stops the trials, re-que
 and raises :class:`StudyInterrupted`. ``fresh=True`` moves the old folder aside (never deletes it). A
 driver stalled past ``storage.lease_timeout_s`` whose study another driver took over stops at its next
 step (no ask, no tell, no MLflow write; its Tune trials and control stopped) and raises
-:class:`~search.lease.LeaseLost`.
+:class:`~search.cluster.lease.LeaseLost`.
 """
 
 from __future__ import annotations
@@ -43,13 +43,11 @@ from rich.console import Console
 from lsv_core.atomic import build_dir, write_text_atomic
 from lsv_core.errors import ConfigError, LsvError
 from lsv_core.quant import BitRecipe, LayerSpec
+from search.cluster.lease import DriverLease
+from search.cluster.storage import open_study, redacted
 from search.config import StudyConfig
-from search.lease import DriverLease
 from search.objectives import objective_keys, rounded, rounded_metrics
-from search.preflight import Preflight, preflight_study
-from search.progress import ProgressBoard
-from search.record import StudyRecord, save_record, stored_record
-from search.results import (
+from search.results.reading import (
     CONTROL_ATTR,
     CONTROL_BOOT,
     NOT_COUNTED,
@@ -61,10 +59,12 @@ from search.results import (
     refresh_pareto_tags,
     study_status,
 )
+from search.results.record import StudyRecord, save_record, stored_record
+from search.results.system_attrs import set_study_data, trial_boot
+from search.results.tracking import CONTROL_TAG, StudyTracker, TrackingThread, TrialRecord
 from search.space import SearchSpace
-from search.storage import open_study, redacted
-from search.system_attrs import set_study_data, trial_boot
-from search.tracking import CONTROL_TAG, StudyTracker, TrackingThread, TrialRecord
+from search.study.preflight import Preflight, preflight_study
+from search.study.progress import ProgressBoard
 
 __all__ = ["RunResult", "StudyInterrupted", "run_study"]
 
@@ -100,8 +100,8 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
               on_status: Callable[[StudyStatus], None] | None = None, control_only: bool = False) -> RunResult:
     """Run (or resume) the study described by ``config``; returns its status when no trials remain.
 
-    Raises :class:`~search.preflight.PreflightFailed` (nothing written) for bad input,
-    :class:`~search.lease.StudyBusy` when another driver runs the study, :class:`~search.lease.LeaseLost` when
+    Raises :class:`~search.study.preflight.PreflightFailed` (nothing written) for bad input,
+    :class:`~search.cluster.lease.StudyBusy` when another driver runs the study, :class:`~search.cluster.lease.LeaseLost` when
     another driver took the study over while this one was stalled (its trials stopped, nothing more told),
     :class:`StudyInterrupted` after a clean stop on SIGINT/SIGTERM. ``fault_plan`` maps Optuna trial numbers to injected faults (fault tests).
     ``control_only`` runs only the study's fp32 control (a study made before controls existed), no trials.
@@ -124,12 +124,12 @@ def run_study(config: StudyConfig, *, address: str | None = None, fresh: bool = 
 def _connect_and_check_nodes(config: StudyConfig, pre: Preflight, address: str | None) -> bool:
     """Join (or start) Ray and check every node before the study exists, so that a bad node leaves nothing
     behind (no study folder, no Optuna study, no MLflow experiment); returns whether Ray was started here.
-    On a bad node Ray is shut down again and :class:`~search.preflight.PreflightFailed` raised. Each node must
+    On a bad node Ray is shut down again and :class:`~search.study.preflight.PreflightFailed` raised. Each node must
     receive the baseline the driver loaded (its state-dict digest)."""
     import ray
 
     from lsv_core.quant.sensitivity import state_dict_digest
-    from search import cluster
+    from search.cluster import ray_cluster as cluster
 
     assert pre.baseline is not None
     _refuse_if_busy(config)
@@ -145,10 +145,10 @@ def _connect_and_check_nodes(config: StudyConfig, pre: Preflight, address: str |
 
 
 def _refuse_if_busy(config: StudyConfig) -> None:
-    """Raise :class:`~search.lease.StudyBusy` when a live driver holds the study's lease, before Ray is touched
+    """Raise :class:`~search.cluster.lease.StudyBusy` when a live driver holds the study's lease, before Ray is touched
     (the lease itself is taken once the study is opened). Reads only: no table, file or study is created."""
-    from search.lease import DriverLease, StudyBusy
-    from search.storage import sqlite_file
+    from search.cluster.lease import DriverLease, StudyBusy
+    from search.cluster.storage import sqlite_file
 
     db = sqlite_file(config.optuna_url)
     if db is not None and not db.is_file():
@@ -214,10 +214,10 @@ def _run_trials(config: StudyConfig, study: optuna.Study, pre: Preflight, record
     import ray
 
     from lsv_core.quant import packed_size_bytes
-    from search import cluster
-    from search.artifacts import start_sink
-    from search.renderers import load_renderers, render_study
-    from search.searcher import AskTellSearcher
+    from search.cluster import ray_cluster as cluster
+    from search.cluster.artifacts import start_sink
+    from search.results.renderers import load_renderers, render_study
+    from search.study.searcher import AskTellSearcher
 
     assert pre.baseline is not None and pre.space is not None
     model, space = pre.baseline.model, pre.space
@@ -329,7 +329,7 @@ def _trial_sink(config: StudyConfig, study: optuna.Study, tracker: StudyTracker,
     """What the driver does with each finished trial's record: its difference to the control, its MLflow run
     and a step of the parent run's progress histories (through ``writer``), the Pareto tags every fourth trial,
     the parent run's pictures every ``study.report_every`` trials, the progress board and ``on_status``."""
-    from search.renderers import render_study
+    from search.results.renderers import render_study
 
     logged = [0]
     baseline_eer = (record.baseline_eval or {}).get("eer")
@@ -337,7 +337,7 @@ def _trial_sink(config: StudyConfig, study: optuna.Study, tracker: StudyTracker,
     def on_record(rec: TrialRecord) -> None:
         control.poll()
         if control.point is not None and rec.eer_boot is not None and rec.eer is not None:
-            from search.pareto import TrialPoint
+            from search.results.pareto import TrialPoint
 
             rec.control_delta = control_delta(TrialPoint(rec.number, rec.eer, int(rec.size_bytes or 0),
                                                          eer_boot=rec.eer_boot), control.point)
@@ -407,7 +407,7 @@ class _Control:
         result["size_bytes"] = self.record.fp32_bytes
         result["cost"] = rounded_metrics({"fte": 1.0, **{k[5:]: v for k, v in result.items() if k.startswith("cost_")}})
         boot = result.pop("eer_boot", None)
-        if boot:  # machine data: a system attr (search.system_attrs); the summary stays readable
+        if boot:  # machine data: a system attr (search.results.system_attrs); the summary stays readable
             set_study_data(self.study, CONTROL_BOOT, rounded("eer", boot))
         self.study.set_user_attr(CONTROL_ATTR, rounded_metrics(result))
         self.point = load_control(self.study)
@@ -477,7 +477,7 @@ def _stop_signals() -> Iterator[_StopEvent]:
 def _make_planned_inputs(config: StudyConfig, pre: Preflight, progress: bool) -> None:
     """Synthesize the default corpus / train the default baseline when the preflight planned it (each
     built aside and moved into place, so an interrupted build is never taken as done), then check them."""
-    from search.preflight import PreflightFailed, Problem, check_space
+    from search.study.preflight import PreflightFailed, Problem, check_space
 
     for line in pre.plan:
         console.print(f"about to {line}", soft_wrap=True)
@@ -508,7 +508,7 @@ def _make_planned_inputs(config: StudyConfig, pre: Preflight, progress: bool) ->
 
 def _move_aside(config: StudyConfig) -> None:
     """``--fresh``: the study folder (and its SQLite stores) is renamed to a unique ``.old-*`` sibling."""
-    from search.storage import sqlite_file
+    from search.cluster.storage import sqlite_file
 
     study_dir = config.study_dir
     external = [u for u in (config.optuna_url, config.mlflow_uri)
@@ -578,7 +578,7 @@ def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord
         t0 = time.monotonic()
         threads = max(1, int(config.resources.cpu)) if config.resources.hessian == "worker" else torch.get_num_threads()
         if config.resources.hessian == "worker":
-            from search.cluster import hessian_on_worker
+            from search.cluster.ray_cluster import hessian_on_worker
 
             console.print("computing the baseline's Hessian traces on a worker ...")
             traces = hessian_on_worker(config, shared_ref, excluded)
@@ -590,7 +590,7 @@ def _sensitivities(config: StudyConfig, study: optuna.Study, record: StudyRecord
                                    progress=False)
             traces = bench.hessian_traces(cache_path=config.data.cache_dir / "hessian_traces.json",
                                           seed=config.study.seed)
-        # What the traces cost (search.results.CostSummary.sensitivity_fte); a cache hit costs its read.
+        # What the traces cost (search.results.reading.CostSummary.sensitivity_fte); a cache hit costs its read.
         spent = {"wall_s": round(time.monotonic() - t0, 2), "threads": threads}
         record = record.with_traces(traces)
         save_record(study, config.study_dir, replace(record, extra={**record.extra, "hessian_cost": spent}))
@@ -612,7 +612,7 @@ def _unit_probes(config: StudyConfig, study: optuna.Study, record: StudyRecord, 
     units, choices = pre.space.unit_layers(), list(pre.space.choices)
     t0 = time.monotonic()
     if config.resources.hessian == "worker":
-        from search.cluster import probe_on_worker
+        from search.cluster.ray_cluster import probe_on_worker
 
         console.print(f"probing {len(units)} units on a worker ...")
         probes = ProbeResult.from_dict(probe_on_worker(config, shared_ref, excluded, units, choices))
@@ -715,7 +715,7 @@ def _log_control(study: optuna.Study, tracker: StudyTracker) -> None:
 def _log_missing(study: optuna.Study, tracker: StudyTracker) -> None:
     """Log the finished Optuna trials (and the control) that have no MLflow run yet (Optuna is the source
     of truth)."""
-    from search.searcher import record_from
+    from search.study.searcher import record_from
 
     _log_control(study, tracker)
     logged = tracker.logged_trials()

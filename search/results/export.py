@@ -2,7 +2,7 @@
 
 ``export_trial(config, SelectionRule(...), out_dir)``:
 
-1. **select** the trial (:mod:`search.selection`), after refusing an ``out_dir`` that is, lies inside or
+1. **select** the trial (:mod:`search.results.selection`), after refusing an ``out_dir`` that is, lies inside or
    contains the study folder, or that exists and is not a bundle export wrote
    (:func:`lsv_core.export.bundle.check_out_dir`; ``--force`` replaces only such a bundle);
 2. **verify** it (:func:`verify_trial`), before anything is written: the trial's packed file (on this
@@ -22,7 +22,7 @@
    match the torch model's (cosine >= 0.9999) and so must every trial's score (within 1e-3), what is meant
    to be equal; its EER is reported, not compared (one trial at the threshold would flip on a small subset);
 4. **register** it in the MLflow Model Registry of the study's tracking store
-   (:meth:`~search.tracking.StudyTracker.register_bundle`: files under ``export/`` of the trial's run, a
+   (:meth:`~search.results.tracking.StudyTracker.register_bundle`: files under ``export/`` of the trial's run, a
    new version of ``lsv-<study>``, the alias (default ``chosen``) pointing at it; load it with
    ``models:/lsv-<study>@chosen``), then move the bundle into place.
 
@@ -53,8 +53,8 @@ from lsv_core.export.bundle import (
     packed_file_sizes,
     stage_bundle,
 )
-from search.pareto import TrialPoint
-from search.selection import SelectionRule, select_trial
+from search.results.pareto import TrialPoint
+from search.results.selection import SelectionRule, select_trial
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -65,14 +65,14 @@ if TYPE_CHECKING:
     from lsv_core.quant import BitRecipe
     from lsv_core.workbench import Workbench
     from search.config import StudyConfig
-    from search.record import StudyRecord
-    from search.tracking import StudyTracker
+    from search.results.record import StudyRecord
+    from search.results.tracking import StudyTracker
 
 __all__ = ["EER_TOLERANCE", "ExportMismatch", "ExportOptions", "ExportResult", "VerifiedTrial", "export_trial",
            "reeval_mismatch", "verify_trial"]
 
 EER_TOLERANCE = 0.05  # EER points (percent, absolute); see the module docstring
-TRIAL_N_BOOT = 200  # bootstrap replicates a search worker uses (search/trial.py), so the CI matches too
+TRIAL_N_BOOT = 200  # bootstrap replicates a search worker uses (search/study/trial.py), so the CI matches too
 DEFAULT_ALIAS = "chosen"
 
 
@@ -157,10 +157,10 @@ def export_trial(config: StudyConfig, rule: SelectionRule, out_dir: str | os.Pat
         ExportMismatch: the packed file, its recipe or the re-evaluation disagrees with the study's record.
         StudyNotRun: the study was never run.
     """
-    from search.results import load_control, load_points
-    from search.storage import read_record
-    from search.tracking import StudyTracker
-    from search.verify import NoControl, verification_of
+    from search.cluster.storage import read_record
+    from search.results.reading import load_control, load_points
+    from search.results.tracking import StudyTracker
+    from search.results.verify import NoControl, verification_of
 
     out = Path(out_dir)
     check_out_dir(out, force=options.force, protected=[config.study_dir])

@@ -1,9 +1,9 @@
-"""Samplers of our own, chosen by name like Optuna's (``study.sampler``, :data:`search.storage.SAMPLERS`).
+"""Samplers of our own, chosen by name like Optuna's (``study.sampler``, :data:`search.cluster.storage.SAMPLERS`).
 
 :class:`HessianPriorSampler` (``sampler = "hessian"``) uses what a study already knows before any trial
 runs: each unit's byte cost at every bit choice (exact, from :func:`lsv_core.quant.packed_size_bytes`) and
 its Hessian sensitivity Ω (trace of the baseline's loss Hessian x k-means error, docs/method.md), both read
-from the study record (:mod:`search.record`). Why not TPE or NSGA-II: with 16-64 trials they spend most of
+from the study record (:mod:`search.results.record`). Why not TPE or NSGA-II: with 16-64 trials they spend most of
 them learning what Ω says up front (the stem conv is cheap and sensitive, the embedding layer expensive
 and robust), and both sample many recipes that are far off the front. This sampler proposes
 
@@ -38,7 +38,7 @@ record (plain Optuna use) is sampled at random.
 when ``[objectives] accuracy = "min_dcf"`` (:mod:`search.objectives`). Fronts, the reference point and the
 calibration curve all use that value; the probes' EER damage only ranks recipes, and the fitted curve maps
 it onto the objective's scale. Trials are read by the params that ran (the driver rewrites a repaired
-trial's params, :func:`search.searcher.record_ran_params`).
+trial's params, :func:`search.study.searcher.record_ran_params`).
 
 Cost per suggestion is flat in the number of trials: the unit table is built once per study, and the trial
 history is read incrementally (only trials finished since the last call are looked at).
@@ -522,7 +522,7 @@ def _ranked_steps(table: UnitTable, idx: Sequence[int], direction: int) -> list[
 def _add_to_front(front: list[tuple[int, ...]], points: Mapping[tuple[int, ...], tuple[float, int]],
                   new: tuple[int, ...]) -> list[tuple[int, ...]]:
     """The Pareto front (of (EER, bytes), both minimised) after ``points[new]`` arrived or improved, in
-    O(front) instead of re-sorting every point. Equal points do not dominate each other (search.pareto)."""
+    O(front) instead of re-sorting every point. Equal points do not dominate each other (search.results.pareto)."""
     eer, size = points[new]
 
     def dominates(a: tuple[float, int], b: tuple[float, int]) -> bool:
@@ -552,7 +552,7 @@ def _trained_choices(state: _StudyState, trial: FrozenTrial) -> tuple[int, ...] 
 def _build_state(study: optuna.Study, *, seed: int, prior: str = "hessian") -> _StudyState:
     """The prior of ``study`` from its record: baseline, search space, budget, and its Hessian traces
     (``prior="hessian"``) or unit probes (``prior="probe"``)."""
-    from search.record import stored_record
+    from search.results.record import stored_record
 
     record = stored_record(study)
     if record is None or not record.config:

@@ -4,7 +4,7 @@ Nothing a trial reads or writes needs a filesystem shared with the driver: the b
 head) and its initial k-means codebooks per (layer, bits) arrive through Ray's object store
 (:class:`SharedInputs`, via ``tune.with_parameters``); the data is read at the configured paths on the
 worker's own node; the packed model goes back to the driver's study folder through the study's
-:mod:`artifact sink <search.artifacts>`. A worker keeps its :class:`~lsv_core.workbench.Workbench` in a
+:mod:`artifact sink <search.cluster.artifacts>`. A worker keeps its :class:`~lsv_core.workbench.Workbench` in a
 process-level cache, so with Ray Tune's actor reuse the data is loaded once per worker, not once per
 trial. A trial runs on the GPU Ray assigned it (``ray.get_gpu_ids()``), and on the CPU when it was
 given none, whatever the node has (:func:`trial_device`).
@@ -148,7 +148,7 @@ def run_trial(config: dict[str, Any], shared: SharedInputs | None = None) -> Non
     fault hooks; ``shared``: the study's :class:`SharedInputs` (``tune.with_parameters``)."""
     from ray import tune
 
-    from search.scheduler import stage_plan_key
+    from search.study.scheduler import stage_plan_key
 
     t0 = time.monotonic()
     meter = _CostMeter()
@@ -217,7 +217,7 @@ class _CostMeter:
     """What a trial has cost so far: fine-tuning samples, evaluated utterances, wall, CPU and GPU seconds.
 
     Reported with every stage, so a trial stopped early still tells what it spent (the driver turns the
-    samples into full-trial equivalents, :func:`search.results.trial_fte`)."""
+    samples into full-trial equivalents, :func:`search.results.reading.trial_fte`)."""
 
     def __init__(self) -> None:
         self.wall0, self.cpu0 = time.monotonic(), time.process_time()
@@ -250,7 +250,7 @@ def _keep_packed(model: Any, config: dict[str, Any], eer: float) -> str:
         target = Path(config["trials_dir"]) / rel
         save_packed(model, target, overwrite=True, metadata=meta)
         return str(target)
-    from search.artifacts import store_artifact
+    from search.cluster.artifacts import store_artifact
 
     with tempfile.TemporaryDirectory(prefix="lsv-trial-") as tmp:
         local = save_packed(model, Path(tmp) / "model.packed.safetensors", metadata=meta)

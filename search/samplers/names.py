@@ -1,7 +1,7 @@
 """The names ``study.sampler`` accepts.
 
 Owned here so that the config's validation (:mod:`search.config`) and the sampler factories
-(:data:`search.storage.SAMPLERS`, which import the samplers, which read configs) share one list without
+(:data:`search.cluster.storage.SAMPLERS`, which import the samplers, which read configs) share one list without
 importing each other.
 """
 

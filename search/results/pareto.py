@@ -2,7 +2,7 @@
 
 Both objectives are minimised: EER in percent and the deployable model size in bytes (``model.onnx``). The
 math is pure functions over a sequence of points; a point is a :class:`TrialPoint` (what
-:func:`search.results.load_points` reads from a study), or a plain ``(eer, size_bytes)`` or ``(eer, size_bytes, eer_ci_low, eer_ci_high)`` tuple.
+:func:`search.results.reading.load_points` reads from a study), or a plain ``(eer, size_bytes)`` or ``(eer, size_bytes, eer_ci_low, eer_ci_high)`` tuple.
 Functions return *indices* into the sequence they were given, so callers keep their own objects.
 
 Conventions (the tests check each one against brute force):
