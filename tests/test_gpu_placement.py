@@ -9,6 +9,10 @@ and stops before moving anything to the device.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -56,20 +60,25 @@ def gpu_cluster():  # the tests that use it are marked slow (a Ray cluster and T
 
 
 @pytest.fixture
-def ray_on(gpu_cluster, monkeypatch: pytest.MonkeyPatch):
-    import ray
+def placements(gpu_cluster, tmp_path: Path):
+    """Runs the Ray side in a driver process of its own (``python tests/test_gpu_placement.py``), with
+    ``RAY_AUTH_MODE=disabled`` like the cluster: Ray keeps its authentication mode per process once it has
+    connected, so setting it in the test process would break every later local Ray of the session."""
+    root = Path(__file__).resolve().parents[1]
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    def run(what: str, gpu: float = 0, n: int = 0, hold_s: float = 0.0, **env: str) -> list[dict]:
+        out = tmp_path / f"{what}-{gpu}-{n}.json"
+        args = [sys.executable, __file__, gpu_cluster.address, what, str(gpu), str(n), str(hold_s), json.dumps(env),
+                str(tmp_path / "ray"), str(out)]
+        done = subprocess.run(args, env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(root)},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(out.read_text())
 
-    def connect(**env: str) -> None:
-        ray.init(address=gpu_cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None)
-
-    yield connect
-    ray.shutdown()
+    return run
 
 
-def _placements(tmp_path: Path, gpu: float, n: int, hold_s: float) -> list[dict]:
+def _placements(storage: Path, gpu: float, n: int, hold_s: float) -> list[dict]:
     """``n`` concurrent Tune trials of :func:`run_trial` at ``gpu`` GPUs each, stopped by the placement hook."""
     from ray import tune
 
@@ -80,7 +89,7 @@ def _placements(tmp_path: Path, gpu: float, n: int, hold_s: float) -> list[dict]
              "fault": {"kind": "placement", "hold_s": hold_s}}
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(max_concurrent_trials=n, reuse_actors=False),
-                       run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0))
+                       run_config=tune.RunConfig(storage_path=str(storage), verbose=0))
     results = tuner.fit()
     assert not results.errors, results.errors
     return [r.metrics for r in results]
@@ -91,9 +100,8 @@ def _overlap(rows: list[dict]) -> bool:
 
 
 @pytest.mark.slow
-def test_each_trial_takes_the_gpu_ray_assigned(ray_on, tmp_path: Path) -> None:
-    ray_on()
-    rows = _placements(tmp_path, gpu=1, n=2, hold_s=4.0)
+def test_each_trial_takes_the_gpu_ray_assigned(placements) -> None:
+    rows = placements("tune", gpu=1, n=2, hold_s=4.0)
     assert _overlap(rows)  # both held a GPU at once
     assert sorted(r["gpu_ids"][0] for r in rows) == ["0", "1"]
     for r in rows:
@@ -103,27 +111,24 @@ def test_each_trial_takes_the_gpu_ray_assigned(ray_on, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_trials_share_each_gpu_at_half_a_gpu(ray_on, tmp_path: Path) -> None:
-    ray_on()
-    rows = _placements(tmp_path, gpu=0.5, n=4, hold_s=6.0)
+def test_two_trials_share_each_gpu_at_half_a_gpu(placements) -> None:
+    rows = placements("tune", gpu=0.5, n=4, hold_s=6.0)
     assert _overlap(rows)  # all four ran at once on the two GPUs
     assert Counter(r["gpu_ids"][0] for r in rows) == {"0": 2, "1": 2}
     assert all(r["device"] == "cuda:0" and r["cuda_visible_devices"] == r["gpu_ids"][0] for r in rows)
 
 
 @pytest.mark.slow
-def test_gpu_0_runs_on_cpu_on_a_gpu_node(ray_on, tmp_path: Path) -> None:
-    ray_on()
-    rows = _placements(tmp_path, gpu=0, n=2, hold_s=0.0)
+def test_gpu_0_runs_on_cpu_on_a_gpu_node(placements) -> None:
+    rows = placements("tune", gpu=0, n=2, hold_s=0.0)
     assert all(r["device"] == "cpu" and r["gpu_ids"] == [] for r in rows)
 
 
 @pytest.mark.slow
-def test_the_device_is_the_assigned_id_when_ray_leaves_cuda_visible_devices_alone(ray_on, tmp_path: Path) -> None:
+def test_the_device_is_the_assigned_id_when_ray_leaves_cuda_visible_devices_alone(placements) -> None:
     """Where Ray does not narrow CUDA_VISIBLE_DEVICES the GPU index is the id itself: a device fixed in the
     config (or always ``cuda:0``) would put the trial on GPU 1 on GPU 0."""
-    ray_on(RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES="1")
-    rows = _placements(tmp_path, gpu=1, n=2, hold_s=4.0)
+    rows = placements("tune", gpu=1, n=2, hold_s=4.0, RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES="1")
     assert _overlap(rows)
     assert sorted((r["gpu_ids"][0], r["device"]) for r in rows) == [("0", "cuda:0"), ("1", "cuda:1")]
     assert all(r["cuda_visible_devices"] is None for r in rows)
@@ -134,13 +139,29 @@ def _task_placement() -> tuple[str, dict]:
 
 
 @pytest.mark.slow
-def test_ray_tasks_control_verify_hessian_probe_take_the_same_path(ray_on) -> None:
+def test_ray_tasks_control_verify_hessian_probe_take_the_same_path(placements) -> None:
     """The control, ``lsv verify``, worker-side Hessian and probes are Ray tasks that choose their device with
     :func:`ray_trial_device` (search.study.trial.recipe_task, hessian_task, probe_task)."""
+    (device, on_gpu), (cpu_device, on_cpu) = placements("tasks")
+    assert device == "cuda:0" and on_gpu["cuda_visible_devices"] == on_gpu["gpu_ids"][0]
+    assert cpu_device == "cpu" and on_cpu["gpu_ids"] == []
+
+
+def _tasks() -> list[tuple[str, dict]]:
     import ray
 
-    ray_on()
-    on_gpu = ray.get(ray.remote(_task_placement).options(num_cpus=0.5, num_gpus=1).remote())
-    assert on_gpu[0] == "cuda:0" and on_gpu[1]["cuda_visible_devices"] == on_gpu[1]["gpu_ids"][0]
-    on_cpu = ray.get(ray.remote(_task_placement).options(num_cpus=0.5, num_gpus=0).remote())
-    assert on_cpu == ("cpu", {**on_cpu[1], "gpu_ids": []})
+    task = ray.remote(_task_placement)
+    return [ray.get(task.options(num_cpus=0.5, num_gpus=gpus).remote()) for gpus in (1, 0)]
+
+
+if __name__ == "__main__":  # the driver process of the `placements` fixture
+    import ray
+
+    address, what, gpu, n, hold_s, env, storage, out = sys.argv[1:]
+    extra = json.loads(env)
+    ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": extra} if extra else None)
+    try:
+        rows = _tasks() if what == "tasks" else _placements(Path(storage), float(gpu), int(n), float(hold_s))
+    finally:
+        ray.shutdown()
+    Path(out).write_text(json.dumps(rows))

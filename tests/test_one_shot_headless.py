@@ -93,7 +93,7 @@ def test_a_one_shot_study_runs_on_a_headless_checkpoint(tiny_study_inputs: dict[
                                                         tmp_path: Path) -> None:
     """The whole study on a real local Ray: trials and the fp32 control, none fine-tuned, none failed."""
     from search.results.reading import study_status
-    from search.results.record import read_record
+    from search.cluster.storage import read_record
 
     config = _config(tiny_study_inputs, headless, tmp_path, msft={"total_steps": 0},
                      study={"n_trials": 3, "concurrency": 1})
