@@ -92,8 +92,8 @@ def test_workbench_refuses_fine_tuning_without_a_head(tiny_study_inputs: dict[st
 def test_a_one_shot_study_runs_on_a_headless_checkpoint(tiny_study_inputs: dict[str, Path], headless: Path,
                                                         tmp_path: Path) -> None:
     """The whole study on a real local Ray: trials and the fp32 control, none fine-tuned, none failed."""
-    from search.results.reading import study_status
     from search.cluster.storage import read_record
+    from search.results.reading import study_status
 
     config = _config(tiny_study_inputs, headless, tmp_path, msft={"total_steps": 0},
                      study={"n_trials": 3, "concurrency": 1})
