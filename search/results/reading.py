@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from lsv_core.quant.recipe import LayerSpec
+from search.objectives import rounded
 from search.results.pareto import (
     TrialPoint,
     hypervolume,
@@ -151,7 +152,12 @@ def study_cost(trials: list[optuna.trial.FrozenTrial], study: optuna.Study | Non
         control = study.user_attrs.get(CONTROL_ATTR)
         if isinstance(control, dict):
             c.control_fte = float((control.get("cost") or {}).get("fte", 1.0))
-    c.total_fte = c.trials_fte + c.probes_fte + c.sensitivity_fte + c.control_fte
+    # Rounded to what they mean (FTE to 4 decimals, seconds to 2), the total the sum of the rounded parts.
+    for f in fields(c):
+        value = getattr(c, f.name)
+        if isinstance(value, float):
+            setattr(c, f.name, rounded(f.name, value))
+    c.total_fte = rounded("total_fte", c.trials_fte + c.probes_fte + c.sensitivity_fte + c.control_fte)
     return c
 
 
