@@ -14,6 +14,9 @@ CORPUS ?= data/corpus
 # synthesizes bit-identically: tests/test_synth.py checks it by digest); `make baseline` retrains it.
 SHIPPED := baselines/quickstart
 BASELINE ?= runs/baseline/model.safetensors
+# The ECAPA-TDNN quickstart's baseline, shipped the same way (same corpus); `make baseline-ecapa` retrains it.
+SHIPPED_ECAPA := baselines/quickstart_ecapa
+BASELINE_ECAPA ?= runs/baseline_ecapa/model.safetensors
 PYTEST_ARGS ?=
 # Every version `make install` resolves is pinned here (torch aside: the CPU wheel or the GPU machine's own build);
 # `make lock` re-resolves it on purpose, in a throwaway venv, after which the whole suite must pass again.
@@ -22,7 +25,7 @@ LOCK := constraints.txt
 # pulls heavy optional dependencies that the model files do not need).
 WESPEAKER := wespeaker-unofficial==0.0.2
 
-.PHONY: install lock test test-fast demo demo-fresh baseline lint bench clean
+.PHONY: install lock test test-fast demo demo-fresh demo-ecapa baseline baseline-ecapa lint bench clean
 
 install: $(STAMP) $(INFER_WHEELS)
 
@@ -73,11 +76,23 @@ demo-fresh: $(STAMP)
 	$(LOOPBACK) $(BIN)/lsv run studies/quickstart.toml --fresh
 	$(BIN)/lsv report studies/quickstart.toml
 
+# The same for the ECAPA-TDNN quickstart (studies/quickstart_ecapa.toml, runs/quickstart_ecapa/).
+demo-ecapa: $(STAMP)
+	@[ -f $(CORPUS)/corpus.json ] || $(BIN)/lsv corpus synth --out $(CORPUS)
+	$(BIN)/python -c "from lsv_core.data.synth import check_corpus; check_corpus('$(CORPUS)', '$(SHIPPED_ECAPA)/corpus.json')"
+	$(LOOPBACK) $(BIN)/lsv run studies/quickstart_ecapa.toml
+	$(BIN)/lsv report studies/quickstart_ecapa.toml
+	$(BIN)/lsv status studies/quickstart_ecapa.toml
+
 # Retrain the shipped baseline from the corpus ($(SHIPPED)/train_config.json) into $(BASELINE); point a
 # study's model.checkpoint at it to use it.
 baseline: $(STAMP)
 	@[ -f $(CORPUS)/corpus.json ] || $(BIN)/lsv corpus synth --out $(CORPUS)
 	$(BIN)/lsv train --corpus $(CORPUS) --config $(SHIPPED)/train_config.json --out $(BASELINE) --cache runs/cache
+
+baseline-ecapa: $(STAMP)
+	@[ -f $(CORPUS)/corpus.json ] || $(BIN)/lsv corpus synth --out $(CORPUS)
+	$(BIN)/lsv train --corpus $(CORPUS) --config $(SHIPPED_ECAPA)/train_config.json --out $(BASELINE_ECAPA) --cache runs/cache
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

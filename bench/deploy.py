@@ -20,7 +20,9 @@ run), else ``--recipe FILE``, else a per-stage mix (conv1 8 bit, layer1 4, layer
 seg_1 adaptive 1 bit).
 
 Usage:
-    python bench/deploy.py                                    # ThinResNet (quickstart) and ResNet34
+    python bench/deploy.py                                    # ThinResNet, ResNet34, both ECAPA-TDNNs
+    python bench/deploy.py --arch ECAPA_TDNN --study studies/quickstart_ecapa.toml \
+        --checkpoint baselines/quickstart_ecapa/model.safetensors
     python bench/deploy.py --arch ThinResNet --study studies/quickstart.toml --checkpoint runs/baseline/model.safetensors
     python bench/deploy.py --runs 20 --json bench/results/deploy.json
 """
@@ -45,8 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SIZE_TARGET_4BIT = 1 / 7  # model.onnx at 4 bit vs fp32 model.onnx
 LATENCY_TARGET = 1.5  # model.onnx vs model.float.onnx
 FRAMES_3S = 1 + (3 * 16000 - 400) // 160  # 25 ms windows every 10 ms, snip_edges: 298 frames
-ARCHS = {"ThinResNet": {"m_channels": 8, "first_stride": 2, "embed_dim": 128}, "ResNet34": {}}
-STAGE_MIX = {"conv1": 8, "layer1": 4, "layer2": 3, "layer3": 2, "layer4": 2, "seg_1": (1, "adaptive")}
+ARCHS = {"ThinResNet": {"m_channels": 8, "first_stride": 2, "embed_dim": 128}, "ResNet34": {},
+         # the ECAPA quickstart's (baselines/quickstart_ecapa) and WeSpeaker's c512
+         "ECAPA_TDNN": {"channels": 64, "mfa_channels": 192, "embed_dim": 128}, "ECAPA_TDNN_c512": {}}
+# The default mixed recipe when no study knee is at hand: a few bits more at the input, fewer at the output.
+STAGE_MIXES: dict[str, dict[str, Any]] = {
+    "resnet": {"conv1": 8, "layer1": 4, "layer2": 3, "layer3": 2, "layer4": 2, "seg_1": (1, "adaptive")},
+    "ecapa": {"layer1": 8, "layer2": 4, "layer3": 3, "layer4": 2, "conv": 2, "pool": 4, "linear": (1, "adaptive")},
+}
 
 
 # -- children: one process per measurement ----------------------------------------------------------------------------
@@ -109,21 +117,27 @@ def _run_child(args: list[str]) -> dict[str, Any]:
 def _mixed_recipe(model: Any, args: argparse.Namespace) -> tuple[Any, str]:
     from lsv_core.quant import BitRecipe, quantizable_layers
 
-    if args.study and Path(args.study).exists() and model.arch["name"] == "ThinResNet":
+    if args.study and Path(args.study).exists():
         try:
             from search import load_study_config
             from search.results.reading import load_points
             from search.results.selection import SelectionRule, select_trial
 
             config = load_study_config(args.study)
+            if config.model.architecture not in (None, model.arch["name"]):
+                raise ValueError(f"its model is {config.model.architecture}, not {model.arch['name']}")
             point = select_trial(load_points(config), SelectionRule(knee=True))
+            foreign = set(point.recipe) - set(quantizable_layers(model))
+            if foreign:
+                raise ValueError(f"its recipe names layers this model lacks ({sorted(foreign)[:3]} ...)")
             return BitRecipe.from_mapping(dict(point.recipe)), f"knee of {config.study.name} (trial {point.number})"
         except Exception as err:  # a study that never ran: fall through to the default mix
             print(f"  (no knee from {args.study}: {type(err).__name__}: {err})")
     if args.recipe:
         return BitRecipe.load(args.recipe), f"recipe {args.recipe}"
-    spec = {n: next(v for k, v in STAGE_MIX.items() if n == k or n.startswith(k + ".")) for n in quantizable_layers(model)}
-    return BitRecipe(spec), "per-stage mix " + json.dumps(STAGE_MIX)
+    mix = STAGE_MIXES["ecapa" if model.arch["name"].startswith("ECAPA") else "resnet"]
+    spec = {n: next(v for k, v in mix.items() if n == k or n.startswith(k + ".")) for n in quantizable_layers(model)}
+    return BitRecipe(spec), "per-stage mix " + json.dumps(mix)
 
 
 def _base_model(arch: str, args: argparse.Namespace) -> Any:
@@ -131,9 +145,10 @@ def _base_model(arch: str, args: argparse.Namespace) -> Any:
 
     from lsv_core.models import build_model, load_checkpoint
 
-    if args.checkpoint and arch == "ThinResNet":
+    if args.checkpoint:
         model, _ = load_checkpoint(args.checkpoint)
-        return model.eval()
+        if model.arch["name"] == arch and all(model.arch["kwargs"].get(k) == v for k, v in ARCHS[arch].items()):
+            return model.eval()
     torch.manual_seed(0)
     model = build_model(arch, **ARCHS[arch])
     model.train()
@@ -215,7 +230,7 @@ def _print_row(arch: str, r: dict[str, Any], fp32: int) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    p.add_argument("--checkpoint", help="ThinResNet weights (lsv train output) instead of random ones")
+    p.add_argument("--checkpoint", help="trained weights (lsv train output) for the --arch they fit, instead of random ones")
     p.add_argument("--study", default="studies/quickstart.toml", help="take the mixed recipe from this study's knee")
     p.add_argument("--recipe", help="mixed recipe file (when no study has run)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per file")

@@ -59,6 +59,17 @@ def tiny_study_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     return {"corpus": corpus, "checkpoint": ckpt, "cache": root / "cache", "root": root}
 
 
+@pytest.fixture(scope="session")
+def default_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default embedded corpus (``SynthConfig()``, what `make demo` makes), synthesized once per session:
+    the corpus the shipped baselines were trained on (about 80 s on 2 cores)."""
+    from lsv_core.data.synth import SynthConfig, synthesize_corpus
+
+    corpus = tmp_path_factory.mktemp("default_corpus") / "corpus"
+    synthesize_corpus(corpus, SynthConfig(), workers=2, progress=False)
+    return corpus
+
+
 def study_raw_config(inputs: dict[str, Path], out_dir: Path, name: str = "t", **sections: dict) -> dict:
     """A small, fast study config over ``tiny_study_inputs`` (sections override defaults key by key)."""
     raw: dict = {

@@ -57,7 +57,8 @@ def test_cli_rejects_bad_config_with_exit_2_and_starts_nothing(tmp_path: Path, c
 def test_shipped_study_configs_are_valid() -> None:
     root = Path(__file__).resolve().parents[1] / "studies"
     configs = sorted(root.glob("*.toml"))
-    assert {p.name for p in configs} >= {"quickstart.toml", "voxceleb_resnet34.toml", "voxceleb_ecapa_tdnn.toml",
+    assert {p.name for p in configs} >= {"quickstart.toml", "quickstart_ecapa.toml", "voxceleb_resnet34.toml",
+                                        "voxceleb_ecapa_tdnn.toml",
                                         "voxceleb_campplus.toml"}
     for path in configs:
         cfg = load_study_config(path)
