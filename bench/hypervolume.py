@@ -241,6 +241,42 @@ def summarize(runs: list[dict[str, Any]], ref: Reference, target: float,
     return out
 
 
+EQUAL_COSTS = (4, 8, 12, 16, 24, 32)
+
+
+def hv_at(run: dict[str, Any], ref: Reference, cost: float) -> float | None:
+    """Fraction of the reference hypervolume the run held once it had spent ``cost`` full-trial
+    equivalents (None when the run stopped before spending that much)."""
+    curve = cost_curve(run, ref)
+    if not curve or curve[-1][0] + 1e-9 < cost:
+        return None
+    held = [frac for spent, frac in curve if spent <= cost + 1e-9]
+    return held[-1] if held else 0.0
+
+
+def equal_cost_table(runs: list[dict[str, Any]], ref: Reference) -> dict[str, dict[str, float | None]]:
+    """Per method, the mean over its runs of :func:`hv_at` at each of ``EQUAL_COSTS`` (only costs every run
+    of the method reached)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for method in METHODS:
+        sel = [r for r in runs if r["method"] == method]
+        if not sel:
+            continue
+        row: dict[str, float | None] = {}
+        for k in EQUAL_COSTS:
+            vals = [hv_at(r, ref, k) for r in sel]
+            row[str(k)] = None if any(v is None for v in vals) else statistics.mean(vals)  # type: ignore[arg-type]
+        out[method] = row
+    return out
+
+
+def print_equal_cost(table: dict[str, dict[str, float | None]]) -> None:
+    print("\nhypervolume fraction at equal cost (mean over seeds; '-': a run stopped before that cost)")
+    print(f"{'method':18s} " + " ".join(f"@{k:<6}" for k in EQUAL_COSTS))
+    for method, row in table.items():
+        print(f"{method:18s} " + " ".join(f"{v:.3f}  " if v is not None else "-      " for v in row.values()))
+
+
 def print_summary(summary: dict[str, Any], ref: Reference, target: float, reference_hv: str | None = None) -> None:
     hv = reference_hv if reference_hv is not None else f"{ref.hv:.4f}"
     print(f"reference point: EER {ref.eer:.2f} %, {ref.size:.0f} bytes; reference hypervolume {hv}; "
@@ -305,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["summary_by_target"] = {f"{t:g}": s for t, s in summaries.items()}
     doc["summary_per_seed_reference"] = {f"{t:g}": s for t, s in paired.items()}
     doc["summary"] = summary
+    doc["equal_cost"] = equal_cost_table(runs, ref)
     save(args.json, doc, args, base)
     for target, one in summaries.items():
         print_summary(one, ref, target)
@@ -312,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed_hv = "per seed " + ", ".join(f"{k}: {v.hv:.4f}" for k, v in per_seed.items())
     for target, one in paired.items():
         print_summary(one, ref, target, per_seed_hv)
+    print_equal_cost(doc["equal_cost"])
     return 0
 
 
