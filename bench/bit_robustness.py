@@ -16,7 +16,7 @@ Robustness is read two ways: the EER increase in points over the control, and re
 EER (the two baselines do not start at the same EER). The table gives mean ± std over seeds, the per-seed
 paired intervals, and how many seeds were significantly worse than their control.
 
-Usage (the corpus made by ``make demo``; about 12 minutes on one thread for both models and 3 seeds):
+Usage (the corpus made by ``make demo``; 858 s for both models and 3 seeds, one thread, beside other benches):
     OMP_NUM_THREADS=1 python bench/bit_robustness.py --json bench/results/bit_robustness.json
 """
 
