@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from lsv_core.models import build_model
 from lsv_core.quant import packed_size_bytes
 from search.cluster.lease import LEASE_ATTR, DriverLease, LeaseLost
+from search.cluster.storage import rdb_storage
 from search.config import SpaceSection
 from search.results.tracking import TrialRecord
 from search.space import SearchSpace
@@ -107,8 +108,8 @@ def test_a_frozen_driver_reads_the_lease_before_its_first_step(tmp_path: Path) -
 def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return []  # the driver has not made it yet (a read would create it)
-    try:
-        return optuna.load_study(study_name="twodrivers", storage=url).get_trials(deepcopy=False)
+    try:  # opened as the drivers open it: this poll may be the one that meets a driver making the tables
+        return optuna.load_study(study_name="twodrivers", storage=rdb_storage(url)).get_trials(deepcopy=False)
     except KeyError:  # not created yet
         return []
 
