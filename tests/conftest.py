@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,34 @@ def to_toml(raw: dict) -> str:
         lines.append(f"[{section}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def at_once(calls: list[Callable[[], object]], timeout_s: float = 120) -> list[str]:
+    """Each call in its own process, all released at the same moment; per call "ok" or its error.
+
+    The processes are forked from this one, so whatever the test imported is there already and they reach
+    the starting line together (spawned interpreters would arrive seconds apart and never collide).
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(len(calls)), ctx.Queue()
+
+    def run(i: int, call: Callable[[], object]) -> None:
+        barrier.wait()
+        try:
+            call()
+            results.put((i, "ok"))
+        except Exception as err:  # noqa: BLE001 - the test reports what went wrong
+            results.put((i, f"{type(err).__name__}: {err}"))
+
+    procs = [ctx.Process(target=run, args=(i, call)) for i, call in enumerate(calls)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=timeout_s) for _ in procs)
+    for p in procs:
+        p.join(timeout=timeout_s)
+    return [got[i] for i in range(len(calls))]
 
 
 def kill_ray_processes(pattern: str) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -82,38 +83,18 @@ def test_a_dead_local_driver_is_taken_over_at_once(tmp_path: Path) -> None:
 
 
 # -- drivers starting together on one new database ------------------------------------------------------------
-def _open_at_once(config, barrier, results) -> None:
-    """One driver process: wait for the others, then open (and create) the study as `lsv run` does."""
-    from search.cluster.storage import open_study
-
-    barrier.wait()
-    try:
-        open_study(config, create=True)
-        results.put("ok")
-    except Exception as err:  # noqa: BLE001 - the parent reports what went wrong
-        results.put(f"{type(err).__name__}: {err}")
-
-
-def _start_together(url_of, rounds: int, drivers: int = 4) -> None:
+def _start_together(url_of: Callable[[int], str], rounds: int, drivers: int = 4) -> None:
     """``rounds`` times, ``drivers`` processes open two studies in one new database at the same moment."""
-    import multiprocessing as mp
-
-    from search.cluster.storage import redacted
+    from search.cluster.storage import open_study, redacted
     from search.config import parse_study_config
+    from tests.conftest import at_once
 
-    ctx = mp.get_context("fork")  # the parent has imported everything: the children start ready, together
     for i in range(rounds):
         url = url_of(i)
         configs = [parse_study_config({"study": {"name": f"s{j}", "out_dir": "/nonexistent"},
                                        "model": {"checkpoint": "/nonexistent/b.safetensors"},
                                        "storage": {"optuna": url}}) for j in range(2)]
-        barrier, results = ctx.Barrier(drivers), ctx.Queue()
-        procs = [ctx.Process(target=_open_at_once, args=(configs[j % 2], barrier, results)) for j in range(drivers)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        got = [results.get(timeout=10) for _ in procs]
+        got = at_once([lambda c=configs[j % 2]: open_study(c, create=True) for j in range(drivers)])
         assert got == ["ok"] * drivers, (redacted(url), got)
         assert sorted(s.study_name for s in optuna.get_all_study_summaries(url)) == ["s0", "s1"]
 

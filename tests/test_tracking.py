@@ -331,3 +331,18 @@ def test_tracking_thread_logs_in_order_and_survives_a_failing_call(
     assert writer.close() == errors  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         writer.submit(tracker.log_trial, record(4))
+
+
+def test_drivers_starting_together_on_a_new_mlflow_sqlite(tmp_path: Path) -> None:
+    """MLflow makes and migrates its tables when a client first opens a store; without the lock, three
+    trackers opening a new SQLite file together failed one to three of them on every try ("table ... already
+    exists", "duplicate column name", an Alembic migration that "expected to match one row")."""
+    from tests.conftest import at_once
+
+    for i in range(3):
+        uri = f"sqlite:///{tmp_path / f'new{i}' / 'mlflow.db'}"
+        (tmp_path / f"new{i}").mkdir()
+        got = at_once([lambda j=j, uri=uri: StudyTracker(uri, f"s{j}") for j in range(3)])
+        assert got == ["ok"] * 3, got
+        names = {e.name for e in MlflowClient(tracking_uri=uri).search_experiments()}
+        assert {"lsv/s0", "lsv/s1", "lsv/s2"} <= names

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +11,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from lsv_core.errors import ConfigError, LsvError
 from search.redaction import redacted, scrub
 from search.results.record import StudyNotRun, StudyRecord, stored_record
 from search.samplers.prior import HessianPriorSampler, ProbePriorSampler
+from search.schema_race import open_racing, sqlite_file
 
 if TYPE_CHECKING:
     from search.config import StudyConfig
@@ -27,44 +26,14 @@ __all__ = ["SAMPLERS", "check_mlflow_uri", "check_optuna_url", "make_sampler", "
            "read_record", "redacted", "scrub", "sqlite_file"]
 
 CONNECT_TIMEOUT_S = 10
-SCHEMA_RACE_TRIES = 8
 DRIVER_HINT = {"postgresql": "psycopg (pip install 'psycopg[binary]'; `make install` brings it)",
                "mysql": "a MySQL driver (pip install pymysql, and use mysql+pymysql://)"}
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URL (None for other databases and in-memory SQLite)."""
-    if not url.startswith("sqlite:///"):
-        return None
-    path = url[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-def _schema_race(err: SQLAlchemyError) -> bool:
-    """Whether ``err`` is another client creating Optuna's tables at the same moment (SQLite: "table ...
-    already exists", "UNIQUE constraint failed: alembic_version"; PostgreSQL: duplicate table/type)."""
-    text = str(err)
-    return (isinstance(err, IntegrityError) or "already exists" in text or "database is locked" in text
-            or "duplicate key" in text)
-
-
 def rdb_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage at ``url``, safe against other clients opening the same new database at once.
-
-    Optuna creates its tables when it opens a storage, checking first and writing after: two drivers
-    starting on one new database (or ``lsv status`` beside ``lsv run``) can both see no tables, and the
-    slower one fails with "table ... already exists" or a duplicate schema version. Those errors mean the
-    schema is being made by someone else, so opening is tried again after a short random wait; any other
-    error, or the same one ``SCHEMA_RACE_TRIES`` times, is raised.
-    """
-    for attempt in range(SCHEMA_RACE_TRIES):
-        try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=None)
-        except SQLAlchemyError as err:
-            if attempt + 1 == SCHEMA_RACE_TRIES or not _schema_race(err):
-                raise
-            time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
-    raise AssertionError("unreachable")
+    """Optuna's RDB storage at ``url``, safe against other processes creating its tables at the same moment
+    (:func:`search.schema_race.open_racing`)."""
+    return open_racing(lambda: optuna.storages.RDBStorage(url, heartbeat_interval=None), url)
 
 
 def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:

@@ -50,6 +50,7 @@ from lsv_core.errors import ConfigError
 from lsv_core.quant.recipe import BitRecipe, LayerSpec, SpecLike
 from search.redaction import redacted, scrub
 from search.results.describe import run_name, trial_description
+from search.schema_race import open_racing, sqlite_file
 
 __all__ = ["EXPORTED_TAG", "FLOAT_PARAM", "TRIAL_STATES", "StudyTracker", "TrackingThread", "TrialRecord", "bits_param",
            "default_tracking_uri"]
@@ -147,8 +148,8 @@ class StudyTracker:
         self.study_name = study_name
         self.experiment_name = EXPERIMENT_PREFIX + study_name
         if artifact_root is None:
-            db = _sqlite_path(tracking_uri)
-            artifact_root = db.parent / "mlartifacts" if db is not None else None
+            db = sqlite_file(tracking_uri)
+            artifact_root = db.expanduser().resolve().parent / "mlartifacts" if db is not None else None
         self.artifact_root = Path(artifact_root).expanduser().resolve() if artifact_root is not None else None
         self.client = _open_client(tracking_uri)
         self.experiment_id = self._get_or_create_experiment()
@@ -530,7 +531,7 @@ def _open_client(tracking_uri: str) -> mlflow.MlflowClient:
     if tracking_uri.startswith(("http://", "https://")):
         _check_server(tracking_uri)
     try:
-        return mlflow.MlflowClient(tracking_uri=tracking_uri)
+        return open_racing(lambda: mlflow.MlflowClient(tracking_uri=tracking_uri), tracking_uri)
     except Exception as err:  # MLflow raises various types for unsupported schemes
         raise ConfigError(
             f"tracking_uri={redacted(tracking_uri)!r} is not a usable MLflow tracking URI ({scrub(_first_line(err), tracking_uri)}); "
@@ -551,15 +552,6 @@ def _check_server(tracking_uri: str) -> None:
         raise ConfigError(
             f"tracking_uri={redacted(tracking_uri)!r}: no MLflow server answers at {redacted(url)} ({reason})"
         ) from err
-
-
-def _sqlite_path(tracking_uri: str) -> Path | None:
-    if not isinstance(tracking_uri, str) or not tracking_uri.startswith("sqlite:///"):
-        return None
-    path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return Path(path).expanduser().resolve()
 
 
 def _trial_metrics(record: TrialRecord, timestamp: int) -> list[Metric]:
